@@ -1,0 +1,1325 @@
+"""claude-max-proxy: the OpenAI API on localhost, answered by your Claude subscription.
+
+Any OpenAI client points at http://localhost:3456/v1; each request is answered by the official
+Claude Code CLI (``claude -p``) logged in with your Pro/Max plan.
+
+The path of a request:
+  1. HTTP layer: guard (Host, Origin, API key, Content-Type), read and parse the JSON body.
+  2. Request translation (pure): OpenAI request -> ``CliCall`` (model, system prompt, earlier
+     turns for a resumable session file, the new user turn for stdin, options).
+  3. CLI runner (I/O): ``claude -p --input-format stream-json --output-format stream-json`` in
+     its own process group and a private empty directory; JSON events read line by line.
+  4. Event translation (pure): CLI events -> ``TurnEvent``s -> OpenAI chunks or a completion.
+  5. HTTP layer again: headers wait for the first token, then SSE; errors in OpenAI's envelope.
+
+Sections, top to bottom: constants and tables, configuration, errors, request translation,
+CLI runner, event translation, HTTP layer, commands, main().
+"""
+
+import argparse
+import collections
+import dataclasses
+import datetime
+import hmac
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+__version__ = "0.1.0"
+
+# ================================================================================================
+# Constants and tables (the single sources of truth the README is checked against)
+# ================================================================================================
+
+DEFAULT_PORT = 3456
+ENV_PREFIX = "CLAUDE_MAX_PROXY_"
+
+# OpenAI-style model IDs -> the CLI's --model value. The CLI resolves an alias to the newest model
+# of that family, so these stay correct as Anthropic ships new models.
+MODELS = collections.OrderedDict([
+    ("claude-opus-4", "opus"),
+    ("claude-sonnet-4", "sonnet"),
+    ("claude-haiku-4", "haiku"),
+])
+CLI_ALIASES = ("opus", "sonnet", "haiku")
+FULL_MODEL_ID = re.compile(r"^claude-[a-z0-9][a-z0-9.\-]*$")
+MODELS_CREATED = 1747699200  # 2025-05-20, a stable "created" for /v1/models
+
+# Neutral stand-in when the client sends no system message: never Claude Code's agent prompt.
+NEUTRAL_SYSTEM_PROMPT = "You are Claude, an AI assistant made by Anthropic. Be helpful and direct."
+
+# How each chat-completions parameter is treated: (support, note). The README's parameter table
+# is generated from this and a test keeps them equal.
+PARAMETERS = collections.OrderedDict([
+    ("model", ("honored", "see the model table; omitted -> the configured default")),
+    ("messages", ("honored", "system/developer -> system prompt; turns replayed as real turns")),
+    ("stream", ("honored", "SSE chunks as the CLI streams tokens")),
+    ("stream_options", ("honored", "`include_usage` adds a final usage chunk")),
+    ("max_completion_tokens", ("honored", "-> `CLAUDE_CODE_MAX_OUTPUT_TOKENS`")),
+    ("max_tokens", ("honored", "same as `max_completion_tokens`")),
+    ("stop", ("emulated", "the stream is cut at the first stop string and the CLI ended")),
+    ("n", ("rejected", "only `n: 1`; more -> 400")),
+    ("logprobs", ("rejected", "`true` -> 400; the CLI exposes no log probabilities")),
+    ("top_logprobs", ("rejected", "any value -> 400")),
+    ("temperature", ("ignored", "accepted (0-2), the CLI has no sampling controls")),
+    ("top_p", ("ignored", "accepted (0-1)")),
+    ("seed", ("ignored", "accepted")),
+    ("presence_penalty", ("ignored", "accepted (-2 to 2)")),
+    ("frequency_penalty", ("ignored", "accepted (-2 to 2)")),
+    ("logit_bias", ("ignored", "accepted")),
+    ("user", ("ignored", "accepted")),
+    ("metadata", ("ignored", "accepted")),
+    ("store", ("ignored", "accepted; nothing is stored")),
+    ("service_tier", ("ignored", "accepted")),
+])
+
+# Upstream HTTP status (as the CLI reports it in `api_error_status`) -> our OpenAI-shaped error.
+UPSTREAM_ERRORS = {
+    400: (400, "invalid_request_error", "upstream_invalid_request"),
+    401: (401, "authentication_error", "invalid_api_key"),
+    403: (401, "authentication_error", "invalid_api_key"),
+    404: (404, "invalid_request_error", "model_not_found"),
+    413: (413, "invalid_request_error", "request_too_large"),
+    429: (429, "rate_limit_error", "rate_limit_exceeded"),
+    529: (503, "server_error", "overloaded"),
+}
+LOGIN_HINT = ("The Claude CLI is not authenticated: run `claude auth login` (or `claude setup-token` "
+              "and set CLAUDE_CODE_OAUTH_TOKEN for a service).")
+FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                  "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "stop"}
+
+
+# ================================================================================================
+# Configuration: flags and environment, validated once
+# ================================================================================================
+
+@dataclasses.dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    claude: str = "claude"
+    default_model: str = "claude-sonnet-4"
+    workdir: str = ""
+    request_timeout: float = 600.0
+    idle_timeout: float = 300.0
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_messages: int = 2000
+    max_concurrency: int = 4
+    max_queue: int = 32
+    queue_timeout: float = 120.0
+    cli_max_retries: int = 0
+    api_keys: Tuple[str, ...] = ()
+    allowed_hosts: Tuple[str, ...] = ()
+    allowed_origins: Tuple[str, ...] = ()
+    allow_unauthenticated_remote: bool = False
+    log_prompts: bool = False
+    shutdown_grace: float = 30.0
+
+
+# (flag, type, help). Each flag's env var is CLAUDE_MAX_PROXY_<FLAG>, its field the flag in snake case.
+OPTIONS = [
+    ("--host", str, "address to bind (default 127.0.0.1; anything else needs an API key)"),
+    ("--port", int, "port to bind (default 3456; 0 picks a free one)"),
+    ("--claude", str, "path or name of the Claude Code CLI (default: `claude` on PATH)"),
+    ("--default-model", str, "model used when a request names none (default claude-sonnet-4)"),
+    ("--workdir", str, "private empty working directory for the CLI (default under ~/.cache)"),
+    ("--request-timeout", float, "seconds a request may take in all (default 600) -> 504"),
+    ("--idle-timeout", float, "seconds the CLI may stay silent (default 300) -> 504"),
+    ("--max-body-bytes", int, "largest request body accepted (default 10 MiB) -> 413"),
+    ("--max-messages", int, "most messages in one request (default 2000)"),
+    ("--max-concurrency", int, "CLI processes running at once (default 4)"),
+    ("--max-queue", int, "requests waiting for a free slot before 429 (default 32)"),
+    ("--queue-timeout", float, "seconds a request may wait for a slot (default 120) -> 429"),
+    ("--cli-max-retries", int, "CLAUDE_CODE_MAX_RETRIES given to the CLI (default 0: clients retry themselves)"),
+    ("--api-key", str, "require `Authorization: Bearer KEY` (comma-separated for several)"),
+    ("--api-key-file", str, "file holding the API key(s), one per line (keeps keys out of ps)"),
+    ("--allowed-hosts", str, "extra Host names accepted besides loopback (comma-separated)"),
+    ("--allowed-origins", str, "browser origins allowed to call (comma-separated), with CORS"),
+    ("--allow-unauthenticated-remote", bool, "bind a non-loopback address without an API key"),
+    ("--log-prompts", bool, "debug: log prompt text in the access log"),
+    ("--shutdown-grace", float, "seconds in-flight requests get on SIGTERM (default 30)"),
+]
+
+
+class ConfigError(Exception):
+    """A flag or environment value that makes the server refuse to start."""
+
+
+def env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def default_workdir() -> str:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "claude-max-proxy", "cwd")
+
+
+def is_loopback_host(host: str) -> bool:
+    host = host.strip("[]").lower()
+    return host in ("localhost", "::1", "ip6-localhost") or host.startswith("127.")
+
+
+def config_from(args: Dict[str, Any], environ: Dict[str, str]) -> Config:
+    """Build a Config from parsed flags (None = not given) and the environment; flags win."""
+    values = {}
+    for flag, kind, _ in OPTIONS:
+        key = flag.lstrip("-").replace("-", "_")
+        raw = args.get(key)
+        if raw is None or raw is False:
+            raw = environ.get(env_name(flag))
+            if raw is None:
+                continue
+            try:
+                raw = (raw.lower() in ("1", "true", "yes", "on")) if kind is bool else kind(raw)
+            except ValueError:
+                raise ConfigError("%s=%r is not a valid %s" % (env_name(flag), raw, kind.__name__))
+        values[key] = raw
+    keys = [k for k in (values.pop("api_key", "") or "").split(",") if k.strip()]
+    key_file = values.pop("api_key_file", None)
+    if key_file:
+        try:
+            with open(key_file, encoding="utf-8") as handle:
+                keys += [line.strip() for line in handle if line.strip()]
+        except OSError as exc:
+            raise ConfigError("cannot read --api-key-file: %s" % exc)
+    for name in ("allowed_hosts", "allowed_origins"):
+        if name in values:
+            values[name] = tuple(v.strip() for v in values[name].split(",") if v.strip())
+    config = Config(api_keys=tuple(k.strip() for k in keys), **values)
+    if not config.workdir:
+        config.workdir = default_workdir()
+    if not 0 <= config.port <= 65535:
+        raise ConfigError("--port must be 0-65535")
+    for name in ("request_timeout", "idle_timeout", "max_body_bytes", "max_concurrency",
+                 "max_messages"):
+        if getattr(config, name) <= 0:
+            raise ConfigError("--%s must be positive" % name.replace("_", "-"))
+    if not is_loopback_host(config.host) and not config.api_keys \
+            and not config.allow_unauthenticated_remote:
+        raise ConfigError(
+            "refusing to bind %s without an API key: any machine that can reach it could spend "
+            "your subscription. Set --api-key/--api-key-file, or bind 127.0.0.1." % config.host)
+    return config
+
+
+# ================================================================================================
+# Errors: one exception type carrying an OpenAI error
+# ================================================================================================
+
+class ApiError(Exception):
+    """An OpenAI-shaped error: every failure path ends in this envelope."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 code: Optional[str] = None, param: Optional[str] = None,
+                 headers: Optional[Dict[str, str]] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers or {}
+
+    def body(self) -> Dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def invalid(param: str, message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, "invalid_request_error", code, param)
+
+
+# ================================================================================================
+# Request translation (pure): OpenAI request -> CliCall
+# ================================================================================================
+
+@dataclasses.dataclass
+class CliCall:
+    """Everything needed to run one turn on the CLI, decided before any process exists."""
+    model: str                       # the --model value
+    requested_model: str             # what the client asked for, after prefix stripping
+    system_prompt: str
+    history: List[Dict[str, Any]]    # earlier turns, Anthropic-style {"role", "content": [blocks]}
+    prompt: List[Dict[str, Any]]     # content blocks of the new user turn (goes through stdin)
+    stream: bool = False
+    include_usage: bool = False
+    max_output_tokens: Optional[int] = None
+    stop: Tuple[str, ...] = ()
+
+
+def resolve_model(name: Optional[str], default: str) -> Tuple[str, str]:
+    """Client model name -> (name as the client meant it, the CLI's --model value)."""
+    if name is None:
+        name = default
+    if not isinstance(name, str) or not name.strip():
+        raise invalid("model", "`model` must be a non-empty string", "invalid_type")
+    bare = name.strip().rsplit("/", 1)[-1]
+    lowered = bare.lower()
+    if lowered in MODELS:
+        return lowered, MODELS[lowered]
+    if lowered in CLI_ALIASES:
+        return lowered, lowered
+    if FULL_MODEL_ID.match(lowered):
+        return lowered, lowered
+    raise ApiError(404, "The model `%s` does not exist. Known models: %s, or any full claude-* "
+                   "model ID." % (name, ", ".join(list(MODELS) + list(CLI_ALIASES))),
+                   "invalid_request_error", "model_not_found", "model")
+
+
+def text_blocks_of(content: Any, param: str) -> List[Dict[str, Any]]:
+    """OpenAI message content (string or parts) -> Anthropic content blocks, empties dropped."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if not isinstance(content, list):
+        raise invalid(param, "`%s` must be a string or an array of content parts" % param, "invalid_type")
+    blocks = []
+    for i, part in enumerate(content):
+        where = "%s[%d]" % (param, i)
+        if not isinstance(part, dict):
+            raise invalid(where, "`%s` must be an object" % where, "invalid_type")
+        kind = part.get("type")
+        if kind in ("text", "input_text", "output_text"):
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise invalid(where + ".text", "`%s.text` must be a string" % where, "invalid_type")
+            if text:
+                blocks.append({"type": "text", "text": text})
+        elif kind == "refusal":
+            if isinstance(part.get("refusal"), str) and part["refusal"]:
+                blocks.append({"type": "text", "text": part["refusal"]})
+        elif kind in ("image_url", "input_image", "input_audio", "file"):
+            raise invalid(where, "content parts of type `%s` are not supported" % kind, "unsupported_content")
+        else:
+            raise invalid(where + ".type", "unknown content part type %r" % (kind,), "invalid_type")
+    return blocks
+
+
+def check_parameters(body: Dict[str, Any]) -> None:
+    """Type- and range-check the parameters we accept, including the ones we ignore."""
+    def number(name, low, high):
+        value = body.get(name)
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise invalid(name, "`%s` must be a number between %s and %s" % (name, low, high))
+
+    number("temperature", 0, 2)
+    number("top_p", 0, 1)
+    number("presence_penalty", -2, 2)
+    number("frequency_penalty", -2, 2)
+    for name, kinds in (("seed", int), ("user", str), ("metadata", dict), ("logit_bias", dict),
+                        ("store", bool), ("service_tier", str), ("stream", bool),
+                        ("stream_options", dict), ("logprobs", bool)):
+        value = body.get(name)
+        if value is not None and (not isinstance(value, kinds) or (kinds is int and isinstance(value, bool))):
+            raise invalid(name, "`%s` has the wrong type" % name, "invalid_type")
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise invalid("n", "`n` must be a positive integer")
+    if n is not None and n > 1:
+        raise invalid("n", "only n=1 is supported: the Claude CLI produces one answer per request",
+                      "unsupported_value")
+    if body.get("logprobs"):
+        raise invalid("logprobs", "log probabilities are not available through the Claude CLI",
+                      "unsupported_value")
+    if body.get("top_logprobs") is not None:
+        raise invalid("top_logprobs", "log probabilities are not available through the Claude CLI",
+                      "unsupported_value")
+    if body.get("stream_options") is not None and not body.get("stream"):
+        raise invalid("stream_options", "`stream_options` is only allowed when `stream` is true")
+
+
+def max_output_tokens_of(body: Dict[str, Any]) -> Optional[int]:
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise invalid(name, "`%s` must be a positive integer" % name)
+        return value
+    return None
+
+
+def stop_strings_of(body: Dict[str, Any]) -> Tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise invalid("stop", "`stop` must be a non-empty string or an array of up to 4 of them")
+    return tuple(stop)
+
+
+def turns_from_messages(messages: Any, max_messages: int) -> Tuple[str, List[Dict[str, Any]]]:
+    """OpenAI messages -> (system prompt, alternating Anthropic turns); same roles are merged."""
+    if not isinstance(messages, list):
+        raise invalid("messages", "`messages` must be an array", "invalid_type")
+    if not messages:
+        raise invalid("messages", "`messages` must contain at least one message")
+    if len(messages) > max_messages:
+        raise invalid("messages", "too many messages (%d > %d)" % (len(messages), max_messages))
+    system_parts, turns = [], []
+    for i, message in enumerate(messages):
+        param = "messages[%d]" % i
+        if not isinstance(message, dict):
+            raise invalid(param, "`%s` must be an object" % param, "invalid_type")
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system_parts += [b["text"] for b in text_blocks_of(message.get("content"), param + ".content")]
+            continue
+        if role not in ("user", "assistant"):
+            raise invalid(param + ".role", "unsupported role %r" % (role,), "invalid_value")
+        blocks = text_blocks_of(message.get("content"), param + ".content")
+        if not blocks:
+            continue
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"].extend(blocks)
+        else:
+            turns.append({"role": role, "content": blocks})
+    return "\n\n".join(system_parts), turns
+
+
+def cli_call_for(body: Any, config: Config) -> CliCall:
+    """Validate an OpenAI chat-completions body and decide the CLI turn that answers it."""
+    if not isinstance(body, dict):
+        raise invalid(None, "the request body must be a JSON object", "invalid_type")
+    if "messages" not in body:
+        raise invalid("messages", "`messages` is required", "missing_required_parameter")
+    requested, model = resolve_model(body.get("model"), config.default_model)
+    check_parameters(body)
+    system_prompt, turns = turns_from_messages(body["messages"], config.max_messages)
+    if not turns or turns[-1]["role"] != "user":
+        raise invalid("messages", "the last message must be a non-empty user message")
+    stream_options = body.get("stream_options") or {}
+    return CliCall(
+        model=model, requested_model=requested,
+        system_prompt=system_prompt or NEUTRAL_SYSTEM_PROMPT,
+        history=turns[:-1], prompt=turns[-1]["content"],
+        stream=bool(body.get("stream")), include_usage=bool(stream_options.get("include_usage")),
+        max_output_tokens=max_output_tokens_of(body), stop=stop_strings_of(body))
+
+
+def cli_args_for(call: CliCall, claude_path: str, session_id: Optional[str]) -> List[str]:
+    """The argv of the CLI for a call. No user text goes here (argv is capped at 128 KiB)."""
+    args = [claude_path, "-p", "--input-format", "stream-json", "--output-format", "stream-json",
+            "--verbose", "--include-partial-messages",
+            # Claude Code's own tools and the user's settings/CLAUDE.md stay out of every request.
+            "--tools", "", "--strict-mcp-config", "--setting-sources", "",
+            "--model", call.model,
+            # A recorded prompt would outlive a changed system message on resume.
+            "--system-prompt-snapshot", "off",
+            "--no-session-persistence"]
+    if session_id:
+        args += ["--resume", session_id]
+    # The system prompt can be long (agents send ~50 KB) but stays far under the argv limit.
+    args += ["--system-prompt", call.system_prompt]
+    return args
+
+
+def cli_env_for(call: CliCall, config: Config, environ: Dict[str, str]) -> Dict[str, str]:
+    env = dict(environ)
+    env.setdefault("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+    env["CLAUDE_CODE_MAX_RETRIES"] = str(config.cli_max_retries)
+    env.pop("CLAUDE_CODE_MAX_OUTPUT_TOKENS", None)
+    if call.max_output_tokens:
+        env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(call.max_output_tokens)
+    return env
+
+
+def stdin_line_for(blocks: List[Dict[str, Any]]) -> bytes:
+    """The stream-json line that starts the new user turn."""
+    message = {"type": "user", "message": {"role": "user", "content": blocks}}
+    return (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def project_key(cwd: str) -> str:
+    """The CLI's folder name under ~/.claude/projects for a working directory."""
+    return re.sub(r"[^A-Za-z0-9]", "-", cwd)
+
+
+def session_lines_for(history: List[Dict[str, Any]], session_id: str, cwd: str,
+                      now: Optional[float] = None) -> List[str]:
+    """A session transcript the CLI can --resume: the earlier turns as real user/assistant rows."""
+    stamp = datetime.datetime.fromtimestamp(now if now is not None else time.time(),
+                                            datetime.timezone.utc)
+    timestamp = stamp.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (stamp.microsecond // 1000)
+    lines, parent = [], None
+    for turn in history:
+        row_id = str(uuid.uuid4())
+        message = {"role": turn["role"], "content": turn["content"]}
+        if turn["role"] == "assistant":
+            message.update({"id": "msg_" + row_id.replace("-", ""), "type": "message",
+                            "model": "claude", "stop_reason": "end_turn", "stop_sequence": None,
+                            "usage": {"input_tokens": 0, "output_tokens": 0}})
+        lines.append(json.dumps({
+            "parentUuid": parent, "isSidechain": False, "type": turn["role"], "message": message,
+            "uuid": row_id, "timestamp": timestamp, "sessionId": session_id, "cwd": cwd,
+            "userType": "external"}, ensure_ascii=False))
+        parent = row_id
+    return lines
+
+
+# ================================================================================================
+# CLI runner (I/O): start, feed, read JSON lines, cancel, reap
+# ================================================================================================
+
+class ClientGone(Exception):
+    """The HTTP client went away; the CLI is ended and nothing more is written."""
+
+
+LIVE_RUNS = set()          # every CliRun not yet reaped, so shutdown can end them all
+LIVE_RUNS_LOCK = threading.Lock()
+
+
+def claude_projects_dir(environ: Dict[str, str]) -> str:
+    base = environ.get("CLAUDE_CONFIG_DIR") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".claude")
+    return os.path.join(base, "projects")
+
+
+class CliRun:
+    """One claude process answering one turn: always ended and reaped by close()."""
+
+    def __init__(self, call: CliCall, config: Config, claude_path: str,
+                 environ: Optional[Dict[str, str]] = None):
+        self.call, self.config, self.claude_path = call, config, claude_path
+        self.environ = dict(os.environ if environ is None else environ)
+        self.proc = None          # type: Optional[subprocess.Popen]
+        self.session_file = None  # type: Optional[str]
+        self.stderr_tail = collections.deque(maxlen=40)
+        self.garbage_lines = 0
+        self._buffer = b""
+
+    # -- starting -------------------------------------------------------------------------------
+
+    def start(self) -> "CliRun":
+        cwd = self.config.workdir
+        os.makedirs(cwd, mode=0o700, exist_ok=True)
+        session_id = None
+        if self.call.history:
+            session_id = str(uuid.uuid4())
+            folder = os.path.join(claude_projects_dir(self.environ), project_key(os.path.realpath(cwd)))
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            self.session_file = os.path.join(folder, session_id + ".jsonl")
+            lines = session_lines_for(self.call.history, session_id, os.path.realpath(cwd))
+            fd = os.open(self.session_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write("\n".join(lines) + "\n")
+        argv = cli_args_for(self.call, self.claude_path, session_id)
+        try:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=cwd, env=cli_env_for(self.call, self.config, self.environ),
+                start_new_session=True, close_fds=True)
+        except OSError as exc:
+            self._remove_session_file()
+            raise ApiError(503, "cannot start the Claude CLI (%s): %s" % (self.claude_path, exc),
+                           "server_error", "cli_unavailable")
+        with LIVE_RUNS_LOCK:
+            LIVE_RUNS.add(self)
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        try:
+            self.proc.stdin.write(stdin_line_for(self.call.prompt))
+            self.proc.stdin.close()
+        except OSError:
+            pass  # the CLI died before reading; its exit status tells the story
+        return self
+
+    def _drain_stderr(self):
+        # Read stderr always, or a chatty CLI would block on a full pipe.
+        for line in iter(self.proc.stderr.readline, b""):
+            self.stderr_tail.append(line.decode("utf-8", "replace").rstrip())
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def events(self, deadline: float, idle_timeout: float,
+               client_gone: Callable[[], bool] = lambda: False) -> Iterator[Dict[str, Any]]:
+        """Yield the CLI's JSON events until it closes stdout; enforce the timeouts."""
+        fd = self.proc.stdout.fileno()
+        last_output = time.monotonic()
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline >= 0:
+                line, self._buffer = self._buffer[:newline], self._buffer[newline + 1:]
+                event = self._parse(line)
+                if event is not None:
+                    yield event
+                continue
+            now = time.monotonic()
+            if now >= deadline:
+                raise ApiError(504, "the request took longer than %.0f s" % self.config.request_timeout,
+                               "server_error", "timeout")
+            if now - last_output >= idle_timeout:
+                raise ApiError(504, "the Claude CLI sent nothing for %.0f s" % idle_timeout,
+                               "server_error", "timeout")
+            wait = min(0.2, deadline - now, idle_timeout - (now - last_output))
+            ready, _, _ = select.select([fd], [], [], max(wait, 0))
+            if not ready:
+                if client_gone():
+                    raise ClientGone()
+                continue
+            data = os.read(fd, 1 << 16)
+            if not data:
+                if self._buffer.strip():
+                    event = self._parse(self._buffer)
+                    self._buffer = b""
+                    if event is not None:
+                        yield event
+                return
+            self._buffer += data
+            last_output = time.monotonic()
+
+    def _parse(self, line: bytes) -> Optional[Dict[str, Any]]:
+        if not line.strip():
+            return None
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = None
+        if not isinstance(event, dict):
+            self.garbage_lines += 1
+            return None
+        return event
+
+    def exit_code(self, timeout: float = 5.0) -> Optional[int]:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def failure(self) -> ApiError:
+        """The error for a CLI that ended without a result."""
+        code = self.exit_code()
+        detail = " | ".join(line for line in self.stderr_tail if line)[-600:]
+        if self.garbage_lines:
+            why = "printed %d line(s) that are not stream-json" % self.garbage_lines
+        elif code is None:
+            why = "closed its output but did not exit"
+        else:
+            why = "exited with code %s without an answer" % code
+        return ApiError(502, "the Claude CLI %s%s" % (why, (": " + detail) if detail else ""),
+                        "server_error", "cli_failed")
+
+    # -- ending ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """End the whole process group, reap it and remove the session file. Idempotent."""
+        proc = self.proc
+        if proc is not None:
+            if proc.poll() is None:
+                self._signal_group(signal.SIGTERM)
+                try:
+                    proc.wait(2)
+                except subprocess.TimeoutExpired:
+                    pass
+            # Children the CLI started (MCP servers, shells) share its group: end them too.
+            self._signal_group(signal.SIGKILL)
+            proc.wait()
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                try:
+                    pipe.close()
+                except (OSError, ValueError):
+                    pass
+        self._remove_session_file()
+        with LIVE_RUNS_LOCK:
+            LIVE_RUNS.discard(self)
+
+    def _signal_group(self, sig) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _remove_session_file(self) -> None:
+        if self.session_file:
+            try:
+                os.unlink(self.session_file)
+            except FileNotFoundError:
+                pass
+            self.session_file = None
+
+
+def close_all_runs() -> None:
+    with LIVE_RUNS_LOCK:
+        runs = list(LIVE_RUNS)
+    for run in runs:
+        run.close()
+
+
+class ClaudeInstall:
+    """The CLI found at startup: its path and version, probed once, re-looked-up if it vanishes."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.path = shutil.which(name)
+        self.version = None  # type: Optional[str]
+        self.probe_error = None  # type: Optional[str]
+        self.probed = threading.Event()
+
+    def probe(self) -> None:
+        try:
+            if not self.path:
+                self.probe_error = "`%s` not found on PATH" % self.name
+                return
+            out = subprocess.run([self.path, "--version"], stdin=subprocess.DEVNULL,
+                                 capture_output=True, timeout=30, start_new_session=True)
+            text = out.stdout.decode("utf-8", "replace").strip()
+            if out.returncode == 0 and text:
+                self.version = text.splitlines()[0]
+            else:
+                self.probe_error = "`claude --version` failed (exit %s)" % out.returncode
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            self.probe_error = "`claude --version` failed: %s" % exc
+        finally:
+            self.probed.set()
+
+    def resolve(self) -> str:
+        """The executable to run for a request, or a 503 if there is none."""
+        path = self.path if self.path and os.access(self.path, os.X_OK) else shutil.which(self.name)
+        if not path:
+            raise ApiError(503, "the Claude CLI (`%s`) was not found. Install it with `npm install -g "
+                           "@anthropic-ai/claude-code` or pass --claude PATH." % self.name,
+                           "server_error", "cli_unavailable")
+        self.path = path
+        return path
+
+
+# ================================================================================================
+# Event translation (pure): CLI events -> TurnEvents -> OpenAI chunks / completions
+# ================================================================================================
+
+# TurnEvent kinds, in the order a turn produces them:
+#   ("text", str)                 answer text, after stop-string handling
+#   ("finish", reason, usage)     the end: an OpenAI finish_reason and a usage dict
+TurnEvent = Tuple[Any, ...]
+
+
+def error_from_result(result: Dict[str, Any]) -> ApiError:
+    """A CLI `result` with is_error -> the HTTP error it stands for (structured status first)."""
+    status = result.get("api_error_status")
+    text = str(result.get("result") or (result.get("errors") or ["the Claude CLI reported an error"])[0])
+    if status is None and re.search(r"not logged in|/login|invalid api key|oauth token", text, re.I):
+        status = 401
+    headers = {}
+    if isinstance(status, int) and status in UPSTREAM_ERRORS:
+        http_status, kind, code = UPSTREAM_ERRORS[status]
+    else:
+        http_status, kind, code = 502, "server_error", "upstream_error"
+    if http_status == 401:
+        text = "%s. %s" % (text.rstrip(". "), LOGIN_HINT)
+    if http_status == 429:
+        reset = re.search(r"\|(\d{10})\b", text)
+        if reset:
+            headers["Retry-After"] = str(max(1, int(reset.group(1)) - int(time.time())))
+    return ApiError(http_status, text, kind, code, headers=headers)
+
+
+def usage_from(usage: Dict[str, Any]) -> Dict[str, Any]:
+    """Anthropic usage -> OpenAI usage (prompt tokens include cached ones, as OpenAI counts)."""
+    cached = int(usage.get("cache_read_input_tokens") or 0)
+    prompt = int(usage.get("input_tokens") or 0) + cached + int(usage.get("cache_creation_input_tokens") or 0)
+    completion = int(usage.get("output_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": 0}}
+
+
+class TurnTranslator:
+    """Feeds on CLI events one at a time and says what the turn produced.
+
+    The turn ends at the first upstream message that stops (so exactly one model call is used:
+    the CLI is ended before it could retry for more), or at the CLI's `result`.
+    """
+
+    def __init__(self, stop: Tuple[str, ...] = ()):
+        self.stop = stop
+        self.model = None  # type: Optional[str]
+        self.usage = {}    # type: Dict[str, Any]
+        self.stop_reason = None  # type: Optional[str]
+        self.pending = ""  # text held back because it might begin a stop string
+        self.finished = False
+        self.emitted_text = False
+
+    def feed(self, event: Dict[str, Any]) -> List[TurnEvent]:
+        if self.finished:
+            return []
+        kind = event.get("type")
+        if kind == "stream_event":
+            return self._stream_event(event.get("event") or {})
+        if kind == "result":
+            return self._result(event)
+        return []
+
+    def _stream_event(self, event: Dict[str, Any]) -> List[TurnEvent]:
+        kind = event.get("type")
+        if kind == "message_start":
+            message = event.get("message") or {}
+            self.model = message.get("model") or self.model
+            self.usage.update(message.get("usage") or {})
+        elif kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                return self._text(delta.get("text") or "")
+        elif kind == "message_delta":
+            self.stop_reason = (event.get("delta") or {}).get("stop_reason") or self.stop_reason
+            self.usage.update(event.get("usage") or {})
+        elif kind == "message_stop" and self.stop_reason:
+            return self._finish(FINISH_REASONS.get(self.stop_reason, "stop"))
+        return []
+
+    def _text(self, text: str) -> List[TurnEvent]:
+        if not self.stop:
+            return self._emit(text)
+        buffer = self.pending + text
+        hits = [(buffer.find(s), s) for s in self.stop if s in buffer]
+        if hits:
+            cut = min(hits)[0]
+            self.pending = ""
+            return self._emit(buffer[:cut]) + self._finish("stop")
+        keep = 0
+        for s in self.stop:
+            for size in range(min(len(s) - 1, len(buffer)), 0, -1):
+                if buffer.endswith(s[:size]):
+                    keep = max(keep, size)
+                    break
+        self.pending = buffer[len(buffer) - keep:] if keep else ""
+        return self._emit(buffer[:len(buffer) - keep])
+
+    def _emit(self, text: str) -> List[TurnEvent]:
+        if not text:
+            return []
+        self.emitted_text = True
+        return [("text", text)]
+
+    def _result(self, result: Dict[str, Any]) -> List[TurnEvent]:
+        if result.get("is_error"):
+            self.finished = True
+            raise error_from_result(result)
+        self.usage = result.get("usage") or self.usage
+        out = []
+        if not self.emitted_text and isinstance(result.get("result"), str):
+            out += self._text(result["result"])  # no partial messages came: use the whole text
+        if self.finished:
+            return out
+        return out + self._finish(FINISH_REASONS.get(result.get("stop_reason") or "end_turn", "stop"))
+
+    def _finish(self, reason: str) -> List[TurnEvent]:
+        # A stop-string hit has already cleared `pending`; otherwise the held-back tail is answer.
+        out = self._emit(self.pending)
+        self.pending = ""
+        self.finished = True
+        return out + [("finish", reason, usage_from(self.usage))]
+
+
+class ChatChunks:
+    """TurnEvents -> chat.completion.chunk dicts for one streamed answer."""
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool):
+        self.base = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                     "model": model, "system_fingerprint": None}
+        self.include_usage = include_usage
+        self.started = False
+
+    def _chunk(self, delta: Dict[str, Any], finish: Optional[str] = None) -> Dict[str, Any]:
+        chunk = dict(self.base, choices=[{"index": 0, "delta": delta, "logprobs": None,
+                                          "finish_reason": finish}])
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def chunks_for(self, event: TurnEvent) -> List[Dict[str, Any]]:
+        out = []
+        if not self.started:
+            self.started = True
+            out.append(self._chunk({"role": "assistant", "content": ""}))
+        if event[0] == "text":
+            out.append(self._chunk({"content": event[1]}))
+        elif event[0] == "finish":
+            out.append(self._chunk({}, event[1]))
+            if self.include_usage:
+                out.append(dict(self.base, choices=[], usage=event[2]))
+        return out
+
+
+def completion_from(events: List[TurnEvent], completion_id: str, created: int, model: str) -> Dict[str, Any]:
+    """The non-streamed chat.completion for a whole turn."""
+    text = "".join(e[1] for e in events if e[0] == "text")
+    finish = next((e for e in events if e[0] == "finish"), ("finish", "stop", usage_from({})))
+    return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                         "logprobs": None, "finish_reason": finish[1]}],
+            "usage": finish[2]}
+
+
+def model_object(model_id: str) -> Dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": MODELS_CREATED, "owned_by": "anthropic"}
+
+
+# ================================================================================================
+# HTTP layer: routing, guards, body limits, SSE, access log
+# ================================================================================================
+
+class Slots:
+    """The concurrency cap: at most `size` CLI processes, at most `queue` requests waiting."""
+
+    def __init__(self, size: int, queue: int):
+        self.size, self.queue = size, queue
+        self.lock = threading.Condition()
+        self.busy = 0
+        self.waiting = 0
+
+    def acquire(self, timeout: float, client_gone: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            if self.busy < self.size:
+                self.busy += 1
+                return
+            if self.waiting >= self.queue:
+                raise ApiError(429, "too many requests in flight (%d running, %d waiting); retry "
+                               "shortly" % (self.busy, self.waiting), "rate_limit_error",
+                               "rate_limit_exceeded", headers={"Retry-After": "1"})
+            self.waiting += 1
+            try:
+                while self.busy >= self.size:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ApiError(429, "no free slot within %.0f s" % timeout, "rate_limit_error",
+                                       "rate_limit_exceeded", headers={"Retry-After": "2"})
+                    self.lock.wait(min(left, 0.5))
+                    if client_gone():
+                        raise ClientGone()
+                self.busy += 1
+            finally:
+                self.waiting -= 1
+
+    def release(self) -> None:
+        with self.lock:
+            self.busy -= 1
+            self.lock.notify()
+
+
+class ProxyServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, config: Config, claude: ClaudeInstall):
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        self.address_family = family
+        super().__init__((config.host, config.port), ProxyHandler)
+        self.config = config
+        self.claude = claude
+        self.slots = Slots(config.max_concurrency, config.max_queue)
+        self.started = time.time()
+        self.inflight = 0
+        self.inflight_lock = threading.Condition()
+
+
+def client_gone_check(sock: socket.socket) -> Callable[[], bool]:
+    """A cheap test for a client that hung up: its socket reads as EOF."""
+    def gone() -> bool:
+        try:
+            ready, _, _ = select.select([sock], [], [], 0)
+            if not ready:
+                return False
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+    return gone
+
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "claude-max-proxy/" + __version__
+    timeout = 30  # a client silent this long mid-request (slow loris) is dropped
+
+    # -- entry points ---------------------------------------------------------------------------
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_OPTIONS(self):
+        self._dispatch("OPTIONS")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
+    def do_PATCH(self):
+        self._dispatch("PATCH")
+
+    def do_HEAD(self):
+        self._dispatch("HEAD")
+
+    def log_message(self, format, *args):
+        pass  # one access-log line per request is written by _access_log instead
+
+    def _dispatch(self, method: str) -> None:
+        self.request_id = "req_" + uuid.uuid4().hex[:24]
+        self.started = time.monotonic()
+        self.status = 0
+        self.sent_bytes = 0
+        self.first_token_at = None
+        self.log_model = "-"
+        self.headers_sent = False
+        server = self.server
+        with server.inflight_lock:
+            server.inflight += 1
+        try:
+            self._route(method)
+        except ClientGone:
+            self.status = self.status or 499
+            self.close_connection = True
+        except ApiError as exc:
+            self._send_error(exc)
+        except (BrokenPipeError, ConnectionResetError):
+            self.status = self.status or 499
+            self.close_connection = True
+        except Exception as exc:  # the server must survive anything a request does
+            self._send_error(ApiError(500, "internal error: %s" % type(exc).__name__, "server_error",
+                                      "internal_error"))
+            sys.stderr.write("[%s] internal error: %r\n" % (self.request_id, exc))
+        finally:
+            with server.inflight_lock:
+                server.inflight -= 1
+                server.inflight_lock.notify_all()
+            self._access_log(method)
+
+    def _route(self, method: str) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        self._guard(method, path)
+        if method == "OPTIONS":
+            return self._preflight()
+        routes = [
+            ("/health", ("GET", "HEAD"), lambda: self._send_json(200, self._health())),
+            ("/v1/models", ("GET",), lambda: self._send_json(200, {
+                "object": "list", "data": [model_object(m) for m in list(MODELS) + list(CLI_ALIASES)]})),
+            ("/v1/chat/completions", ("POST",), self._chat_completions),
+        ]
+        for route, methods, action in routes:
+            if path == route:
+                if method not in methods:
+                    raise ApiError(405, "method %s not allowed on %s" % (method, path),
+                                   "invalid_request_error", "method_not_allowed",
+                                   headers={"Allow": ", ".join(methods)})
+                return action()
+        if path.startswith("/v1/models/"):
+            if method != "GET":
+                raise ApiError(405, "method %s not allowed on %s" % (method, path),
+                               "invalid_request_error", "method_not_allowed", headers={"Allow": "GET"})
+            name = path[len("/v1/models/"):]
+            requested, _ = resolve_model(name, self.server.config.default_model)
+            return self._send_json(200, model_object(requested))
+        raise ApiError(404, "no route for %s %s" % (method, path), "invalid_request_error", "not_found")
+
+    # -- guards ---------------------------------------------------------------------------------
+
+    def _guard(self, method: str, path: str) -> None:
+        """Refuse what a browser page or another machine could abuse, before any work."""
+        config = self.server.config
+        host = (self.headers.get("Host") or "").strip()
+        hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if host.startswith("["):
+            hostname = host[:host.index("]") + 1] if "]" in host else host
+        if not host or not (is_loopback_host(hostname) or hostname in config.allowed_hosts
+                            or hostname == config.host):
+            raise ApiError(421, "Host %r is not served here (DNS-rebinding guard); add it with "
+                           "--allowed-hosts" % host, "invalid_request_error", "host_not_allowed")
+        origin = self.headers.get("Origin")
+        if origin is not None and origin not in config.allowed_origins:
+            raise ApiError(403, "requests from web origin %r are not allowed; add it with "
+                           "--allowed-origins" % origin, "permission_error", "origin_not_allowed")
+        if method == "OPTIONS" or path == "/health":
+            return
+        if config.api_keys:
+            given = self.headers.get("Authorization") or ""
+            token = given[7:].strip() if given[:7].lower() == "bearer " else ""
+            if not any(hmac.compare_digest(token.encode(), key.encode()) for key in config.api_keys):
+                raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                               "authentication_error", "invalid_api_key")
+        if method == "POST":
+            kind = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+            if kind != "application/json":
+                raise ApiError(415, "Content-Type must be application/json", "invalid_request_error",
+                               "unsupported_media_type")
+
+    def _preflight(self) -> None:
+        self.status = 204
+        self.send_response(204)
+        self._common_headers()
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type, OpenAI-Organization, "
+                         "OpenAI-Project, X-Stainless-Lang, X-Stainless-Package-Version")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _common_headers(self) -> None:
+        self.send_header("x-request-id", self.request_id)
+        origin = self.headers.get("Origin")
+        if origin and origin in self.server.config.allowed_origins:
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
+
+    # -- bodies ---------------------------------------------------------------------------------
+
+    def _read_json(self) -> Any:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            raise ApiError(411, "send the body with a Content-Length", "invalid_request_error",
+                           "length_required")
+        length = self.headers.get("Content-Length")
+        try:
+            size = int(length)
+        except (TypeError, ValueError):
+            raise ApiError(411, "a Content-Length header is required", "invalid_request_error",
+                           "length_required")
+        if size < 0:
+            raise invalid(None, "bad Content-Length")
+        if size > self.server.config.max_body_bytes:
+            self.close_connection = True
+            raise ApiError(413, "request body of %d bytes is over the %d-byte limit"
+                           % (size, self.server.config.max_body_bytes), "invalid_request_error",
+                           "request_too_large")
+        deadline = time.monotonic() + max(30.0, size / 65536.0)
+        chunks, left = [], size
+        while left:
+            if time.monotonic() > deadline:
+                self.close_connection = True
+                raise ApiError(408, "the request body arrived too slowly", "invalid_request_error",
+                               "request_timeout")
+            try:
+                data = self.rfile.read1(min(left, 1 << 16)) if hasattr(self.rfile, "read1") \
+                    else self.rfile.read(min(left, 1 << 16))
+            except socket.timeout:
+                self.close_connection = True
+                raise ApiError(408, "the request body arrived too slowly", "invalid_request_error",
+                               "request_timeout")
+            if not data:
+                raise ClientGone()
+            chunks.append(data)
+            left -= len(data)
+        try:
+            return json.loads(b"".join(chunks).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise invalid(None, "the body is not valid JSON: %s" % exc, "invalid_json")
+        except RecursionError:
+            raise invalid(None, "the JSON body is nested too deeply", "invalid_json")
+
+    def _send_json(self, status: int, obj: Any, headers: Optional[Dict[str, str]] = None) -> None:
+        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        self.status = status
+        self.send_response(status)
+        self._common_headers()
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.headers_sent = True
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        self.sent_bytes += len(data)
+
+    def _send_error(self, error: ApiError) -> None:
+        if self.headers_sent:
+            return
+        try:
+            self._send_json(error.status, error.body(), error.headers)
+        except OSError:
+            self.close_connection = True
+
+    # -- SSE (chunked transfer, so the connection can be reused) --------------------------------
+
+    def _start_sse(self) -> None:
+        self.status = 200
+        self.send_response(200)
+        self._common_headers()
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.headers_sent = True
+
+    def _send_sse(self, payload: str) -> None:
+        data = ("data: %s\n\n" % payload).encode("utf-8")
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+        self.sent_bytes += len(data)
+
+    def _end_sse(self) -> None:
+        self._send_sse("[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    # -- endpoints ------------------------------------------------------------------------------
+
+    def _health(self) -> Dict[str, Any]:
+        claude = self.server.claude
+        return {"status": "ok", "version": __version__,
+                "claude": {"path": claude.path, "version": claude.version,
+                           "usable": bool(claude.path and claude.version), "error": claude.probe_error},
+                "slots": {"busy": self.server.slots.busy, "waiting": self.server.slots.waiting,
+                          "max": self.server.slots.size}}
+
+    def _chat_completions(self) -> None:
+        config = self.server.config
+        body = self._read_json()
+        call = cli_call_for(body, config)
+        self.log_model = call.requested_model
+        gone = client_gone_check(self.connection)
+        claude_path = self.server.claude.resolve()
+        self.server.slots.acquire(config.queue_timeout, gone)
+        try:
+            run = CliRun(call, config, claude_path).start()
+            try:
+                self._answer(call, run, gone)
+            finally:
+                run.close()
+        finally:
+            self.server.slots.release()
+
+    def _answer(self, call: CliCall, run: CliRun, gone: Callable[[], bool]) -> None:
+        config = self.server.config
+        deadline = time.monotonic() + config.request_timeout
+        translator = TurnTranslator(call.stop)
+        completion_id = "chatcmpl-" + uuid.uuid4().hex
+        created = int(time.time())
+
+        def turn_events() -> Iterator[TurnEvent]:
+            for event in run.events(deadline, config.idle_timeout, gone):
+                for out in translator.feed(event):
+                    yield out
+                if translator.finished:
+                    return
+            raise run.failure()
+
+        if not call.stream:
+            events = list(turn_events())
+            self._send_json(200, completion_from(events, completion_id, created,
+                                                 translator.model or call.requested_model))
+            return
+        chunks = None
+        try:
+            for event in turn_events():
+                if chunks is None:
+                    self.first_token_at = time.monotonic()
+                    chunks = ChatChunks(completion_id, created, translator.model or call.requested_model,
+                                        call.include_usage)
+                    self._start_sse()
+                for chunk in chunks.chunks_for(event):
+                    self._send_sse(json.dumps(chunk, ensure_ascii=False))
+        except ApiError as exc:
+            if chunks is None:
+                raise
+            # Output has started, so the status is already 200: end the stream with the error.
+            self._send_sse(json.dumps(exc.body(), ensure_ascii=False))
+        except OSError:
+            raise ClientGone()
+        self._end_sse()
+
+    # -- access log -----------------------------------------------------------------------------
+
+    def _access_log(self, method: str) -> None:
+        elapsed = time.monotonic() - self.started
+        ttft = "%.3f" % (self.first_token_at - self.started) if self.first_token_at else "-"
+        sys.stderr.write("%s %s %s %s %d model=%s dur=%.3f ttft=%s bytes=%d\n" % (
+            time.strftime("%Y-%m-%dT%H:%M:%S"), self.request_id, method,
+            self.path.split("?", 1)[0][:200], self.status, self.log_model, elapsed, ttft,
+            self.sent_bytes))
+
+
+# ================================================================================================
+# Commands: serve (default)
+# ================================================================================================
+
+def serve(config: Config) -> int:
+    claude = ClaudeInstall(config.claude)
+    server = ProxyServer(config, claude)
+    host, port = server.server_address[:2]
+    # Probing `claude --version` takes ~0.3 s: do it beside serving, not before.
+    threading.Thread(target=claude.probe, daemon=True).start()
+    if os.environ.get("ANTHROPIC_API_KEY"):
+        sys.stderr.write("warning: ANTHROPIC_API_KEY is set: the CLI will bill that API key, not your "
+                         "Claude subscription. Unset it to use the subscription.\n")
+    if not claude.path:
+        sys.stderr.write("warning: the Claude CLI `%s` was not found; requests will get 503 until it "
+                         "is installed.\n" % config.claude)
+    if config.allow_unauthenticated_remote and not is_loopback_host(config.host) and not config.api_keys:
+        sys.stderr.write("WARNING: serving %s WITHOUT an API key: anyone who can reach this port "
+                         "can use your subscription.\n" % config.host)
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    sys.stderr.write("claude-max-proxy %s listening on http://%s:%d/v1\n" % (
+        __version__, host if ":" not in host else "[%s]" % host, port))
+    sys.stderr.flush()
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        grace_end = time.monotonic() + config.shutdown_grace
+        with server.inflight_lock:
+            while server.inflight and time.monotonic() < grace_end:
+                server.inflight_lock.wait(0.2)
+        close_all_runs()
+    return 0
+
+
+# ================================================================================================
+# main()
+# ================================================================================================
+
+def parser_for() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="claude-max-proxy",
+        description="OpenAI-compatible API on localhost, answered by the Claude Code CLI. Every flag "
+                    "can also be set as an environment variable CLAUDE_MAX_PROXY_<FLAG>.")
+    parser.add_argument("--version", action="version", version="claude-max-proxy " + __version__)
+    for flag, kind, help_text in OPTIONS:
+        help_text = "%s [env %s]" % (help_text, env_name(flag))
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser_for().parse_args(argv)
+    try:
+        config = config_from(vars(args), dict(os.environ))
+        return serve(config)
+    except ConfigError as exc:
+        sys.stderr.write("claude-max-proxy: %s\n" % exc)
+        return 2
+    except OSError as exc:
+        sys.stderr.write("claude-max-proxy: cannot listen: %s\n" % exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Shared fixtures: the fake upstream, the pinned real CLI, and proxies run as real processes.
+
+Every proxy a test starts runs as `python3 claude_max_proxy.py --port 0` in a subprocess, tagged
+with a unique environment variable that its CLI children inherit; teardown stops it and then
+looks through /proc for any process still carrying the tag, so a leaked `claude` fails the test.
+"""
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+import fake_upstream  # noqa: E402
+import real_cli  # noqa: E402
+
+MODULE = os.path.join(ROOT, "claude_max_proxy.py")
+FAKE_CLAUDE = os.path.join(HERE, "fake_claude.py")
+REQUIRE_E2E = os.environ.get("CLAUDE_MAX_PROXY_REQUIRE_E2E") == "1"
+
+
+# ---- the fake Anthropic API and the real CLI ----------------------------------------------------
+
+@pytest.fixture(scope="session")
+def upstream():
+    server = fake_upstream.FakeUpstream().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def real_claude():
+    """The pinned real CLI; a failure (not a skip) when CLAUDE_MAX_PROXY_REQUIRE_E2E=1."""
+    try:
+        return real_cli.ensure_real_cli()
+    except real_cli.RealCliUnavailable as exc:
+        message = "REAL CLAUDE CLI UNAVAILABLE, end-to-end tests cannot run: %s" % exc
+        if REQUIRE_E2E:
+            pytest.fail(message)
+        sys.stderr.write("\n\n*** %s ***\n\n" % message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def cli_home(tmp_path_factory):
+    """A throwaway HOME for the whole session: no real login, settings or CLAUDE.md leak in."""
+    return str(tmp_path_factory.mktemp("home"))
+
+
+@pytest.fixture(scope="session")
+def e2e_env(cli_home, upstream):
+    return real_cli.cli_env(cli_home, upstream.url)
+
+
+# ---- proxies as real processes --------------------------------------------------------------------
+
+class Proxy:
+    """A running proxy process: its base URL, its stderr lines, and a tag its children carry."""
+
+    def __init__(self, args, env, cwd=None):
+        self.tag = uuid.uuid4().hex
+        env = dict(env)
+        env["CLAUDE_MAX_PROXY_TEST_TAG"] = self.tag
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.proc = subprocess.Popen(
+            [sys.executable, MODULE, "--host", "127.0.0.1", "--port", "0"] + list(args),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=env, cwd=cwd or ROOT)
+        self.lines = []
+        self.lines_changed = threading.Condition()
+        self.port = None
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        line = self.wait_for_line("listening on", timeout=20)
+        if line is None:
+            self.stop()
+            raise RuntimeError("proxy did not start:\n" + "\n".join(self.lines))
+        self.port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
+        self.url = "http://127.0.0.1:%d" % self.port
+
+    def _read_stderr(self):
+        for raw in iter(self.proc.stderr.readline, b""):
+            with self.lines_changed:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self.lines_changed.notify_all()
+        with self.lines_changed:
+            self.lines_changed.notify_all()
+
+    def wait_for_line(self, needle, timeout=10.0, start=0):
+        """The first stderr line from index `start` containing `needle` (waits on output, not time)."""
+        deadline = time.monotonic() + timeout
+        with self.lines_changed:
+            while True:
+                for line in self.lines[start:]:
+                    if needle in line:
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader_alive()):
+                    return None
+                self.lines_changed.wait(min(left, 0.5))
+
+    def _reader_alive(self):
+        return not self.proc.stderr.closed and self.proc.poll() is None
+
+    def access_lines(self):
+        with self.lines_changed:
+            return [l for l in self.lines if " req_" in l]
+
+    def stop(self, sig=signal.SIGTERM, timeout=15):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def tagged_pids(self):
+        """Live processes this proxy started (directly or not), the proxy itself excluded."""
+        return [pid for pid in tagged_processes(self.tag) if pid != self.proc.pid]
+
+    # -- HTTP --------------------------------------------------------------------------------------
+
+    def request(self, method, path, body=None, headers=None, timeout=60):
+        return http_request(self.port, method, path, body, headers, timeout)
+
+    def chat(self, body, headers=None, timeout=60):
+        return self.request("POST", "/v1/chat/completions", body, headers, timeout)
+
+
+def tagged_processes(tag):
+    """PIDs of live processes whose environment carries the tag (Linux /proc)."""
+    needle = ("CLAUDE_MAX_PROXY_TEST_TAG=%s" % tag).encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/environ" % name, "rb") as handle:
+                if needle in handle.read():
+                    with open("/proc/%s/stat" % name) as stat:
+                        if stat.read().split(") ", 1)[1].startswith("Z"):
+                            found.append(int(name))  # a zombie still counts: nobody reaped it
+                            continue
+                    found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def http_request(port, method, path, body=None, headers=None, timeout=60):
+    """(status, headers dict lower-cased, body bytes) over a fresh connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = None
+        hdrs = {"Host": "127.0.0.1:%d" % port}
+        if body is not None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            hdrs["Content-Type"] = "application/json"
+        hdrs.update(headers or {})
+        conn.request(method, path, body=data, headers=hdrs)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def sse_payloads(raw):
+    """The `data:` payloads of an SSE body, in order."""
+    out = []
+    for block in raw.decode("utf-8").split("\n\n"):
+        for line in block.split("\n"):
+            if line.startswith("data: "):
+                out.append(line[6:])
+    return out
+
+
+@pytest.fixture
+def start_proxy():
+    """start_proxy(args, env) -> Proxy; each one stopped, and checked for leaks, at teardown."""
+    proxies = []
+
+    def start(args=(), env=None):
+        proxy = Proxy(args, env if env is not None else dict(os.environ))
+        proxies.append(proxy)
+        return proxy
+
+    yield start
+    leaks = []
+    for proxy in proxies:
+        proxy.stop()
+        deadline = time.monotonic() + 5
+        while proxy.tagged_pids() and time.monotonic() < deadline:
+            time.sleep(0.05)  # bounded wait for the kernel to finish tearing down killed groups
+        leaks += proxy.tagged_pids()
+    for pid in leaks:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    assert not leaks, "processes outlived their proxy: %s" % leaks
+
+
+@pytest.fixture
+def e2e_proxy(start_proxy, real_claude, e2e_env):
+    """A proxy driving the real CLI against the fake upstream."""
+    return start_proxy(["--claude", real_claude], e2e_env)
+
+
+@pytest.fixture
+def fake_proxy(start_proxy, tmp_path):
+    """start a proxy on the fake `claude`: fake_proxy(extra_args, **env) -> Proxy."""
+    def start(args=(), **env):
+        full = dict(os.environ)
+        full["HOME"] = str(tmp_path)
+        full.update({k: str(v) for k, v in env.items()})
+        return start_proxy(["--claude", FAKE_CLAUDE] + list(args), full)
+    return start
