@@ -21,6 +21,7 @@ import collections
 import dataclasses
 import datetime
 import hmac
+import ipaddress
 import json
 import os
 import re
@@ -30,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -160,14 +162,21 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
-def default_workdir() -> str:
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+def default_workdir(environ: Dict[str, str]) -> str:
+    home = environ.get("HOME") or os.path.expanduser("~")
+    cache = environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
     return os.path.join(cache, "claude-max-proxy", "cwd")
 
 
 def is_loopback_host(host: str) -> bool:
+    """True for `localhost` and real loopback addresses; `127.evil.example` is not one."""
     host = host.strip("[]").lower()
-    return host in ("localhost", "::1", "ip6-localhost") or host.startswith("127.")
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def config_from(args: Dict[str, Any], environ: Dict[str, str]) -> Config:
@@ -198,13 +207,17 @@ def config_from(args: Dict[str, Any], environ: Dict[str, str]) -> Config:
             values[name] = tuple(v.strip() for v in values[name].split(",") if v.strip())
     config = Config(api_keys=tuple(k.strip() for k in keys), **values)
     if not config.workdir:
-        config.workdir = default_workdir()
+        config.workdir = default_workdir(environ)
     if not 0 <= config.port <= 65535:
         raise ConfigError("--port must be 0-65535")
     for name in ("request_timeout", "idle_timeout", "max_body_bytes", "max_concurrency",
                  "max_messages"):
         if getattr(config, name) <= 0:
             raise ConfigError("--%s must be positive" % name.replace("_", "-"))
+    try:
+        resolve_model(config.default_model, config.default_model)
+    except ApiError as exc:
+        raise ConfigError("--default-model: %s" % exc.message)
     if not is_loopback_host(config.host) and not config.api_keys \
             and not config.allow_unauthenticated_remote:
         raise ConfigError(
@@ -273,11 +286,20 @@ def resolve_model(name: Optional[str], default: str) -> Tuple[str, str]:
                    "invalid_request_error", "model_not_found", "model")
 
 
+def check_encodable(text: str, param: str) -> None:
+    """JSON allows lone surrogates; UTF-8 (and so the CLI) does not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(param, "`%s` contains invalid Unicode (a lone surrogate)" % param, "invalid_value")
+
+
 def text_blocks_of(content: Any, param: str) -> List[Dict[str, Any]]:
     """OpenAI message content (string or parts) -> Anthropic content blocks, empties dropped."""
     if content is None:
         return []
     if isinstance(content, str):
+        check_encodable(content, param)
         return [{"type": "text", "text": content}] if content else []
     if not isinstance(content, list):
         raise invalid(param, "`%s` must be a string or an array of content parts" % param, "invalid_type")
@@ -291,6 +313,7 @@ def text_blocks_of(content: Any, param: str) -> List[Dict[str, Any]]:
             text = part.get("text")
             if not isinstance(text, str):
                 raise invalid(where + ".text", "`%s.text` must be a string" % where, "invalid_type")
+            check_encodable(text, where + ".text")
             if text:
                 blocks.append({"type": "text", "text": text})
         elif kind == "refusal":
@@ -339,14 +362,15 @@ def check_parameters(body: Dict[str, Any]) -> None:
 
 
 def max_output_tokens_of(body: Dict[str, Any]) -> Optional[int]:
+    found = None
     for name in ("max_completion_tokens", "max_tokens"):
         value = body.get(name)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise invalid(name, "`%s` must be a positive integer" % name)
-        return value
-    return None
+        found = value if found is None else found
+    return found
 
 
 def stop_strings_of(body: Dict[str, Any]) -> Tuple[str, ...]:
@@ -409,8 +433,9 @@ def cli_call_for(body: Any, config: Config) -> CliCall:
         max_output_tokens=max_output_tokens_of(body), stop=stop_strings_of(body))
 
 
-def cli_args_for(call: CliCall, claude_path: str, session_id: Optional[str]) -> List[str]:
-    """The argv of the CLI for a call. No user text goes here (argv is capped at 128 KiB)."""
+def cli_args_for(call: CliCall, claude_path: str, session_id: Optional[str],
+                 system_prompt_file: str) -> List[str]:
+    """The argv of the CLI for a call. No client text goes here (one argument is capped at 128 KiB)."""
     args = [claude_path, "-p", "--input-format", "stream-json", "--output-format", "stream-json",
             "--verbose", "--include-partial-messages",
             # Claude Code's own tools and the user's settings/CLAUDE.md stay out of every request.
@@ -421,8 +446,8 @@ def cli_args_for(call: CliCall, claude_path: str, session_id: Optional[str]) -> 
             "--no-session-persistence"]
     if session_id:
         args += ["--resume", session_id]
-    # The system prompt can be long (agents send ~50 KB) but stays far under the argv limit.
-    args += ["--system-prompt", call.system_prompt]
+    # Agents send system prompts of 50 KB and more: a file has no size limit and no NUL trouble.
+    args += ["--system-prompt-file", system_prompt_file]
     return args
 
 
@@ -439,7 +464,7 @@ def cli_env_for(call: CliCall, config: Config, environ: Dict[str, str]) -> Dict[
 def stdin_line_for(blocks: List[Dict[str, Any]]) -> bytes:
     """The stream-json line that starts the new user turn."""
     message = {"type": "user", "message": {"role": "user", "content": blocks}}
-    return (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8")
+    return (json.dumps(message) + "\n").encode("ascii")
 
 
 def project_key(cwd: str) -> str:
@@ -496,6 +521,8 @@ class CliRun:
         self.environ = dict(os.environ if environ is None else environ)
         self.proc = None          # type: Optional[subprocess.Popen]
         self.session_file = None  # type: Optional[str]
+        self.private_dir = None   # type: Optional[str]
+        self.stderr_reader = None  # type: Optional[threading.Thread]
         self.stderr_tail = collections.deque(maxlen=40)
         self.garbage_lines = 0
         self._buffer = b""
@@ -503,37 +530,50 @@ class CliRun:
     # -- starting -------------------------------------------------------------------------------
 
     def start(self) -> "CliRun":
+        """Spawn the CLI and hand it the new user turn; on any failure nothing is left behind."""
+        try:
+            self._spawn()
+            self.proc.stdin.write(stdin_line_for(self.call.prompt))
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass  # the CLI died before reading; its exit status tells the story
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _spawn(self) -> None:
         cwd = self.config.workdir
         os.makedirs(cwd, mode=0o700, exist_ok=True)
+        # Private files for this run (the system prompt) live in a 0700 temp directory.
+        self.private_dir = tempfile.mkdtemp(prefix="claude-max-proxy-")
+        prompt_file = os.path.join(self.private_dir, "system-prompt.txt")
+        with open(prompt_file, "w", encoding="utf-8") as handle:
+            handle.write(self.call.system_prompt)
         session_id = None
         if self.call.history:
             session_id = str(uuid.uuid4())
-            folder = os.path.join(claude_projects_dir(self.environ), project_key(os.path.realpath(cwd)))
+            real_cwd = os.path.realpath(cwd)
+            folder = os.path.join(claude_projects_dir(self.environ), project_key(real_cwd))
             os.makedirs(folder, mode=0o700, exist_ok=True)
             self.session_file = os.path.join(folder, session_id + ".jsonl")
-            lines = session_lines_for(self.call.history, session_id, os.path.realpath(cwd))
+            lines = session_lines_for(self.call.history, session_id, real_cwd)
             fd = os.open(self.session_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write("\n".join(lines) + "\n")
-        argv = cli_args_for(self.call, self.claude_path, session_id)
+        argv = cli_args_for(self.call, self.claude_path, session_id, prompt_file)
         try:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 cwd=cwd, env=cli_env_for(self.call, self.config, self.environ),
                 start_new_session=True, close_fds=True)
         except OSError as exc:
-            self._remove_session_file()
             raise ApiError(503, "cannot start the Claude CLI (%s): %s" % (self.claude_path, exc),
                            "server_error", "cli_unavailable")
         with LIVE_RUNS_LOCK:
             LIVE_RUNS.add(self)
-        threading.Thread(target=self._drain_stderr, daemon=True).start()
-        try:
-            self.proc.stdin.write(stdin_line_for(self.call.prompt))
-            self.proc.stdin.close()
-        except OSError:
-            pass  # the CLI died before reading; its exit status tells the story
-        return self
+        self.stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True)
+        self.stderr_reader.start()
 
     def _drain_stderr(self):
         # Read stderr always, or a chatty CLI would block on a full pipe.
@@ -600,6 +640,8 @@ class CliRun:
     def failure(self) -> ApiError:
         """The error for a CLI that ended without a result."""
         code = self.exit_code()
+        if self.stderr_reader is not None:
+            self.stderr_reader.join(1.0)  # its last words are often the explanation
         detail = " | ".join(line for line in self.stderr_tail if line)[-600:]
         if self.garbage_lines:
             why = "printed %d line(s) that are not stream-json" % self.garbage_lines
@@ -631,6 +673,9 @@ class CliRun:
                 except (OSError, ValueError):
                     pass
         self._remove_session_file()
+        if self.private_dir:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+            self.private_dir = None
         with LIVE_RUNS_LOCK:
             LIVE_RUNS.discard(self)
 
@@ -708,8 +753,11 @@ def error_from_result(result: Dict[str, Any]) -> ApiError:
     """A CLI `result` with is_error -> the HTTP error it stands for (structured status first)."""
     status = result.get("api_error_status")
     text = str(result.get("result") or (result.get("errors") or ["the Claude CLI reported an error"])[0])
+    # Without a structured status, the CLI's own wording is all there is to go on.
     if status is None and re.search(r"not logged in|/login|invalid api key|oauth token", text, re.I):
         status = 401
+    if status is None and re.search(r"usage limit|rate limit", text, re.I):
+        status = 429
     headers = {}
     if isinstance(status, int) and status in UPSTREAM_ERRORS:
         http_status, kind, code = UPSTREAM_ERRORS[status]
@@ -749,7 +797,7 @@ class TurnTranslator:
         self.stop_reason = None  # type: Optional[str]
         self.pending = ""  # text held back because it might begin a stop string
         self.finished = False
-        self.emitted_text = False
+        self.received_text = False
 
     def feed(self, event: Dict[str, Any]) -> List[TurnEvent]:
         if self.finished:
@@ -770,6 +818,7 @@ class TurnTranslator:
         elif kind == "content_block_delta":
             delta = event.get("delta") or {}
             if delta.get("type") == "text_delta":
+                self.received_text = True
                 return self._text(delta.get("text") or "")
         elif kind == "message_delta":
             self.stop_reason = (event.get("delta") or {}).get("stop_reason") or self.stop_reason
@@ -782,9 +831,10 @@ class TurnTranslator:
         if not self.stop:
             return self._emit(text)
         buffer = self.pending + text
-        hits = [(buffer.find(s), s) for s in self.stop if s in buffer]
+        # Generation stops when a stop string is complete: the one that ends first wins.
+        hits = [(buffer.find(s) + len(s), buffer.find(s)) for s in self.stop if s in buffer]
         if hits:
-            cut = min(hits)[0]
+            cut = min(hits)[1]
             self.pending = ""
             return self._emit(buffer[:cut]) + self._finish("stop")
         keep = 0
@@ -797,10 +847,7 @@ class TurnTranslator:
         return self._emit(buffer[:len(buffer) - keep])
 
     def _emit(self, text: str) -> List[TurnEvent]:
-        if not text:
-            return []
-        self.emitted_text = True
-        return [("text", text)]
+        return [("text", text)] if text else []
 
     def _result(self, result: Dict[str, Any]) -> List[TurnEvent]:
         if result.get("is_error"):
@@ -808,7 +855,7 @@ class TurnTranslator:
             raise error_from_result(result)
         self.usage = result.get("usage") or self.usage
         out = []
-        if not self.emitted_text and isinstance(result.get("result"), str):
+        if not self.received_text and isinstance(result.get("result"), str):
             out += self._text(result["result"])  # no partial messages came: use the whole text
         if self.finished:
             return out
@@ -979,6 +1026,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.first_token_at = None
         self.log_model = "-"
         self.headers_sent = False
+        self.body_read = False
         server = self.server
         with server.inflight_lock:
             server.inflight += 1
@@ -988,6 +1036,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.status = self.status or 499
             self.close_connection = True
         except ApiError as exc:
+            if not self.body_read and (self.headers.get("Content-Length") not in (None, "0")
+                                       or self.headers.get("Transfer-Encoding")):
+                # An unread body would be parsed as the next request: end the connection instead.
+                self.close_connection = True
             self._send_error(exc)
         except (BrokenPipeError, ConnectionResetError):
             self.status = self.status or 499
@@ -1054,11 +1106,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if not any(hmac.compare_digest(token.encode(), key.encode()) for key in config.api_keys):
                 raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
                                "authentication_error", "invalid_api_key")
-        if method == "POST":
-            kind = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
-            if kind != "application/json":
-                raise ApiError(415, "Content-Type must be application/json", "invalid_request_error",
-                               "unsupported_media_type")
 
     def _preflight(self) -> None:
         self.status = 204
@@ -1081,6 +1128,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- bodies ---------------------------------------------------------------------------------
 
     def _read_json(self) -> Any:
+        # JSON only: a plain HTML form cannot send it, so a web page cannot start a completion.
+        kind = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+        if kind != "application/json":
+            raise ApiError(415, "Content-Type must be application/json", "invalid_request_error",
+                           "unsupported_media_type")
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             raise ApiError(411, "send the body with a Content-Length", "invalid_request_error",
                            "length_required")
@@ -1115,6 +1167,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise ClientGone()
             chunks.append(data)
             left -= len(data)
+        self.body_read = True
         try:
             return json.loads(b"".join(chunks).decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
@@ -1131,6 +1184,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.headers_sent = True
         if self.command != "HEAD":
@@ -1290,14 +1345,34 @@ def serve(config: Config) -> int:
 
 
 # ================================================================================================
+# Commands: doctor, install-service, uninstall-service
+# ================================================================================================
+
+def doctor_command(argv: List[str]) -> int:
+    """Check the installation and explain each problem with its fix; non-zero exit on FAIL."""
+    raise NotImplementedError
+
+
+def install_service_command(argv: List[str]) -> int:
+    """Write and load a per-user service (LaunchAgent on macOS, systemd user unit on Linux)."""
+    raise NotImplementedError
+
+
+def uninstall_service_command(argv: List[str]) -> int:
+    """Stop and remove what install-service wrote."""
+    raise NotImplementedError
+
+
+# ================================================================================================
 # main()
 # ================================================================================================
 
-def parser_for() -> argparse.ArgumentParser:
+def parser_for(prog: str = "claude-max-proxy") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="claude-max-proxy",
+        prog=prog,
         description="OpenAI-compatible API on localhost, answered by the Claude Code CLI. Every flag "
-                    "can also be set as an environment variable CLAUDE_MAX_PROXY_<FLAG>.")
+                    "can also be set as an environment variable CLAUDE_MAX_PROXY_<FLAG>. Other "
+                    "commands: doctor, install-service, uninstall-service (each has --help).")
     parser.add_argument("--version", action="version", version="claude-max-proxy " + __version__)
     for flag, kind, help_text in OPTIONS:
         help_text = "%s [env %s]" % (help_text, env_name(flag))
@@ -1308,7 +1383,7 @@ def parser_for() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def serve_command(argv: List[str]) -> int:
     args = parser_for().parse_args(argv)
     try:
         config = config_from(vars(args), dict(os.environ))
@@ -1319,6 +1394,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:
         sys.stderr.write("claude-max-proxy: cannot listen: %s\n" % exc)
         return 1
+
+
+COMMANDS = {
+    "serve": serve_command,
+    "doctor": doctor_command,
+    "install-service": install_service_command,
+    "uninstall-service": uninstall_service_command,
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "serve"
+    return COMMANDS[command](argv)
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ class Handler(BaseHTTPRequestHandler):
         if name == "tool_use" and results:
             return self.stream(body, model, [("text", "tool said: " + text_of(results[0].get("content")))])
         if name == "tool_use":
-            tools = body.get("tools") or []
+            tools = [t for t in body.get("tools") or [] if not t.get("defer_loading")]
             wanted = markers.get("tool")
             tool = next((t["name"] for t in tools if wanted and t["name"].endswith(wanted)),
                         tools[0]["name"] if tools else "none")

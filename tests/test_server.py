@@ -1,0 +1,857 @@
+"""The real server on an ephemeral port, answered by tests/fake_claude.py.
+
+Each test starts its own proxy process (the `fake_proxy` fixture) and picks the fake CLI's
+behaviour per request with an `@@fake:MODE@@` marker in the prompt. What the fake saw (argv,
+cwd, env, stdin, pids) comes back through FAKE_CLAUDE_LOG and FAKE_CLAUDE_PIDFILE. Waits are
+on observable events (a log record, a pid, a socket read, an access-log line) with deadlines;
+nothing sleeps a fixed time to let the server "catch up".
+"""
+
+import collections
+import http.client
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+
+from conftest import FAKE_CLAUDE, ROOT, sse_payloads
+import fake_claude
+import claude_max_proxy
+
+HELLO = "Hello from the fake CLI."
+CHAT = "/v1/chat/completions"
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+def chat_body(mode=None, text="hi", **extra):
+    content = text if mode is None else "%s @@fake:%s@@" % (text, mode)
+    body = {"model": "claude-sonnet-4", "messages": [{"role": "user", "content": content}]}
+    body.update(extra)
+    return body
+
+
+def stream_body(mode=None, **extra):
+    return chat_body(mode, stream=True, **extra)
+
+
+def wait_until(predicate, timeout=5.0, what="a condition"):
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail("waited %.1f s for %s" % (timeout, what))
+        time.sleep(0.02)
+
+
+def process_state(pid):
+    """The /proc state letter of a pid ("R", "S", "Z", ...), or None when it does not exist."""
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            return handle.read().rsplit(") ", 1)[1][:1]
+    except (OSError, IndexError):
+        return None
+
+
+def pid_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_reaped(pid, timeout=5.0):
+    """A child of the proxy must be killed *and* reaped: the pid disappears entirely."""
+    wait_until(lambda: not pid_exists(pid), timeout, "pid %d to be gone (state %s)"
+               % (pid, process_state(pid)))
+
+
+def wait_dead(pid, timeout=5.0):
+    """A grandchild must be killed; reaping it is its new parent's job, so a zombie counts."""
+    wait_until(lambda: process_state(pid) in (None, "Z", "X"), timeout,
+               "pid %d to die (state %s)" % (pid, process_state(pid)))
+
+
+def error_of(response, status):
+    """Check the OpenAI error envelope and the request id; return the inner error object."""
+    got_status, headers, raw = response
+    assert got_status == status, raw
+    assert headers.get("x-request-id", "").startswith("req_"), headers
+    assert headers.get("content-type", "").startswith("application/json"), headers
+    body = json.loads(raw)
+    assert list(body) == ["error"], body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"], error
+    return error
+
+
+def ok_json(response):
+    status, headers, raw = response
+    assert status == 200, raw
+    assert headers.get("x-request-id", "").startswith("req_"), headers
+    return json.loads(raw)
+
+
+def stream_chunks(response):
+    """(chunk dicts, last payload) of a 200 SSE answer; checks the SSE framing headers."""
+    status, headers, raw = response
+    assert status == 200, raw
+    assert headers["content-type"].startswith("text/event-stream"), headers
+    assert headers.get("transfer-encoding") == "chunked", headers
+    assert "content-length" not in headers, headers
+    assert headers.get("x-request-id", "").startswith("req_"), headers
+    payloads = sse_payloads(raw)
+    assert payloads, raw
+    assert payloads.count("[DONE]") == 1 and payloads[-1] == "[DONE]", payloads
+    return [json.loads(p) for p in payloads[:-1]]
+
+
+def content_of(chunks):
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+def finish_reasons(chunks):
+    return [c["choices"][0]["finish_reason"] for c in chunks
+            if c["choices"] and c["choices"][0]["finish_reason"] is not None]
+
+
+class FakeTrace:
+    """What the fake CLI wrote about itself: FAKE_CLAUDE_LOG records and FAKE_CLAUDE_PIDFILE pids."""
+
+    def __init__(self, folder):
+        self.log_path = os.path.join(str(folder), "fake-claude.log")
+        self.pid_path = os.path.join(str(folder), "fake-claude.pids")
+        self.env = {"FAKE_CLAUDE_LOG": self.log_path, "FAKE_CLAUDE_PIDFILE": self.pid_path}
+
+    @staticmethod
+    def _lines(path):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except FileNotFoundError:
+            return []
+        return [line for line in text[:text.rfind("\n") + 1].split("\n") if line]
+
+    def records(self):
+        return [json.loads(line) for line in self._lines(self.log_path)]
+
+    def runs(self):
+        """The latest record of each chat invocation (not the startup `--version` probe)."""
+        latest = collections.OrderedDict()
+        for record in self.records():
+            if "-p" in record["argv"]:
+                latest[record["pid"]] = record
+        return list(latest.values())
+
+    def turns(self):
+        """Chat invocations that have read their prompt from stdin."""
+        return [run for run in self.runs() if run["event"] == "stdin"]
+
+    def wait_for_turn(self, timeout=10.0):
+        return wait_until(self.turns, timeout, "the fake CLI to read its prompt")[-1]
+
+    def pids(self):
+        return [int(line) for line in self._lines(self.pid_path)]
+
+    def unlogged_pids(self):
+        """Pids in the pidfile with no log record of their own: children the fake spawned."""
+        logged = {record["pid"] for record in self.records()}
+        return [pid for pid in self.pids() if pid not in logged]
+
+    def probed(self):
+        return any(record["argv"] == ["--version"] for record in self.records())
+
+
+@pytest.fixture
+def trace(tmp_path):
+    return FakeTrace(tmp_path)
+
+
+def open_raw(port, body, path=CHAT, headers=()):
+    """Send one POST on a raw socket and return the socket, for reading bytes as they come."""
+    data = json.dumps(body).encode()
+    head = ["POST %s HTTP/1.1" % path, "Host: 127.0.0.1:%d" % port,
+            "Content-Type: application/json", "Content-Length: %d" % len(data)] + list(headers)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+    return sock
+
+
+def recv_until(sock, buffer, needle):
+    while needle not in buffer:
+        data = sock.recv(65536)
+        if not data:
+            raise AssertionError("connection closed before %r arrived; got %r" % (needle, buffer[-400:]))
+        buffer += data
+    return buffer
+
+
+def recv_to_eof(sock):
+    buffer = b""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return buffer
+        buffer += data
+
+
+def split_response(raw):
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, body
+
+
+def dechunk(raw):
+    """(body, rest, complete) of a chunked transfer: complete when the 0-size chunk ended it."""
+    body = b""
+    while True:
+        line, sep, raw = raw.partition(b"\r\n")
+        if not sep:
+            return body, b"", False
+        size = int(line.split(b";")[0], 16)
+        if size == 0:
+            if raw.startswith(b"\r\n"):
+                return body, raw[2:], True
+            return body, raw, False
+        assert raw[size:size + 2] == b"\r\n", "chunk of %d bytes not followed by CRLF" % size
+        body, raw = body + raw[:size], raw[size + 2:]
+
+
+def health(proxy, headers=None):
+    return ok_json(proxy.request("GET", "/health", headers=headers))
+
+
+# ---- routing and the error envelope -------------------------------------------------------------
+
+def test_unknown_path_is_404_in_the_openai_envelope(fake_proxy):
+    proxy = fake_proxy()
+    error = error_of(proxy.request("GET", "/v1/nope"), 404)
+    assert error["type"] == "invalid_request_error"
+    error = error_of(proxy.request("POST", "/v1/embeddings", {"input": "x"}), 404)
+    assert error["type"] == "invalid_request_error"
+
+
+def test_every_response_has_its_own_request_id_that_the_access_log_names(fake_proxy):
+    proxy = fake_proxy()
+    ids = [proxy.request("GET", "/v1/nope")[1]["x-request-id"],
+           proxy.chat(chat_body())[1]["x-request-id"],
+           proxy.request("GET", "/health")[1]["x-request-id"]]
+    assert len(set(ids)) == 3, ids
+    for request_id in ids:
+        assert proxy.wait_for_line(request_id, timeout=5), request_id
+
+
+def test_get_on_chat_completions_is_405_with_allow(fake_proxy):
+    proxy = fake_proxy()
+    response = proxy.request("GET", CHAT)
+    error = error_of(response, 405)
+    assert error["type"] == "invalid_request_error"
+    assert response[1]["allow"] == "POST"
+
+
+def test_post_on_models_is_405_with_or_without_a_json_body(fake_proxy):
+    proxy = fake_proxy()
+    response = proxy.request("POST", "/v1/models", {})
+    error_of(response, 405)
+    assert "GET" in response[1]["allow"]
+    # No body, so no Content-Type: the method is wrong for the resource whatever the body is.
+    error_of(proxy.request("POST", "/v1/models"), 405)
+
+
+def test_malformed_json_is_400(fake_proxy, trace):
+    proxy = fake_proxy(**trace.env)
+    error = error_of(proxy.request("POST", CHAT, b'{"model": "claude-sonnet-4", "messages": ['), 400)
+    assert error["type"] == "invalid_request_error"
+    assert error["code"] == "invalid_json"
+    assert trace.runs() == []
+
+
+def test_missing_messages_is_400_naming_the_param(fake_proxy):
+    proxy = fake_proxy()
+    error = error_of(proxy.chat({"model": "claude-sonnet-4"}), 400)
+    assert error["param"] == "messages"
+    assert error["type"] == "invalid_request_error"
+
+
+def test_unknown_model_is_404_model_not_found(fake_proxy, trace):
+    proxy = fake_proxy(**trace.env)
+    error = error_of(proxy.chat(chat_body(model="gpt-4o")), 404)
+    assert error["code"] == "model_not_found"
+    assert error["param"] == "model"
+    assert "gpt-4o" in error["message"]
+    assert trace.runs() == []
+
+
+def test_body_over_max_body_bytes_is_413_and_one_under_is_served(fake_proxy, trace):
+    proxy = fake_proxy(["--max-body-bytes", "2048"], **trace.env)
+    big = chat_body(text="x" * 4000)
+    error = error_of(proxy.chat(big), 413)
+    assert error["code"] == "request_too_large"
+    assert trace.runs() == []
+    small = chat_body(text="x" * 1500)
+    assert len(json.dumps(small)) < 2048
+    assert ok_json(proxy.chat(small))["choices"][0]["message"]["content"] == HELLO
+
+
+def test_body_far_over_the_limit_still_gets_a_readable_413(fake_proxy):
+    """8 MiB to a 64 KiB limit: a client that reads after its upload fails (as httpx does) sees the 413."""
+    proxy = fake_proxy(["--max-body-bytes", "65536"])
+    data = json.dumps(chat_body(text="x" * (8 << 20))).encode()
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=15)
+    with sock:
+        sock.sendall(("POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+                      "Content-Length: %d\r\n\r\n" % (CHAT, proxy.port, len(data))).encode())
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass  # the server stopped reading: expected, the answer is what counts
+        try:
+            raw = recv_until(sock, b"", b"\r\n\r\n")
+        except OSError as exc:
+            pytest.fail("the client got %r instead of a 413" % exc)
+    assert split_response(raw)[0] == 413
+
+
+def test_non_json_content_type_is_415(fake_proxy, trace):
+    proxy = fake_proxy(**trace.env)
+    data = json.dumps(chat_body()).encode()
+    error = error_of(proxy.request("POST", CHAT, data, {"Content-Type": "text/plain"}), 415)
+    assert error["type"] == "invalid_request_error"
+    assert trace.runs() == []
+    # Parameters on the media type are fine.
+    ok_json(proxy.request("POST", CHAT, data, {"Content-Type": "application/json; charset=utf-8"}))
+
+
+def test_chunked_request_body_is_refused_with_411(fake_proxy):
+    proxy = fake_proxy()
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    with sock:
+        data = json.dumps(chat_body()).encode()
+        sock.sendall(("POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+                      "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n%x\r\n"
+                      % (CHAT, proxy.port, len(data))).encode() + data + b"\r\n0\r\n\r\n")
+        status, headers, body = split_response(recv_to_eof(sock))
+    assert status == 411
+    length = int(headers["content-length"])
+    assert set(json.loads(body[:length])["error"]) == {"message", "type", "param", "code"}
+
+
+# ---- keep-alive after a refused request ---------------------------------------------------------
+
+KEY = "test-key-" + uuid.uuid4().hex[:8]
+GOOD = {"Authorization": "Bearer " + KEY}
+SMALL = json.dumps(chat_body()).encode()
+REFUSALS = [
+    # (name, request headers, path, body, expected status)
+    ("no-key", {}, CHAT, SMALL, 401),
+    ("text-plain", dict(GOOD, **{"Content-Type": "text/plain"}), CHAT, SMALL, 415),
+    ("unknown-path", GOOD, "/v1/embeddings", SMALL, 404),
+    ("post-models", GOOD, "/v1/models", SMALL, 405),
+    ("bad-host", dict(GOOD, Host="attacker.example"), CHAT, SMALL, 421),
+    ("bad-origin", dict(GOOD, Origin="http://attacker.example"), CHAT, SMALL, 403),
+    ("too-large", GOOD, CHAT, json.dumps(chat_body(text="x" * 6000)).encode(), 413),
+    ("chunked-body", GOOD, CHAT, iter([SMALL]), 411),
+]
+
+
+@pytest.mark.parametrize("name,headers,path,body,status", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_refused_post_leaves_the_connection_usable_or_closes_it(fake_proxy, name, headers, path, body,
+                                                                status):
+    """The refused request's body must not be read as the next request on a keep-alive connection;
+    if the server closes instead, it must say so (`Connection: close`)."""
+    proxy = fake_proxy(["--api-key", KEY, "--max-body-bytes", "4096"])
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    try:
+        sent = {"Host": "127.0.0.1:%d" % proxy.port, "Content-Type": "application/json"}
+        sent.update(headers)
+        if isinstance(body, bytes):
+            conn.request("POST", path, body=body, headers=sent)
+        else:
+            conn.request("POST", path, body=list(body), headers=sent, encode_chunked=True)
+        first = conn.getresponse()
+        first_body = first.read()
+        assert first.status == status, first_body
+        if (first.getheader("Connection") or "").lower() == "close":
+            return  # announced: a client opens a new connection
+        conn.request("GET", "/health", headers={"Host": "127.0.0.1:%d" % proxy.port})
+        second = conn.getresponse()
+        second_body = second.read()
+        assert second.status == 200, second_body
+        assert json.loads(second_body)["status"] == "ok"
+    finally:
+        conn.close()
+
+
+# ---- Host and Origin guards ---------------------------------------------------------------------
+
+def test_foreign_host_is_421_and_no_cli_starts(fake_proxy, trace):
+    proxy = fake_proxy(**trace.env)
+    for host in ("attacker.example", "attacker.example:%d" % proxy.port):
+        error = error_of(proxy.chat(chat_body("text"), headers={"Host": host}), 421)
+        assert error["code"] == "host_not_allowed"
+    assert trace.runs() == []
+    # The same request with a loopback Host does reach the CLI (so the log above can show one).
+    ok_json(proxy.chat(chat_body("text")))
+    assert len(trace.runs()) == 1
+
+
+def test_hosts_that_merely_start_like_loopback_are_421(fake_proxy):
+    """DNS rebinding: an attacker's `127.evil.example` resolves to them first, then to 127.0.0.1."""
+    proxy = fake_proxy()
+    accepted = []
+    for host in ("127.attacker.example", "127.0.0.1.attacker.example", "localhost.attacker.example",
+                 "127.0.0.1.nip.io"):
+        status = proxy.request("GET", "/health", headers={"Host": host})[0]
+        if status != 421:
+            accepted.append((host, status))
+    assert accepted == []
+
+
+def test_allowed_hosts_flag_admits_a_named_host(fake_proxy):
+    proxy = fake_proxy(["--allowed-hosts", "proxy.lan, other.lan"])
+    assert ok_json(proxy.chat(chat_body(), headers={"Host": "proxy.lan:%d" % proxy.port}))
+    assert ok_json(proxy.request("GET", "/health", headers={"Host": "other.lan"}))["status"] == "ok"
+    error_of(proxy.request("GET", "/health", headers={"Host": "third.lan"}), 421)
+
+
+def test_foreign_origin_is_403_and_no_cli_starts(fake_proxy, trace):
+    proxy = fake_proxy(**trace.env)
+    response = proxy.chat(chat_body("text"), headers={"Origin": "http://attacker.example"})
+    error = error_of(response, 403)
+    assert error["code"] == "origin_not_allowed"
+    assert "access-control-allow-origin" not in response[1]
+    assert trace.runs() == []
+    ok_json(proxy.chat(chat_body("text")))
+    assert len(trace.runs()) == 1
+
+
+def test_allowed_origin_gets_cors_headers_and_a_preflight(fake_proxy):
+    origin = "http://app.example:8080"
+    proxy = fake_proxy(["--allowed-origins", origin, "--api-key", KEY])
+    status, headers, raw = proxy.request("OPTIONS", CHAT, headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert status in (200, 204), raw
+    assert raw == b""
+    assert headers["access-control-allow-origin"] == origin
+    assert "POST" in [m.strip() for m in headers["access-control-allow-methods"].split(",")]
+    allowed = [h.strip().lower() for h in headers["access-control-allow-headers"].split(",")]
+    assert "authorization" in allowed and "content-type" in allowed
+    assert "origin" in headers.get("vary", "").lower()
+
+    status, headers, raw = proxy.chat(chat_body(), headers=dict(GOOD, Origin=origin))
+    assert status == 200, raw
+    assert headers["access-control-allow-origin"] == origin
+    assert "origin" in headers.get("vary", "").lower()
+    # Errors carry CORS headers too, or the page could not read why it failed.
+    response = proxy.chat(chat_body(), headers={"Origin": origin})
+    error_of(response, 401)
+    assert response[1]["access-control-allow-origin"] == origin
+    # A preflight from another origin is refused and names no allowed origin.
+    status, headers, _ = proxy.request("OPTIONS", CHAT, headers={
+        "Origin": "http://attacker.example", "Access-Control-Request-Method": "POST"})
+    assert status == 403
+    assert "access-control-allow-origin" not in headers
+
+
+# ---- API key ------------------------------------------------------------------------------------
+
+def test_api_key_is_required_except_for_health(fake_proxy, trace):
+    other = "second-" + uuid.uuid4().hex[:8]
+    proxy = fake_proxy(["--api-key", "%s,%s" % (KEY, other)], **trace.env)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+                    {"Authorization": "Basic " + KEY}, {"Authorization": "Bearer " + KEY + "x"}):
+        error = error_of(proxy.chat(chat_body(), headers=headers), 401)
+        assert error["type"] == "authentication_error"
+    error_of(proxy.request("GET", "/v1/models"), 401)
+    assert trace.runs() == []
+    assert ok_json(proxy.chat(chat_body(), headers=GOOD))["choices"][0]["message"]["content"] == HELLO
+    assert ok_json(proxy.chat(chat_body(), headers={"Authorization": "bearer " + other}))
+    assert ok_json(proxy.request("GET", "/v1/models", headers=GOOD))["object"] == "list"
+    assert health(proxy)["status"] == "ok"
+
+
+# ---- models and health --------------------------------------------------------------------------
+
+def test_models_list_and_retrieve(fake_proxy):
+    proxy = fake_proxy()
+    listing = ok_json(proxy.request("GET", "/v1/models"))
+    assert listing["object"] == "list"
+    ids = [m["id"] for m in listing["data"]]
+    assert {"claude-opus-4", "claude-sonnet-4", "claude-haiku-4"} <= set(ids)
+    assert len(ids) == len(set(ids))
+    for model in listing["data"]:
+        assert set(model) == {"id", "object", "created", "owned_by"}, model
+        assert model["object"] == "model" and isinstance(model["created"], int)
+        assert model["owned_by"] == "anthropic"
+    one = ok_json(proxy.request("GET", "/v1/models/claude-opus-4"))
+    assert one == next(m for m in listing["data"] if m["id"] == "claude-opus-4")
+    error = error_of(proxy.request("GET", "/v1/models/gpt-4o"), 404)
+    assert error["code"] == "model_not_found"
+
+
+def test_health_reports_version_and_the_probed_cli(fake_proxy):
+    proxy = fake_proxy()
+    report = wait_until(lambda: (lambda h: h if h["claude"]["version"] else None)(health(proxy)),
+                        10, "the startup `claude --version` probe")
+    assert report["status"] == "ok"
+    assert report["version"] == claude_max_proxy.__version__
+    assert os.path.realpath(report["claude"]["path"]) == os.path.realpath(FAKE_CLAUDE)
+    assert report["claude"]["version"].startswith(fake_claude.VERSION)
+    assert report["claude"]["usable"] is True
+
+
+def test_missing_cli_is_503_and_health_says_not_usable(fake_proxy):
+    proxy = fake_proxy(["--claude", "/nonexistent/claude"])
+    error = error_of(proxy.chat(chat_body()), 503)
+    assert error["type"] == "server_error"
+    assert "/nonexistent/claude" in error["message"]
+    report = wait_until(lambda: (lambda h: h if h["claude"]["error"] else None)(health(proxy)),
+                        10, "the probe to report the missing CLI")
+    assert report["claude"]["usable"] is False
+    assert report["claude"]["version"] is None
+
+
+# ---- answers: shape -----------------------------------------------------------------------------
+
+def test_plain_answer_is_a_chat_completion_with_usage(fake_proxy):
+    proxy = fake_proxy()
+    status, headers, raw = proxy.chat(chat_body("text"))
+    assert status == 200, raw
+    assert headers["content-type"].startswith("application/json")
+    assert int(headers["content-length"]) == len(raw)
+    body = json.loads(raw)
+    assert body["object"] == "chat.completion"
+    assert body["id"].startswith("chatcmpl-")
+    assert body["model"] == fake_claude.MODEL
+    assert isinstance(body["created"], int)
+    assert len(body["choices"]) == 1
+    choice = body["choices"][0]
+    assert choice["index"] == 0
+    assert choice["message"] == {"role": "assistant", "content": HELLO, "refusal": None}
+    assert choice["finish_reason"] == "stop"
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == fake_claude.INPUT_TOKENS
+    assert usage["completion_tokens"] == len(fake_claude.HELLO_PIECES)
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_streamed_answer_shape(fake_proxy, include_usage):
+    proxy = fake_proxy()
+    extra = {"stream_options": {"include_usage": True}} if include_usage else {}
+    chunks = stream_chunks(proxy.chat(stream_body("text", **extra)))
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:] if c["choices"])
+    assert content_of(chunks) == HELLO
+    assert finish_reasons(chunks) == ["stop"]
+    if include_usage:
+        last = chunks[-1]
+        assert last["choices"] == []
+        assert last["usage"]["prompt_tokens"] == fake_claude.INPUT_TOKENS
+        assert last["usage"]["completion_tokens"] == len(fake_claude.HELLO_PIECES)
+        assert last["usage"]["total_tokens"] == fake_claude.INPUT_TOKENS + len(fake_claude.HELLO_PIECES)
+        assert all(c["usage"] is None for c in chunks[:-1])
+        assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    else:
+        assert all(c["choices"] for c in chunks)
+        assert all(c.get("usage") is None for c in chunks)
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_stream_bytes_are_well_formed_chunks_and_the_connection_is_reused(fake_proxy):
+    proxy = fake_proxy()
+    sock = open_raw(proxy.port, stream_body("text"))
+    with sock:
+        raw = recv_until(sock, b"", b"\r\n0\r\n\r\n")
+        status, headers, rest = split_response(raw)
+        assert status == 200
+        assert headers["transfer-encoding"] == "chunked"
+        body, leftover, complete = dechunk(rest)
+        assert complete and leftover == b""
+        assert body.endswith(b"data: [DONE]\n\n")
+        assert content_of([json.loads(p) for p in sse_payloads(body)[:-1]]) == HELLO
+        # Same connection, next request: the stream ended cleanly, so keep-alive works.
+        sock.sendall(("GET /health HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % proxy.port).encode())
+        raw = recv_until(sock, b"", b"\r\n\r\n")
+        status, headers, body = split_response(raw)
+        while len(body) < int(headers["content-length"]):
+            body += sock.recv(65536)
+        assert status == 200
+        assert json.loads(body)["status"] == "ok"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("stop", ["w3", ["nowhere", "w3"]])
+def test_stop_string_cuts_the_answer(fake_proxy, trace, stream, stop):
+    proxy = fake_proxy(**trace.env)
+    body = chat_body("words:50", stop=stop, stream=stream)
+    if stream:
+        chunks = stream_chunks(proxy.chat(body))
+        content, reasons = content_of(chunks), finish_reasons(chunks)
+    else:
+        choice = ok_json(proxy.chat(body))["choices"][0]
+        content, reasons = choice["message"]["content"], [choice["finish_reason"]]
+    assert content == "w0 w1 w2 "
+    assert reasons == ["stop"]
+    wait_reaped(trace.runs()[0]["pid"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_stop_reason_is_length(fake_proxy, stream):
+    proxy = fake_proxy()
+    if stream:
+        chunks = stream_chunks(proxy.chat(stream_body("max_tokens")))
+        assert content_of(chunks) == "This answer is cut"
+        assert finish_reasons(chunks) == ["length"]
+    else:
+        choice = ok_json(proxy.chat(chat_body("max_tokens")))["choices"][0]
+        assert choice["message"]["content"] == "This answer is cut"
+        assert choice["finish_reason"] == "length"
+
+
+# ---- what the CLI is given ----------------------------------------------------------------------
+
+def test_cli_gets_max_tokens_in_env_prompt_on_stdin_and_an_empty_private_cwd(fake_proxy, trace):
+    # A value in the proxy's own environment must not leak into requests that set none.
+    proxy = fake_proxy(CLAUDE_CODE_MAX_OUTPUT_TOKENS="5", **trace.env)
+    secret = "prompt-" + uuid.uuid4().hex
+    ok_json(proxy.chat(chat_body("text", text=secret, max_tokens=77)))
+    ok_json(proxy.chat(chat_body("text", text=secret + "-again")))
+    first, second = trace.runs()
+    assert first["env"].get("CLAUDE_CODE_MAX_OUTPUT_TOKENS") == "77"
+    assert "CLAUDE_CODE_MAX_OUTPUT_TOKENS" not in second["env"]
+
+    argv = first["argv"]
+    assert argv[argv.index("--tools") + 1] == ""
+    assert argv[argv.index("--setting-sources") + 1] == ""
+    assert not any(secret in arg for arg in argv)
+    stdin_text = json.dumps(first["stdin"])
+    assert secret in stdin_text
+
+    cwd = os.path.realpath(first["cwd"])
+    assert cwd != os.path.realpath(ROOT)  # the proxy's own cwd (see conftest.Proxy)
+    assert not cwd.startswith(os.path.realpath(ROOT) + os.sep)
+    assert os.path.isdir(cwd) and os.listdir(cwd) == []
+
+
+def test_one_megabyte_prompt_goes_through_stdin_not_argv(fake_proxy):
+    proxy = fake_proxy()
+    prompt = "%s @@fake:echo_args@@" % ("0123456789abcdef" * (1 << 16))  # 1 MiB of text
+    body = {"model": "claude-sonnet-4", "messages": [{"role": "user", "content": prompt}]}
+    answer = ok_json(proxy.chat(body, timeout=60))
+    echo = json.loads(answer["choices"][0]["message"]["content"])
+    assert echo["stdin"]["message"]["content"] == [{"type": "text", "text": prompt}]
+    assert not any("0123456789abcdef" * 4 in arg for arg in echo["argv"])
+    assert sum(len(arg) for arg in echo["argv"]) < 16384
+
+
+# ---- CLI faults ---------------------------------------------------------------------------------
+
+FAULTS = [
+    # (fake mode, HTTP status, error type, error code, a phrase the message must contain)
+    ("crash", 502, "server_error", "cli_failed", "fatal: something broke"),
+    ("garbage", 502, "server_error", "cli_failed", ""),
+    ("error_result:401", 401, "authentication_error", "invalid_api_key", "auth login"),
+    ("error_result:429", 429, "rate_limit_error", "rate_limit_exceeded", ""),
+    ("error_result:529", 503, "server_error", "overloaded", ""),
+    ("error_result:500", 502, "server_error", "upstream_error", ""),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("mode,status,kind,code,phrase", FAULTS, ids=[f[0] for f in FAULTS])
+def test_cli_fault_before_output_is_an_http_error(fake_proxy, trace, mode, status, kind, code, phrase,
+                                                  stream):
+    proxy = fake_proxy(**trace.env)
+    error = error_of(proxy.chat(chat_body(mode, stream=stream)), status)
+    assert (error["type"], error["code"]) == (kind, code)
+    assert phrase in error["message"]
+    wait_reaped(trace.runs()[0]["pid"])
+    # The server survives and answers the next request.
+    assert ok_json(proxy.chat(chat_body("text")))["choices"][0]["message"]["content"] == HELLO
+
+
+@pytest.mark.parametrize("mode,code", [("crash_mid", "cli_failed"), ("error_mid", "upstream_error")])
+def test_cli_fault_after_output_ends_the_stream_with_an_error_event(fake_proxy, mode, code):
+    proxy = fake_proxy()
+    status, headers, raw = proxy.chat(stream_body(mode))
+    assert status == 200, raw
+    payloads = sse_payloads(raw)
+    assert payloads[-1] == "[DONE]" and payloads.count("[DONE]") == 1
+    last = json.loads(payloads[-2])
+    assert list(last) == ["error"]
+    assert set(last["error"]) == {"message", "type", "param", "code"}
+    assert last["error"]["type"] == "server_error" and last["error"]["code"] == code
+    chunks = [json.loads(p) for p in payloads[:-2]]
+    assert content_of(chunks) == "Hello from "
+    assert finish_reasons(chunks) == []  # it did not finish: no "stop" before the error
+
+
+@pytest.mark.parametrize("mode", ["crash_mid", "error_mid"])
+def test_cli_fault_after_output_without_streaming_is_an_http_error(fake_proxy, mode):
+    proxy = fake_proxy()
+    error = error_of(proxy.chat(chat_body(mode)), 502)
+    assert error["type"] == "server_error"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_silent_cli_is_504_after_idle_timeout_and_is_ended(fake_proxy, trace, stream):
+    proxy = fake_proxy(["--idle-timeout", "1"], **trace.env)
+    error = error_of(proxy.chat(chat_body("hang", stream=stream), timeout=20), 504)
+    assert error["code"] == "timeout"
+    wait_reaped(trace.runs()[0]["pid"])
+
+
+def test_request_timeout_is_504_and_ends_the_cli(fake_proxy, trace):
+    proxy = fake_proxy(["--request-timeout", "1", "--idle-timeout", "60"], **trace.env)
+    error = error_of(proxy.chat(chat_body("hang"), timeout=20), 504)
+    assert error["code"] == "timeout"
+    wait_reaped(trace.runs()[0]["pid"])
+
+
+def test_cli_grandchild_is_killed_with_its_process_group(fake_proxy, trace):
+    proxy = fake_proxy(["--idle-timeout", "1"], **trace.env)
+    error_of(proxy.chat(chat_body("hang_child"), timeout=20), 504)
+    cli_pid = trace.runs()[0]["pid"]
+    wait_until(trace.probed, 10, "the startup probe's log record")
+    children = trace.unlogged_pids()
+    assert len(children) == 1, (trace.pids(), trace.records())
+    wait_reaped(cli_pid)
+    wait_dead(children[0])
+    with pytest.raises(ProcessLookupError):
+        os.kill(cli_pid, 0)
+
+
+def test_cli_that_ignores_stdin_eof_is_answered_and_reaped(fake_proxy, trace):
+    proxy = fake_proxy(**trace.env)
+    answer = ok_json(proxy.chat(chat_body("ignore_stdin_eof"), timeout=20))
+    assert answer["choices"][0]["message"]["content"] == HELLO
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    wait_reaped(trace.runs()[0]["pid"])
+
+
+# ---- client disconnects -------------------------------------------------------------------------
+
+def test_client_disconnect_before_output_ends_the_cli(fake_proxy, trace):
+    proxy = fake_proxy(**trace.env)
+    sock = open_raw(proxy.port, stream_body("hang"))
+    pid = trace.wait_for_turn()["pid"]
+    assert pid_exists(pid)
+    sock.close()
+    wait_reaped(pid, timeout=5)
+    assert proxy.wait_for_line(" 499 ", timeout=5)
+    assert health(proxy)["slots"]["busy"] == 0
+
+
+def test_client_disconnect_mid_stream_ends_the_cli(fake_proxy, trace):
+    proxy = fake_proxy(**trace.env)
+    sock = open_raw(proxy.port, stream_body("slow:0.5"))
+    recv_until(sock, b"", b"Hello ")
+    pid = trace.runs()[0]["pid"]
+    assert pid_exists(pid)
+    sock.close()
+    wait_reaped(pid, timeout=5)
+
+
+# ---- concurrency --------------------------------------------------------------------------------
+
+def test_full_slots_and_no_queue_is_429_with_retry_after(fake_proxy, trace):
+    proxy = fake_proxy(["--max-concurrency", "1", "--max-queue", "0"], **trace.env)
+    first = open_raw(proxy.port, stream_body("hang"))
+    try:
+        pid = trace.wait_for_turn()["pid"]
+        response = proxy.chat(chat_body("text"))
+        error = error_of(response, 429)
+        assert error["type"] == "rate_limit_error"
+        assert int(response[1]["retry-after"]) >= 1
+        assert len(trace.runs()) == 1  # the refused request never started a CLI
+    finally:
+        first.close()
+    wait_reaped(pid)
+    assert proxy.wait_for_line(" 499 ", timeout=5)  # logged after its slot is released
+    assert ok_json(proxy.chat(chat_body("text")))["choices"][0]["message"]["content"] == HELLO
+
+
+def test_queued_request_runs_when_the_slot_frees(fake_proxy, trace):
+    proxy = fake_proxy(["--max-concurrency", "1", "--max-queue", "1", "--queue-timeout", "30"],
+                       **trace.env)
+    first = open_raw(proxy.port, stream_body("hang"))
+    try:
+        trace.wait_for_turn()
+        result = {}
+        waiter = threading.Thread(target=lambda: result.update(r=proxy.chat(chat_body("text"), timeout=30)))
+        waiter.start()
+        wait_until(lambda: health(proxy)["slots"]["waiting"] == 1, 10, "the second request to queue")
+        assert len(trace.runs()) == 1
+        # A third one finds the queue full.
+        error_of(proxy.chat(chat_body("text")), 429)
+    finally:
+        first.close()
+    waiter.join(30)
+    assert not waiter.is_alive()
+    assert ok_json(result["r"])["choices"][0]["message"]["content"] == HELLO
+
+
+def test_queue_timeout_is_429(fake_proxy, trace):
+    proxy = fake_proxy(["--max-concurrency", "1", "--max-queue", "1", "--queue-timeout", "0.5"],
+                       **trace.env)
+    first = open_raw(proxy.port, stream_body("hang"))
+    try:
+        trace.wait_for_turn()
+        response = proxy.chat(chat_body("text"), timeout=20)
+        error = error_of(response, 429)
+        assert error["type"] == "rate_limit_error"
+        assert "retry-after" in response[1]
+        assert len(trace.runs()) == 1
+    finally:
+        first.close()
+
+
+# ---- shutdown -----------------------------------------------------------------------------------
+
+def test_sigterm_lets_the_streaming_request_finish_then_exits_0(fake_proxy):
+    proxy = fake_proxy()
+    sock = open_raw(proxy.port, stream_body("slow:0.2"))
+    with sock:
+        raw = recv_until(sock, b"", b"Hello ")
+        proxy.proc.send_signal(signal.SIGTERM)
+        raw = recv_until(sock, raw, b"\r\n0\r\n\r\n")
+    status, headers, rest = split_response(raw)
+    assert status == 200
+    body, _, complete = dechunk(rest)
+    assert complete
+    payloads = sse_payloads(body)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert content_of(chunks) == HELLO
+    assert finish_reasons(chunks) == ["stop"]
+    assert proxy.proc.wait(timeout=15) == 0
+    wait_until(lambda: not proxy.tagged_pids(), 5, "no tagged processes left")
+
+
+def test_sigterm_ends_a_hung_request_after_the_grace_period(fake_proxy, trace):
+    proxy = fake_proxy(["--shutdown-grace", "0.5"], **trace.env)
+    sock = open_raw(proxy.port, stream_body("hang"))
+    with sock:
+        pid = trace.wait_for_turn()["pid"]
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert proxy.proc.wait(timeout=15) == 0
+        wait_reaped(pid)
+        wait_until(lambda: not proxy.tagged_pids(), 5, "no tagged processes left")
