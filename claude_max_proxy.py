@@ -17,7 +17,10 @@ CLI runner, event translation, HTTP layer, commands, main().
 """
 
 import argparse
+import base64
+import binascii
 import collections
+import hashlib
 import dataclasses
 import datetime
 import hmac
@@ -82,6 +85,15 @@ PARAMETERS = collections.OrderedDict([
     ("logit_bias", ("ignored", "accepted")),
     ("user", ("ignored", "accepted")),
     ("metadata", ("ignored", "accepted")),
+    ("tools", ("honored", "function tools, offered to the model with their JSON schemas")),
+    ("functions", ("honored", "legacy form of `tools`")),
+    ("tool_choice", ("emulated", "`auto` honored; `none` hides the tools; `required` and a named "
+                                 "function become an instruction in the system prompt")),
+    ("function_call", ("emulated", "legacy form of `tool_choice`, same treatment")),
+    ("parallel_tool_calls", ("emulated", "`false` returns only the first call and ends the CLI")),
+    ("response_format", ("honored", "`json_schema` -> `--json-schema`; `json_object` -> any object")),
+    ("reasoning_effort", ("honored", "-> `--effort` (minimal->low, low, medium, high, xhigh, max)")),
+    ("include_reasoning", ("honored", "proxy extension: `true` streams thinking as `reasoning_content`")),
     ("store", ("ignored", "accepted; nothing is stored")),
     ("service_tier", ("ignored", "accepted")),
 ])
@@ -98,6 +110,18 @@ UPSTREAM_ERRORS = {
 }
 LOGIN_HINT = ("The Claude CLI is not authenticated: run `claude auth login` (or `claude setup-token` "
               "and set CLAUDE_CODE_OAUTH_TOKEN for a service).")
+# Client functions reach the model as tools of an MCP server the proxy itself answers (over the
+# CLI's control channel); the model sees them as mcp__<server>__<name>.
+MCP_SERVER = "client"
+MCP_PREFIX = "mcp__%s__" % MCP_SERVER
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+STRUCTURED_OUTPUT_TOOL = "StructuredOutput"  # the CLI's tool for --json-schema answers
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+MAX_IMAGE_BYTES = 5 * 1024 * 1024  # Anthropic's per-image limit
+EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh",
+           "max": "max"}
+# After tool results, a resumed session needs a new user line to start the turn (see README).
+TOOL_RESULTS_PROMPT = "Continue, using the tool results above."
 FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                   "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "stop"}
 
@@ -127,6 +151,9 @@ class Config:
     allow_unauthenticated_remote: bool = False
     log_prompts: bool = False
     shutdown_grace: float = 30.0
+    include_reasoning: bool = False
+    max_parked: int = 4
+    parked_ttl: float = 300.0
 
 
 # (flag, type, help). Each flag's env var is CLAUDE_MAX_PROXY_<FLAG>, its field the flag in snake case.
@@ -151,6 +178,9 @@ OPTIONS = [
     ("--allow-unauthenticated-remote", bool, "bind a non-loopback address without an API key"),
     ("--log-prompts", bool, "debug: log prompt text in the access log"),
     ("--shutdown-grace", float, "seconds in-flight requests get on SIGTERM (default 30)"),
+    ("--include-reasoning", bool, "stream the model's thinking as `reasoning_content` by default"),
+    ("--max-parked", int, "CLI processes kept waiting on a client's tool results (default 4)"),
+    ("--parked-ttl", float, "seconds a process waits for tool results before it is ended (default 300)"),
 ]
 
 
@@ -265,6 +295,30 @@ class CliCall:
     include_usage: bool = False
     max_output_tokens: Optional[int] = None
     stop: Tuple[str, ...] = ()
+    tools: Tuple["ClientTool", ...] = ()   # offered to the model through the proxy's MCP server
+    parallel_tool_calls: bool = True
+    json_schema: Optional[Dict[str, Any]] = None
+    effort: Optional[str] = None
+    include_reasoning: bool = False
+
+    def client_name(self, upstream_name: str) -> Optional[str]:
+        """The client's name for a tool the model called, or None if it is not a client tool."""
+        for tool in self.tools:
+            if MCP_PREFIX + tool.mcp_name == upstream_name:
+                return tool.name
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientTool:
+    name: str            # as the client named it
+    mcp_name: str        # as the MCP server lists it (the model sees MCP_PREFIX + mcp_name)
+    description: str
+    schema: str          # JSON text of the input schema (a string keeps the dataclass hashable)
+
+    def listing(self) -> Dict[str, Any]:
+        return {"name": self.mcp_name, "description": self.description,
+                "inputSchema": json.loads(self.schema)}
 
 
 def resolve_model(name: Optional[str], default: str) -> Tuple[str, str]:
@@ -319,11 +373,43 @@ def text_blocks_of(content: Any, param: str) -> List[Dict[str, Any]]:
         elif kind == "refusal":
             if isinstance(part.get("refusal"), str) and part["refusal"]:
                 blocks.append({"type": "text", "text": part["refusal"]})
-        elif kind in ("image_url", "input_image", "input_audio", "file"):
+        elif kind in ("image_url", "input_image"):
+            blocks.append(image_block_of(part, where))
+        elif kind in ("input_audio", "file", "input_file"):
             raise invalid(where, "content parts of type `%s` are not supported" % kind, "unsupported_content")
         else:
             raise invalid(where + ".type", "unknown content part type %r" % (kind,), "invalid_type")
     return blocks
+
+
+def image_block_of(part: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """An image_url part with a data: URL -> an Anthropic base64 image block."""
+    url = part.get("image_url")
+    if isinstance(url, dict):
+        url = url.get("url")
+    if not isinstance(url, str):
+        raise invalid(where + ".image_url", "`%s.image_url.url` must be a string" % where, "invalid_type")
+    if re.match(r"^https?://", url, re.I):
+        raise invalid(where + ".image_url", "remote image URLs are not fetched (the proxy does not go to "
+                      "the internet on a prompt's behalf): send the image as a data: URL",
+                      "unsupported_image_url")
+    match = re.match(r"^data:([\w/+.-]+);base64,(.*)$", url, re.S)
+    if not match:
+        raise invalid(where + ".image_url", "images must be data:<type>;base64,<data> URLs", "invalid_image_url")
+    media_type, data = match.group(1).lower(), re.sub(r"\s+", "", match.group(2))
+    if media_type == "image/jpg":
+        media_type = "image/jpeg"
+    if media_type not in IMAGE_TYPES:
+        raise invalid(where + ".image_url", "image type %s is not supported (png, jpeg, gif, webp)"
+                      % media_type, "unsupported_image_type")
+    if len(data) * 3 // 4 > MAX_IMAGE_BYTES:
+        raise invalid(where + ".image_url", "the image is over %d MB" % (MAX_IMAGE_BYTES // 2 ** 20),
+                      "image_too_large")
+    try:
+        base64.b64decode(data, validate=True)
+    except (ValueError, binascii.Error):
+        raise invalid(where + ".image_url", "the image data is not valid base64", "invalid_image_url")
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
 
 
 def check_parameters(body: Dict[str, Any]) -> None:
@@ -384,33 +470,199 @@ def stop_strings_of(body: Dict[str, Any]) -> Tuple[str, ...]:
     return tuple(stop)
 
 
-def turns_from_messages(messages: Any, max_messages: int) -> Tuple[str, List[Dict[str, Any]]]:
-    """OpenAI messages -> (system prompt, alternating Anthropic turns); same roles are merged."""
+def mcp_name_for(name: str) -> str:
+    """A client tool name the model can see after the MCP prefix (64 characters in all)."""
+    room = 64 - len(MCP_PREFIX)
+    if len(name) <= room:
+        return name
+    digest = hashlib.sha1(name.encode("utf-8")).hexdigest()[:8]
+    return name[:room - 9] + "_" + digest
+
+
+def tools_of(body: Dict[str, Any]) -> Tuple[ClientTool, ...]:
+    """`tools` (or legacy `functions`) -> ClientTools, validated like OpenAI does."""
+    raw, param = body.get("tools"), "tools"
+    if raw is None and body.get("functions") is not None:
+        raw, param = [{"type": "function", "function": f} for f in body["functions"]] \
+            if isinstance(body["functions"], list) else body["functions"], "functions"
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise invalid(param, "`%s` must be an array" % param, "invalid_type")
+    tools, seen = [], set()
+    for i, entry in enumerate(raw):
+        where = "%s[%d]" % (param, i)
+        if not isinstance(entry, dict) or entry.get("type") != "function" or not isinstance(entry.get("function"), dict):
+            raise invalid(where, "only tools of type `function` (with a `function` object) are supported",
+                          "unsupported_tool")
+        function = entry["function"]
+        name = function.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
+            raise invalid(where + ".function.name", "function names must match ^[a-zA-Z0-9_-]{1,64}$")
+        if name in seen:
+            raise invalid(where + ".function.name", "duplicate function name %r" % name)
+        seen.add(name)
+        description = function.get("description") or ""
+        if not isinstance(description, str):
+            raise invalid(where + ".function.description", "`description` must be a string", "invalid_type")
+        schema = function.get("parameters")
+        if schema is None:
+            schema = {"type": "object", "properties": {}}
+        if not isinstance(schema, dict):
+            raise invalid(where + ".function.parameters", "`parameters` must be a JSON schema object",
+                          "invalid_type")
+        if schema.get("type") is None:
+            schema = dict(schema, type="object")
+        tools.append(ClientTool(name, mcp_name_for(name), description, json.dumps(schema, sort_keys=True)))
+    return tuple(tools)
+
+
+def tool_choice_of(body: Dict[str, Any], tools: Tuple[ClientTool, ...]) -> Tuple[str, Optional[str]]:
+    """`tool_choice` / legacy `function_call` -> (auto|none|required|named, the named tool)."""
+    choice, param = body.get("tool_choice"), "tool_choice"
+    if choice is None and body.get("function_call") is not None:
+        choice, param = body["function_call"], "function_call"
+        if isinstance(choice, dict):
+            choice = {"type": "function", "function": choice}
+    if choice is None:
+        return "auto", None
+    if choice in ("auto", "none", "required"):
+        if choice == "required" and not tools:
+            raise invalid(param, "`tool_choice: required` needs `tools`")
+        return choice, None
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if not any(t.name == name for t in tools):
+            raise invalid(param, "`%s` names a function that is not in `tools`: %r" % (param, name))
+        return "named", name
+    raise invalid(param, "`%s` must be auto, none, required or {type: function, function: {name}}" % param)
+
+
+def response_format_of(body: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """`response_format` -> the JSON schema the answer must follow (None for plain text)."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise invalid("response_format", "`response_format.type` must be text, json_object or json_schema")
+    if fmt["type"] == "text":
+        return None
+    if fmt["type"] == "json_object":
+        return {"type": "object"}
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise invalid("response_format.json_schema.schema", "a JSON schema object is required")
+    if len(json.dumps(schema)) > 100000:
+        raise invalid("response_format.json_schema.schema", "the schema is over 100 KB")
+    return schema
+
+
+def effort_of(body: Dict[str, Any]) -> Optional[str]:
+    effort = body.get("reasoning_effort")
+    if effort is None and isinstance(body.get("reasoning"), dict):
+        effort = body["reasoning"].get("effort")
+    if effort is None:
+        return None
+    if effort not in EFFORTS:
+        raise invalid("reasoning_effort", "`reasoning_effort` must be one of %s" % ", ".join(EFFORTS))
+    return EFFORTS[effort]
+
+
+def tool_use_of(call: Any, where: str, names: Dict[str, str]) -> Dict[str, Any]:
+    """An OpenAI tool call from an assistant message -> an Anthropic tool_use block."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise invalid(where, "`%s` must be a function tool call" % where, "invalid_type")
+    call_id, function = call.get("id"), call["function"]
+    if not isinstance(call_id, str) or not re.match(r"^[A-Za-z0-9_-]{1,128}$", call_id):
+        raise invalid(where + ".id", "tool call ids must match ^[A-Za-z0-9_-]{1,128}$")
+    name = function.get("name")
+    if not isinstance(name, str) or not TOOL_NAME.match(name):
+        raise invalid(where + ".function.name", "function names must match ^[a-zA-Z0-9_-]{1,64}$")
+    arguments = function.get("arguments", "{}")
+    try:
+        parsed = json.loads(arguments or "{}") if isinstance(arguments, str) else None
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise invalid(where + ".function.arguments", "`arguments` must be a JSON object in a string")
+    return {"type": "tool_use", "id": call_id, "name": MCP_PREFIX + names.get(name, mcp_name_for(name)),
+            "input": parsed}
+
+
+def tool_result_of(tool_call_id: Any, content: Any, where: str) -> Dict[str, Any]:
+    if not isinstance(tool_call_id, str) or not tool_call_id:
+        raise invalid(where + ".tool_call_id", "`tool_call_id` is required", "missing_required_parameter")
+    blocks = text_blocks_of(content, where + ".content")
+    text = "".join(b.get("text", "") for b in blocks if b["type"] == "text")
+    # The same shape the CLI gives a result its MCP server returned: cold and warm turns match.
+    return {"type": "tool_result", "tool_use_id": tool_call_id, "content": [{"type": "text", "text": text}]}
+
+
+def turns_from_messages(messages: Any, max_messages: int,
+                        tools: Tuple[ClientTool, ...] = ()) -> Tuple[str, List[Dict[str, Any]]]:
+    """OpenAI messages -> (system prompt, alternating Anthropic turns); same roles are merged.
+
+    Tool calls become tool_use blocks in the assistant turn and tool results tool_result blocks in
+    the next user turn, so the model sees the exchange as it happened."""
     if not isinstance(messages, list):
         raise invalid("messages", "`messages` must be an array", "invalid_type")
     if not messages:
         raise invalid("messages", "`messages` must contain at least one message")
     if len(messages) > max_messages:
         raise invalid("messages", "too many messages (%d > %d)" % (len(messages), max_messages))
+    names = {t.name: t.mcp_name for t in tools}
     system_parts, turns = [], []
+    legacy_calls = []  # ids given to legacy function_call messages, answered in order by name
     for i, message in enumerate(messages):
         param = "messages[%d]" % i
         if not isinstance(message, dict):
             raise invalid(param, "`%s` must be an object" % param, "invalid_type")
         role = message.get("role")
         if role in ("system", "developer"):
-            system_parts += [b["text"] for b in text_blocks_of(message.get("content"), param + ".content")]
+            system_parts += [b["text"] for b in text_blocks_of(message.get("content"), param + ".content")
+                             if b["type"] == "text"]
             continue
-        if role not in ("user", "assistant"):
+        if role == "user":
+            blocks = text_blocks_of(message.get("content"), param + ".content")
+        elif role == "assistant":
+            blocks = [b for b in text_blocks_of(message.get("content"), param + ".content") if b["type"] == "text"]
+            calls = message.get("tool_calls")
+            if calls is not None and not isinstance(calls, list):
+                raise invalid(param + ".tool_calls", "`tool_calls` must be an array", "invalid_type")
+            for j, call in enumerate(calls or []):
+                blocks.append(tool_use_of(call, "%s.tool_calls[%d]" % (param, j), names))
+            legacy = message.get("function_call")
+            if isinstance(legacy, dict):
+                call_id = "call_legacy_%d" % i
+                legacy_calls.append((call_id, legacy.get("name")))
+                blocks.append(tool_use_of({"id": call_id, "function": legacy}, param + ".function_call", names))
+        elif role == "tool":
+            blocks = [tool_result_of(message.get("tool_call_id"), message.get("content"), param)]
+            role = "user"
+        elif role == "function":
+            name = message.get("name")
+            match = next((c for c in legacy_calls if c[1] == name), None)
+            if match is None:
+                raise invalid(param + ".name", "no earlier function_call named %r to answer" % (name,))
+            legacy_calls.remove(match)
+            blocks = [tool_result_of(match[0], message.get("content"), param)]
+            role = "user"
+        else:
             raise invalid(param + ".role", "unsupported role %r" % (role,), "invalid_value")
-        blocks = text_blocks_of(message.get("content"), param + ".content")
         if not blocks:
             continue
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"].extend(blocks)
         else:
             turns.append({"role": role, "content": blocks})
+    for turn in turns:  # tool results open their user turn, as the Messages API requires
+        turn["content"].sort(key=lambda b: b["type"] != "tool_result")
     return "\n\n".join(system_parts), turns
+
+
+def has_tool_blocks(turns: List[Dict[str, Any]]) -> bool:
+    return any(b["type"] in ("tool_use", "tool_result") for t in turns for b in t["content"])
 
 
 def cli_call_for(body: Any, config: Config) -> CliCall:
@@ -421,16 +673,36 @@ def cli_call_for(body: Any, config: Config) -> CliCall:
         raise invalid("messages", "`messages` is required", "missing_required_parameter")
     requested, model = resolve_model(body.get("model"), config.default_model)
     check_parameters(body)
-    system_prompt, turns = turns_from_messages(body["messages"], config.max_messages)
+    tools = tools_of(body)
+    choice, chosen = tool_choice_of(body, tools)
+    system_prompt, turns = turns_from_messages(body["messages"], config.max_messages, tools)
     if not turns or turns[-1]["role"] != "user":
-        raise invalid("messages", "the last message must be a non-empty user message")
+        raise invalid("messages", "the last message must be a non-empty user or tool message")
+    system_prompt = system_prompt or NEUTRAL_SYSTEM_PROMPT
+    if choice == "none" and not has_tool_blocks(turns):
+        tools = ()
+    elif choice == "none":  # the tools must stay defined for the earlier calls to be valid
+        system_prompt += "\n\nDo not call any tool in this turn; answer in text."
+    elif choice == "required":
+        system_prompt += "\n\nIn this turn you must call at least one of the available tools."
+    elif choice == "named":
+        system_prompt += "\n\nIn this turn you must call the tool `%s%s`." % (
+            MCP_PREFIX, next(t.mcp_name for t in tools if t.name == chosen))
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise invalid("parallel_tool_calls", "`parallel_tool_calls` must be a boolean", "invalid_type")
+    include_reasoning = body.get("include_reasoning")
+    if include_reasoning is not None and not isinstance(include_reasoning, bool):
+        raise invalid("include_reasoning", "`include_reasoning` must be a boolean", "invalid_type")
     stream_options = body.get("stream_options") or {}
     return CliCall(
-        model=model, requested_model=requested,
-        system_prompt=system_prompt or NEUTRAL_SYSTEM_PROMPT,
+        model=model, requested_model=requested, system_prompt=system_prompt,
         history=turns[:-1], prompt=turns[-1]["content"],
         stream=bool(body.get("stream")), include_usage=bool(stream_options.get("include_usage")),
-        max_output_tokens=max_output_tokens_of(body), stop=stop_strings_of(body))
+        max_output_tokens=max_output_tokens_of(body), stop=stop_strings_of(body),
+        tools=tools, parallel_tool_calls=parallel is not False,
+        json_schema=response_format_of(body), effort=effort_of(body),
+        include_reasoning=bool(include_reasoning) or config.include_reasoning)
 
 
 def cli_args_for(call: CliCall, claude_path: str, session_id: Optional[str],
@@ -444,6 +716,15 @@ def cli_args_for(call: CliCall, claude_path: str, session_id: Optional[str],
             # A recorded prompt would outlive a changed system message on resume.
             "--system-prompt-snapshot", "off",
             "--no-session-persistence"]
+    if call.tools:
+        # The proxy answers this MCP server itself, and the CLI asks it before any tool runs:
+        # that question is where a tool call is caught and handed to the client.
+        args += ["--mcp-config", json.dumps({"mcpServers": {MCP_SERVER: {"type": "sdk", "name": MCP_SERVER}}}),
+                 "--permission-prompt-tool", "stdio"]
+    if call.json_schema is not None:
+        args += ["--json-schema", json.dumps(call.json_schema)]
+    if call.effort:
+        args += ["--effort", call.effort]
     if session_id:
         args += ["--resume", session_id]
     # Agents send system prompts of 50 KB and more: a file has no size limit and no NUL trouble.
@@ -465,6 +746,24 @@ def stdin_line_for(blocks: List[Dict[str, Any]]) -> bytes:
     """The stream-json line that starts the new user turn."""
     message = {"type": "user", "message": {"role": "user", "content": blocks}}
     return (json.dumps(message) + "\n").encode("ascii")
+
+
+def tool_results_in(blocks: List[Dict[str, Any]]) -> Dict[str, str]:
+    """tool_use_id -> result text, when a user turn is made of tool results only (else empty)."""
+    if not blocks or any(b["type"] != "tool_result" for b in blocks):
+        return {}
+    return {b["tool_use_id"]: "".join(part.get("text", "") for part in b["content"]) for b in blocks}
+
+
+def cold_turns_for(call: CliCall) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """(turns for the session file, blocks for stdin) when no live process holds the conversation.
+
+    The CLI drops tool results sent on stdin for a resumed session, so a turn of tool results is
+    written into the session instead and a short user line starts the turn (see README)."""
+    if any(b["type"] == "tool_result" for b in call.prompt):
+        return call.history + [{"role": "user", "content": call.prompt}], \
+            [{"type": "text", "text": TOOL_RESULTS_PROMPT}]
+    return call.history, call.prompt
 
 
 def project_key(cwd: str) -> str:
@@ -526,15 +825,23 @@ class CliRun:
         self.stderr_tail = collections.deque(maxlen=40)
         self.garbage_lines = 0
         self._buffer = b""
+        self.stdin_lock = threading.Lock()
+        self.permissions = {}   # tool_use_id -> (control request id, tool input): asked, unanswered
+        self.mcp_calls = {}     # tool_use_id -> (control request id, JSON-RPC id): asked, unanswered
+        self.tool_results = {}  # tool_use_id -> result text the client sent, to hand to the CLI
 
     # -- starting -------------------------------------------------------------------------------
 
     def start(self) -> "CliRun":
         """Spawn the CLI and hand it the new user turn; on any failure nothing is left behind."""
         try:
-            self._spawn()
-            self.proc.stdin.write(stdin_line_for(self.call.prompt))
-            self.proc.stdin.close()
+            session_turns, stdin_blocks = cold_turns_for(self.call)
+            self._spawn(session_turns)
+            self.proc.stdin.write(stdin_line_for(stdin_blocks))
+            if self.call.tools:
+                self.proc.stdin.flush()  # stays open: the CLI asks us about tools on it
+            else:
+                self.proc.stdin.close()
         except BrokenPipeError:
             pass  # the CLI died before reading; its exit status tells the story
         except BaseException:
@@ -542,7 +849,7 @@ class CliRun:
             raise
         return self
 
-    def _spawn(self) -> None:
+    def _spawn(self, session_turns: List[Dict[str, Any]]) -> None:
         cwd = self.config.workdir
         os.makedirs(cwd, mode=0o700, exist_ok=True)
         # Private files for this run (the system prompt) live in a 0700 temp directory.
@@ -551,13 +858,13 @@ class CliRun:
         with open(prompt_file, "w", encoding="utf-8") as handle:
             handle.write(self.call.system_prompt)
         session_id = None
-        if self.call.history:
+        if session_turns:
             session_id = str(uuid.uuid4())
             real_cwd = os.path.realpath(cwd)
             folder = os.path.join(claude_projects_dir(self.environ), project_key(real_cwd))
             os.makedirs(folder, mode=0o700, exist_ok=True)
             self.session_file = os.path.join(folder, session_id + ".jsonl")
-            lines = session_lines_for(self.call.history, session_id, real_cwd)
+            lines = session_lines_for(session_turns, session_id, real_cwd)
             fd = os.open(self.session_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write("\n".join(lines) + "\n")
@@ -574,6 +881,49 @@ class CliRun:
             LIVE_RUNS.add(self)
         self.stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True)
         self.stderr_reader.start()
+
+    # -- the CLI's questions (control requests) ------------------------------------------------
+
+    def send(self, message: Dict[str, Any]) -> None:
+        with self.stdin_lock:
+            try:
+                self.proc.stdin.write((json.dumps(message) + "\n").encode("ascii"))
+                self.proc.stdin.flush()
+            except (OSError, ValueError):
+                pass  # the CLI is gone; reading its output will tell
+
+    def on_control_request(self, event: Dict[str, Any]) -> None:
+        """Serve the client-tools MCP server and hold tool permissions until results exist."""
+        request_id = event.get("request_id")
+        request = event.get("request") or {}
+        subtype = request.get("subtype")
+        if subtype == "mcp_message":
+            message = request.get("message") or {}
+            if message.get("method") == "tools/call":
+                meta = (message.get("params") or {}).get("_meta") or {}
+                self.mcp_calls[meta.get("claudecode/toolUseId")] = (request_id, message.get("id"))
+            else:
+                self._reply(request_id, {"mcp_response": mcp_reply_for(message, self.call.tools)})
+        elif subtype == "can_use_tool":
+            self.permissions[request.get("tool_use_id")] = (request_id, request.get("input") or {})
+        else:
+            self.send({"type": "control_response", "response": {
+                "subtype": "error", "request_id": request_id, "error": "not supported by the proxy"}})
+        self.hand_over_results()
+
+    def hand_over_results(self) -> None:
+        """Let the CLI run each held tool call whose client result is known, with that result."""
+        for tool_use_id in [t for t in self.permissions if t in self.tool_results]:
+            request_id, tool_input = self.permissions.pop(tool_use_id)
+            self._reply(request_id, {"behavior": "allow", "updatedInput": tool_input})
+        for tool_use_id in [t for t in self.mcp_calls if t in self.tool_results]:
+            request_id, rpc_id = self.mcp_calls.pop(tool_use_id)
+            result = {"content": [{"type": "text", "text": self.tool_results[tool_use_id]}]}
+            self._reply(request_id, {"mcp_response": {"jsonrpc": "2.0", "id": rpc_id, "result": result}})
+
+    def _reply(self, request_id: Any, response: Dict[str, Any]) -> None:
+        self.send({"type": "control_response", "response": {
+            "subtype": "success", "request_id": request_id, "response": response}})
 
     def _drain_stderr(self):
         # Read stderr always, or a chatty CLI would block on a full pipe.
@@ -694,6 +1044,52 @@ class CliRun:
             self.session_file = None
 
 
+class ParkedRuns:
+    """CLI processes stopped at a client's tool call, kept to receive its results (bounded, expiring).
+
+    The follow-up request that carries the results is matched by `conversation_key`; its results
+    go to the waiting process as the MCP tool's answer, so the model continues its own turn."""
+
+    def __init__(self, size: int, ttl: float):
+        self.size, self.ttl = size, ttl
+        self.lock = threading.Lock()
+        self.runs = collections.OrderedDict()  # key -> (CliRun, expiry on the monotonic clock)
+
+    def park(self, key: str, run: "CliRun") -> None:
+        evicted = []
+        with self.lock:
+            if self.size <= 0:
+                evicted.append(run)
+            else:
+                self.runs[key] = (run, time.monotonic() + self.ttl)
+                while len(self.runs) > self.size:
+                    evicted.append(self.runs.popitem(last=False)[1][0])
+        for old in evicted:
+            old.close()
+
+    def take(self, key: str) -> Optional["CliRun"]:
+        with self.lock:
+            entry = self.runs.pop(key, None)
+        if entry is None:
+            return None
+        if entry[0].proc.poll() is not None:
+            entry[0].close()
+            return None
+        return entry[0]
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            keys = [key for key, (_, expiry) in self.runs.items() if expiry <= now]
+            expired = [self.runs.pop(key)[0] for key in keys]
+        for run in expired:
+            run.close()
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self.runs)
+
+
 def close_all_runs() -> None:
     with LIVE_RUNS_LOCK:
         runs = list(LIVE_RUNS)
@@ -787,23 +1183,30 @@ class TurnTranslator:
     """Feeds on CLI events one at a time and says what the turn produced.
 
     The turn ends at the first upstream message that stops (so exactly one model call is used:
-    the CLI is ended before it could retry for more), or at the CLI's `result`.
+    the CLI is ended before it could retry or run a tool), or at the CLI's `result`.
     """
 
-    def __init__(self, stop: Tuple[str, ...] = ()):
-        self.stop = stop
+    def __init__(self, stop: Tuple[str, ...] = (), call: Optional[CliCall] = None):
+        self.call = call
+        self.stop = stop if call is None else call.stop
         self.model = None  # type: Optional[str]
         self.usage = {}    # type: Dict[str, Any]
         self.stop_reason = None  # type: Optional[str]
         self.pending = ""  # text held back because it might begin a stop string
         self.finished = False
         self.received_text = False
+        self.blocks = {}   # content block index -> ("text"|"tool"|"structured"|"thinking"|"other", n)
+        self.tool_calls = 0
+        self.args_seen = set()  # tool call numbers that got an arguments fragment
+        self.json_mode = bool(call and call.json_schema is not None)
+        self.structured = False  # the answer came as the CLI's StructuredOutput tool call
+        self.held_text = ""      # in JSON mode, text is kept until we know it is the answer
 
     def feed(self, event: Dict[str, Any]) -> List[TurnEvent]:
         if self.finished:
             return []
         kind = event.get("type")
-        if kind == "stream_event":
+        if kind == "stream_event" and not event.get("parent_tool_use_id"):
             return self._stream_event(event.get("event") or {})
         if kind == "result":
             return self._result(event)
@@ -815,16 +1218,65 @@ class TurnTranslator:
             message = event.get("message") or {}
             self.model = message.get("model") or self.model
             self.usage.update(message.get("usage") or {})
+        elif kind == "content_block_start":
+            return self._block_start(event.get("index"), event.get("content_block") or {})
         elif kind == "content_block_delta":
-            delta = event.get("delta") or {}
-            if delta.get("type") == "text_delta":
-                self.received_text = True
-                return self._text(delta.get("text") or "")
+            return self._delta(self.blocks.get(event.get("index"), ("text", None)), event.get("delta") or {})
+        elif kind == "content_block_stop":
+            block = self.blocks.get(event.get("index"), ("other", None))
+            out = []
+            if block[0] == "tool" and block[1] not in self.args_seen:
+                out.append(("tool_args", block[1], "{}"))
+            if block[0] == "tool" and self.call is not None and not self.call.parallel_tool_calls:
+                return out + self._finish("tool_calls")  # one call only: end before the next
+            return out
         elif kind == "message_delta":
             self.stop_reason = (event.get("delta") or {}).get("stop_reason") or self.stop_reason
             self.usage.update(event.get("usage") or {})
         elif kind == "message_stop" and self.stop_reason:
-            return self._finish(FINISH_REASONS.get(self.stop_reason, "stop"))
+            reason = FINISH_REASONS.get(self.stop_reason, "stop")
+            if reason == "tool_calls" and not self.tool_calls:
+                reason = "stop"  # only the structured-output tool (or a non-client tool) was called
+            return self._finish(reason)
+        return []
+
+    def _block_start(self, index: Any, block: Dict[str, Any]) -> List[TurnEvent]:
+        kind = block.get("type")
+        if kind == "tool_use":
+            name = block.get("name") or ""
+            if self.json_mode and name == STRUCTURED_OUTPUT_TOOL:
+                self.blocks[index] = ("structured", None)
+                self.structured, self.held_text = True, ""
+                return []
+            client_name = self.call.client_name(name) if self.call is not None else None
+            if client_name is None:
+                self.blocks[index] = ("other", None)
+                return []
+            number = self.tool_calls
+            self.tool_calls += 1
+            self.blocks[index] = ("tool", number)
+            return [("tool_call", number, block.get("id") or "call_%d" % number, client_name)]
+        self.blocks[index] = ("thinking", None) if kind in ("thinking", "redacted_thinking") else ("text", None)
+        return []
+
+    def _delta(self, block: Tuple[str, Any], delta: Dict[str, Any]) -> List[TurnEvent]:
+        kind = delta.get("type")
+        if kind == "text_delta" and block[0] == "text":
+            self.received_text = True
+            if self.json_mode:
+                if not self.structured:
+                    self.held_text += delta.get("text") or ""
+                return []
+            return self._text(delta.get("text") or "")
+        if kind == "input_json_delta" and block[0] == "tool":
+            self.args_seen.add(block[1])
+            fragment = delta.get("partial_json") or ""
+            return [("tool_args", block[1], fragment)] if fragment else []
+        if kind == "input_json_delta" and block[0] == "structured":
+            self.received_text = True
+            return self._emit(delta.get("partial_json") or "")
+        if kind == "thinking_delta" and self.call is not None and self.call.include_reasoning:
+            return [("reasoning", delta.get("thinking") or "")] if delta.get("thinking") else []
         return []
 
     def _text(self, text: str) -> List[TurnEvent]:
@@ -855,16 +1307,23 @@ class TurnTranslator:
             raise error_from_result(result)
         self.usage = result.get("usage") or self.usage
         out = []
-        if not self.received_text and isinstance(result.get("result"), str):
+        structured = result.get("structured_output")
+        if self.json_mode and structured is not None and not self.structured:
+            self.structured = True
+            out += self._emit(json.dumps(structured))
+        elif not self.received_text and isinstance(result.get("result"), str):
             out += self._text(result["result"])  # no partial messages came: use the whole text
         if self.finished:
             return out
-        return out + self._finish(FINISH_REASONS.get(result.get("stop_reason") or "end_turn", "stop"))
+        return out + self._finish(FINISH_REASONS.get(result.get("stop_reason") or "end_turn", "stop")
+                                  if self.tool_calls else "stop")
 
     def _finish(self, reason: str) -> List[TurnEvent]:
         # A stop-string hit has already cleared `pending`; otherwise the held-back tail is answer.
         out = self._emit(self.pending)
-        self.pending = ""
+        if self.json_mode and not self.structured:
+            out += self._emit(self.held_text)  # no structured answer came: the text is the answer
+        self.pending = self.held_text = ""
         self.finished = True
         return out + [("finish", reason, usage_from(self.usage))]
 
@@ -890,24 +1349,93 @@ class ChatChunks:
         if not self.started:
             self.started = True
             out.append(self._chunk({"role": "assistant", "content": ""}))
-        if event[0] == "text":
+        kind = event[0]
+        if kind == "text":
             out.append(self._chunk({"content": event[1]}))
-        elif event[0] == "finish":
+        elif kind == "reasoning":
+            out.append(self._chunk({"reasoning_content": event[1]}))
+        elif kind == "tool_call":
+            out.append(self._chunk({"tool_calls": [{"index": event[1], "id": event[2], "type": "function",
+                                                    "function": {"name": event[3], "arguments": ""}}]}))
+        elif kind == "tool_args":
+            out.append(self._chunk({"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]}))
+        elif kind == "finish":
             out.append(self._chunk({}, event[1]))
             if self.include_usage:
                 out.append(dict(self.base, choices=[], usage=event[2]))
         return out
 
 
+def tool_calls_from(events: List[TurnEvent]) -> List[Dict[str, Any]]:
+    """The OpenAI tool_calls of a turn, arguments joined from their fragments."""
+    calls = {}
+    for event in events:
+        if event[0] == "tool_call":
+            calls[event[1]] = {"id": event[2], "type": "function", "function": {"name": event[3], "arguments": ""}}
+        elif event[0] == "tool_args" and event[1] in calls:
+            calls[event[1]]["function"]["arguments"] += event[2]
+    return [calls[n] for n in sorted(calls)]
+
+
 def completion_from(events: List[TurnEvent], completion_id: str, created: int, model: str) -> Dict[str, Any]:
     """The non-streamed chat.completion for a whole turn."""
     text = "".join(e[1] for e in events if e[0] == "text")
     finish = next((e for e in events if e[0] == "finish"), ("finish", "stop", usage_from({})))
+    message = {"role": "assistant", "content": text, "refusal": None}
+    calls = tool_calls_from(events)
+    if calls:
+        message["tool_calls"] = calls
+        message["content"] = text or None
+    reasoning = "".join(e[1] for e in events if e[0] == "reasoning")
+    if reasoning:
+        message["reasoning_content"] = reasoning
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                         "logprobs": None, "finish_reason": finish[1]}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish[1]}],
             "usage": finish[2]}
+
+
+def assistant_turn_from(events: List[TurnEvent], call: CliCall) -> Dict[str, Any]:
+    """The assistant turn a finished answer adds, as the client's resend of it will translate."""
+    content = []
+    text = "".join(e[1] for e in events if e[0] == "text")
+    if text:
+        content.append({"type": "text", "text": text})
+    names = {t.name: t.mcp_name for t in call.tools}
+    for tool_call in tool_calls_from(events):
+        try:
+            arguments = json.loads(tool_call["function"]["arguments"] or "{}")
+        except ValueError:
+            arguments = None
+        content.append({"type": "tool_use", "id": tool_call["id"],
+                        "name": MCP_PREFIX + names.get(tool_call["function"]["name"], ""), "input": arguments})
+    return {"role": "assistant", "content": content}
+
+
+def conversation_key(call: CliCall, turns: List[Dict[str, Any]]) -> str:
+    """A digest of everything a CLI process has fixed, plus the turns it has seen."""
+    fixed = [call.model, call.system_prompt, [dataclasses.astuple(t) for t in call.tools],
+             call.json_schema, call.effort, call.max_output_tokens, call.include_reasoning, turns]
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def mcp_reply_for(message: Dict[str, Any], tools: Tuple[ClientTool, ...]) -> Dict[str, Any]:
+    """The proxy's MCP server: the answer to one JSON-RPC message from the CLI (tools/call aside)."""
+    method, message_id = message.get("method"), message.get("id")
+    if message_id is None:
+        return {"jsonrpc": "2.0", "result": {}}  # a notification: acknowledged, nothing to say
+    if method == "initialize":
+        version = (message.get("params") or {}).get("protocolVersion") or "2025-06-18"
+        result = {"protocolVersion": version, "capabilities": {"tools": {}},
+                  "serverInfo": {"name": "claude-max-proxy", "version": __version__}}
+    elif method == "tools/list":
+        result = {"tools": [t.listing() for t in tools]}
+    elif method == "ping":
+        result = {}
+    else:
+        return {"jsonrpc": "2.0", "id": message_id,
+                "error": {"code": -32601, "message": "method not found: %s" % method}}
+    return {"jsonrpc": "2.0", "id": message_id, "result": result}
 
 
 def model_object(model_id: str) -> Dict[str, Any]:
@@ -969,6 +1497,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.config = config
         self.claude = claude
         self.slots = Slots(config.max_concurrency, config.max_queue)
+        self.parked = ParkedRuns(config.max_parked, config.parked_ttl)
         self.started = time.time()
         self.inflight = 0
         self.inflight_lock = threading.Condition()
@@ -1027,6 +1556,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.log_model = "-"
         self.headers_sent = False
         self.body_read = False
+        self.reused_process = False
         server = self.server
         with server.inflight_lock:
             server.inflight += 1
@@ -1232,7 +1762,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 "claude": {"path": claude.path, "version": claude.version,
                            "usable": bool(claude.path and claude.version), "error": claude.probe_error},
                 "slots": {"busy": self.server.slots.busy, "waiting": self.server.slots.waiting,
-                          "max": self.server.slots.size}}
+                          "max": self.server.slots.size},
+                "parked": len(self.server.parked)}
 
     def _chat_completions(self) -> None:
         config = self.server.config
@@ -1242,35 +1773,57 @@ class ProxyHandler(BaseHTTPRequestHandler):
         gone = client_gone_check(self.connection)
         claude_path = self.server.claude.resolve()
         self.server.slots.acquire(config.queue_timeout, gone)
+        run = None
         try:
-            run = CliRun(call, config, claude_path).start()
-            try:
-                self._answer(call, run, gone)
-            finally:
-                run.close()
+            results = tool_results_in(call.prompt)
+            # Tool results for a call this proxy caught: the process that made it is waiting.
+            run = self.server.parked.take(conversation_key(call, call.history)) if results else None
+            if run is not None:
+                self.reused_process = True
+                run.call = call
+                run.tool_results.update(results)
+                run.hand_over_results()
+            else:
+                run = CliRun(call, config, claude_path).start()
+            events = self._answer(call, run, gone)
+            finish = events[-1] if events and events[-1][0] == "finish" else None
+            if finish and finish[1] == "tool_calls" and call.parallel_tool_calls \
+                    and run.proc.poll() is None:
+                turns = call.history + [{"role": "user", "content": call.prompt},
+                                        assistant_turn_from(events, call)]
+                self.server.parked.park(conversation_key(call, turns), run)
+                run = None
         finally:
+            if run is not None:
+                run.close()
             self.server.slots.release()
 
-    def _answer(self, call: CliCall, run: CliRun, gone: Callable[[], bool]) -> None:
+    def _answer(self, call: CliCall, run: CliRun, gone: Callable[[], bool]) -> List[TurnEvent]:
+        """Relay one turn to the client (streamed or whole); returns the turn's events."""
         config = self.server.config
         deadline = time.monotonic() + config.request_timeout
-        translator = TurnTranslator(call.stop)
+        translator = TurnTranslator(call=call)
         completion_id = "chatcmpl-" + uuid.uuid4().hex
         created = int(time.time())
+        events = []
 
         def turn_events() -> Iterator[TurnEvent]:
             for event in run.events(deadline, config.idle_timeout, gone):
+                if event.get("type") == "control_request":
+                    run.on_control_request(event)
+                    continue
                 for out in translator.feed(event):
+                    events.append(out)
                     yield out
                 if translator.finished:
                     return
             raise run.failure()
 
         if not call.stream:
-            events = list(turn_events())
+            list(turn_events())
             self._send_json(200, completion_from(events, completion_id, created,
                                                  translator.model or call.requested_model))
-            return
+            return events
         chunks = None
         try:
             for event in turn_events():
@@ -1286,19 +1839,21 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise
             # Output has started, so the status is already 200: end the stream with the error.
             self._send_sse(json.dumps(exc.body(), ensure_ascii=False))
+            events.clear()
         except OSError:
             raise ClientGone()
         self._end_sse()
+        return events
 
     # -- access log -----------------------------------------------------------------------------
 
     def _access_log(self, method: str) -> None:
         elapsed = time.monotonic() - self.started
         ttft = "%.3f" % (self.first_token_at - self.started) if self.first_token_at else "-"
-        sys.stderr.write("%s %s %s %s %d model=%s dur=%.3f ttft=%s bytes=%d\n" % (
+        sys.stderr.write("%s %s %s %s %d model=%s dur=%.3f ttft=%s bytes=%d%s\n" % (
             time.strftime("%Y-%m-%dT%H:%M:%S"), self.request_id, method,
             self.path.split("?", 1)[0][:200], self.status, self.log_model, elapsed, ttft,
-            self.sent_bytes))
+            self.sent_bytes, " reused=1" if self.reused_process else ""))
 
 
 # ================================================================================================
@@ -1311,6 +1866,13 @@ def serve(config: Config) -> int:
     host, port = server.server_address[:2]
     # Probing `claude --version` takes ~0.3 s: do it beside serving, not before.
     threading.Thread(target=claude.probe, daemon=True).start()
+
+    def expire_parked():
+        while True:
+            time.sleep(1.0)
+            server.parked.expire()
+
+    threading.Thread(target=expire_parked, daemon=True).start()
     if os.environ.get("ANTHROPIC_API_KEY"):
         sys.stderr.write("warning: ANTHROPIC_API_KEY is set: the CLI will bill that API key, not your "
                          "Claude subscription. Unset it to use the subscription.\n")

@@ -67,6 +67,19 @@ def markers_of(body):
     return found
 
 
+def tool_results_after_last_call(body):
+    """Tool results the user side sent after the assistant's latest tool call (any user turn)."""
+    messages = body.get("messages") or []
+    last_call = max([i for i, m in enumerate(messages) if m.get("role") == "assistant"
+                     and any(b.get("type") == "tool_use" for b in m.get("content") or [] if isinstance(b, dict))]
+                    or [-1])
+    found = []
+    for message in messages[last_call + 1:]:
+        if message.get("role") == "user":
+            found += tool_results_of(message)
+    return found
+
+
 def tool_results_of(message):
     content = message.get("content")
     if not isinstance(content, list):
@@ -150,8 +163,7 @@ class Handler(BaseHTTPRequestHandler):
         name, _, arg = scenario.partition("=")
         if name.isdigit() and int(name) in ERRORS:
             return self.reply_error(int(name))
-        last = last_user_message(body)
-        results = tool_results_of(last)
+        results = tool_results_after_last_call(body)
         model = body.get("model", "claude-fake")
         if name == "tool_use" and results:
             return self.stream(body, model, [("text", "tool said: " + text_of(results[0].get("content")))])

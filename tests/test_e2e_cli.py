@@ -280,3 +280,248 @@ def test_openai_python_client_accepts_streamed_and_plain_answers(e2e_proxy):
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model="claude-opus-4",
                                        messages=[{"role": "user", "content": "@@scenario:429@@ " + marker()}])
+
+
+# ---- function calling, structured output, images, reasoning ----------------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather for a city " + uuid.uuid4().hex[:6],
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def tool_prompt(mark, args, say=None):
+    text = "weather? @@scenario:tool_use@@ @@args:%s@@ %s" % (json.dumps(args), mark)
+    return text + (" @@say:%s@@" % say if say else "")
+
+
+def streamed(raw):
+    payloads = sse_payloads(raw)
+    assert payloads[-1] == "[DONE]", payloads[-3:]
+    return [json.loads(p) for p in payloads[:-1]]
+
+
+def test_tool_call_comes_back_with_the_clients_name_and_exact_arguments(e2e_proxy, upstream):
+    mark, args = marker(), {"city": "Paris", "units": ["c", 1, None]}
+    status, _, raw = chat(e2e_proxy, [{"role": "user", "content": tool_prompt(mark, args, "Let_me_check.")}],
+                          tools=[WEATHER])
+    assert status == 200, raw
+    choice = json.loads(raw)["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] == "Let me check."
+    [call] = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == args
+    sent = only_request(upstream, mark)
+    offered = [t for t in sent["tools"] if t["name"].endswith("get_weather")]
+    assert offered and offered[0]["description"] == WEATHER["function"]["description"]
+    assert offered[0]["input_schema"] == WEATHER["function"]["parameters"]
+    assert not [t for t in sent["tools"] if t["name"] in ("Read", "Bash", "Write", "Edit")]
+
+
+def test_streamed_tool_call_deltas_concatenate_to_the_arguments(e2e_proxy):
+    mark, args = marker(), {"city": "Paris"}
+    status, _, raw = chat(e2e_proxy, [{"role": "user", "content": tool_prompt(mark, args)}],
+                          tools=[WEATHER], stream=True, stream_options={"include_usage": True})
+    assert status == 200, raw
+    chunks = streamed(raw)
+    deltas = [d for c in chunks if c["choices"] for d in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert deltas[0]["index"] == 0 and deltas[0]["type"] == "function" and deltas[0]["id"]
+    assert deltas[0]["function"]["name"] == "get_weather"
+    assert json.loads("".join(d["function"].get("arguments", "") for d in deltas)) == args
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finishes == ["tool_calls"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
+
+
+def tool_result_blocks(body):
+    return [b for m in body["messages"] if m["role"] == "user" and isinstance(m["content"], list)
+            for b in m["content"] if b.get("type") == "tool_result"]
+
+
+def result_text(block):
+    content = block["content"]
+    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_result_reaches_the_model_from_the_waiting_process(e2e_proxy, upstream, stream):
+    mark = marker()
+    first = [{"role": "user", "content": tool_prompt(mark, {"city": "Paris"})}]
+    body = json.loads(chat(e2e_proxy, first, tools=[WEATHER])[2])
+    message = body["choices"][0]["message"]
+    call_id = message["tool_calls"][0]["id"]
+    result = "Sunny, 21C " + uuid.uuid4().hex[:6]
+    second = first + [message, {"role": "tool", "tool_call_id": call_id, "content": result}]
+    status, headers, raw = chat(e2e_proxy, second, tools=[WEATHER], stream=stream)
+    assert status == 200, raw
+    text = ("".join(c["choices"][0]["delta"].get("content") or "" for c in streamed(raw) if c["choices"])
+            if stream else json.loads(raw)["choices"][0]["message"]["content"])
+    assert text == "tool said: " + result
+    bodies = upstream.messages_requests(mark)
+    assert len(bodies) == 2  # one model call per request
+    [block] = tool_result_blocks(bodies[1])
+    assert block["tool_use_id"] == call_id and result_text(block) == result
+    assert " reused=1" in e2e_proxy.wait_for_line(headers["x-request-id"])
+
+
+def test_tool_result_without_a_waiting_process_replays_the_exchange(e2e_proxy, upstream):
+    mark = marker()
+    result = "Rainy " + uuid.uuid4().hex[:6]
+    messages = [
+        {"role": "user", "content": tool_prompt(mark, {"city": "Oslo"})},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_cold1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_cold1", "content": result},
+    ]
+    status, headers, raw = chat(e2e_proxy, messages, tools=[WEATHER])
+    assert status == 200, raw
+    assert json.loads(raw)["choices"][0]["message"]["content"] == "tool said: " + result
+    sent = only_request(upstream, mark)
+    uses = [b for m in sent["messages"] if m["role"] == "assistant" for b in m["content"] if b.get("type") == "tool_use"]
+    assert [(u["id"], u["input"]) for u in uses] == [("call_cold1", {"city": "Oslo"})]
+    assert uses[0]["name"].endswith("get_weather")
+    [block] = tool_result_blocks(sent)
+    assert block["tool_use_id"] == "call_cold1" and result_text(block) == result
+    assert " reused=1" not in e2e_proxy.wait_for_line(headers["x-request-id"])
+
+
+def test_parallel_tool_calls_all_come_back_in_order_unless_disabled(e2e_proxy):
+    mark = marker()
+    prompt = tool_prompt(mark, {"city": "Paris"}) + ' @@second_args:{"city": "Rome"}@@'
+    body = json.loads(chat(e2e_proxy, [{"role": "user", "content": prompt}], tools=[WEATHER])[2])
+    calls = body["choices"][0]["message"]["tool_calls"]
+    assert [json.loads(c["function"]["arguments"])["city"] for c in calls] == ["Paris", "Rome"]
+    assert len({c["id"] for c in calls}) == 2
+    body = json.loads(chat(e2e_proxy, [{"role": "user", "content": prompt.replace(mark, marker())}],
+                           tools=[WEATHER], parallel_tool_calls=False)[2])
+    calls = body["choices"][0]["message"]["tool_calls"]
+    assert [json.loads(c["function"]["arguments"])["city"] for c in calls] == ["Paris"]
+    assert body["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_tool_choice_none_hides_the_tools(e2e_proxy, upstream):
+    mark = marker()
+    status, _, raw = chat(e2e_proxy, [{"role": "user", "content": "hi " + mark}], tools=[WEATHER], tool_choice="none")
+    assert status == 200, raw
+    names = [t["name"] for t in only_request(upstream, mark).get("tools", [])]
+    assert not [n for n in names if n.endswith("get_weather")]
+
+
+def openclaw_tools():
+    """A dozen tools shaped like an agent's (names from OpenClaw 2026.9), realistic schemas."""
+    def tool(name, props, required):
+        return {"type": "function", "function": {"name": name, "description": "The %s tool. " % name * 20,
+                "parameters": {"type": "object", "properties": props, "required": required,
+                               "additionalProperties": False}}}
+    path = {"type": "string", "description": "Absolute or workspace-relative path"}
+    return [
+        tool("apply_patch", {"patch": {"type": "string"}}, ["patch"]),
+        tool("edit", {"path": path, "old": {"type": "string"}, "new": {"type": "string"},
+                      "replace_all": {"type": "boolean"}}, ["path", "old", "new"]),
+        tool("exec", {"command": {"type": "string"}, "timeout_ms": {"type": "integer", "minimum": 1},
+                      "env": {"type": "object", "additionalProperties": {"type": "string"}}}, ["command"]),
+        tool("ls", {"path": path, "depth": {"type": "integer"}}, ["path"]),
+        tool("read", {"path": path, "offset": {"type": "integer"}, "limit": {"type": "integer"}}, ["path"]),
+        tool("write", {"path": path, "content": {"type": "string"}}, ["path", "content"]),
+        tool("process", {"action": {"type": "string", "enum": ["list", "kill", "poll"]},
+                         "pid": {"type": "integer"}}, ["action"]),
+        tool("tool_search", {"query": {"type": "string"}}, ["query"]),
+        tool("tool_call", {"name": {"type": "string"}, "arguments": {"type": "object"}}, ["name"]),
+        tool("tool_describe", {"name": {"type": "string"}}, ["name"]),
+        tool("sessions_yield", {"reason": {"type": "string"}}, []),
+        tool("openclaw", {"subcommand": {"type": "string"}, "args": {"type": "array", "items": {"type": "string"}}},
+             ["subcommand"]),
+    ]
+
+
+def test_an_agent_shaped_request_gets_a_well_formed_streamed_tool_call(e2e_proxy, upstream):
+    mark = marker()
+    system = ("You are OpenClaw, a personal agent. " + "Follow the workspace rules carefully. " * 1300)[:49000]
+    args = {"path": "notes/todo.md", "offset": 0, "limit": 200}
+    body = {"model": "claude-opus-4", "stream": True, "stream_options": {"include_usage": True},
+            "max_completion_tokens": 8192, "tool_choice": "auto", "tools": openclaw_tools(),
+            "messages": [{"role": "system", "content": system},
+                         {"role": "user", "content": "read my todo @@scenario:tool_use@@ @@tool:read@@ @@args:%s@@ %s"
+                                                     % (json.dumps(args), mark)}]}
+    status, _, raw = e2e_proxy.chat(body)
+    assert status == 200, raw[:500]
+    chunks = streamed(raw)
+    deltas = [d for c in chunks if c["choices"] for d in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert deltas[0]["function"]["name"] == "read"
+    assert json.loads("".join(d["function"].get("arguments", "") for d in deltas)) == args
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+    sent = only_request(upstream, mark)
+    assert sent["max_tokens"] == 8192
+    assert system in "\n".join(b["text"] for b in sent["system"])
+    assert len([t for t in sent["tools"] if t["name"].startswith("mcp__")]) == 12
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schema_answer_is_the_structured_json(e2e_proxy, upstream, stream):
+    mark = marker()
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    status, _, raw = chat(e2e_proxy, [{"role": "user", "content": tool_prompt(mark, {"city": "Paris"}, "Sure,_here:")}],
+                          response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}},
+                          stream=stream)
+    assert status == 200, raw
+    if stream:
+        content = "".join(c["choices"][0]["delta"].get("content") or "" for c in streamed(raw) if c["choices"])
+    else:
+        content = json.loads(raw)["choices"][0]["message"]["content"]
+    assert json.loads(content) == {"city": "Paris"}
+    offered = [t for t in only_request(upstream, mark)["tools"] if t["name"] == "StructuredOutput"]
+    assert offered and offered[0]["input_schema"] == schema
+
+
+PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+
+
+def test_image_part_becomes_an_image_block_upstream(e2e_proxy, upstream):
+    mark = marker()
+    content = [{"type": "text", "text": "what is this? " + mark},
+               {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_1PX}}]
+    status, _, raw = chat(e2e_proxy, [{"role": "user", "content": content}])
+    assert status == 200, raw
+    blocks = [b for m in only_request(upstream, mark)["messages"] if m["role"] == "user"
+              for b in m["content"] if isinstance(b, dict) and b.get("type") == "image"]
+    assert blocks and blocks[0]["source"] == {"type": "base64", "media_type": "image/png", "data": PNG_1PX}
+
+
+def test_remote_image_url_is_refused_without_reaching_the_cli(e2e_proxy, upstream):
+    mark = marker()
+    content = [{"type": "text", "text": "what is this? " + mark},
+               {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]
+    status, _, raw = chat(e2e_proxy, [{"role": "user", "content": content}])
+    assert status == 400 and json.loads(raw)["error"]["code"] == "unsupported_image_url"
+    assert upstream.messages_requests(mark) == []
+
+
+def test_reasoning_is_exposed_only_when_asked_and_effort_reaches_upstream(e2e_proxy, upstream):
+    mark = marker()
+    status, _, raw = chat(e2e_proxy, [{"role": "user", "content": "@@scenario:thinking@@ " + mark}],
+                          include_reasoning=True, reasoning_effort="high", stream=True)
+    chunks = streamed(raw)
+    reasoning = "".join(c["choices"][0]["delta"].get("reasoning_content") or "" for c in chunks if c["choices"])
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert reasoning == "Let me think about this." and content == "Thought done."
+    assert only_request(upstream, mark)["output_config"]["effort"] == "high"
+    mark = marker()
+    body = json.loads(chat(e2e_proxy, [{"role": "user", "content": "@@scenario:thinking@@ " + mark}])[2])
+    assert "reasoning_content" not in body["choices"][0]["message"]
+    assert body["choices"][0]["message"]["content"] == "Thought done."
+
+
+def test_openai_client_runs_a_complete_tool_loop(e2e_proxy):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": tool_prompt(marker(), {"city": "Lisbon"})}]
+    first = client.chat.completions.create(model="claude-sonnet-4", messages=messages, tools=[WEATHER])
+    assert first.choices[0].finish_reason == "tool_calls"
+    call = first.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Lisbon"}
+    messages.append(first.choices[0].message.model_dump(exclude_none=True))
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": "22C and clear"})
+    stream = client.chat.completions.create(model="claude-sonnet-4", messages=messages, tools=[WEATHER], stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text == "tool said: 22C and clear"
