@@ -98,6 +98,16 @@ PARAMETERS = collections.OrderedDict([
     ("service_tier", ("ignored", "accepted")),
 ])
 
+def readme_tables() -> str:
+    """The README's model and parameter tables, generated so they cannot drift from the code."""
+    lines = ["| model ID you send | CLI `--model` |", "|---|---|"]
+    lines += ["| `%s` | `%s` |" % (k, v) for k, v in MODELS.items()]
+    lines += ["| `%s` | `%s` |" % (a, a) for a in CLI_ALIASES]
+    lines += ["| any `claude-…` ID | passed as is |", "", "| parameter | support | how |", "|---|---|---|"]
+    lines += ["| `%s` | %s | %s |" % (name, support, note) for name, (support, note) in PARAMETERS.items()]
+    return "\n".join(lines)
+
+
 # Upstream HTTP status (as the CLI reports it in `api_error_status`) -> our OpenAI-shaped error.
 UPSTREAM_ERRORS = {
     400: (400, "invalid_request_error", "upstream_invalid_request"),
@@ -1547,6 +1557,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         pass  # one access-log line per request is written by _access_log instead
 
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, 431 headers too large...) in OpenAI's envelope."""
+        self.request_id = getattr(self, "request_id", None) or "req_" + uuid.uuid4().hex[:24]
+        self.headers_sent = getattr(self, "headers_sent", False)
+        self.sent_bytes = getattr(self, "sent_bytes", 0)
+        self.close_connection = True
+        if not hasattr(self, "headers") or self.headers is None:
+            self.headers = {}
+        self._send_error(ApiError(code, message or "bad request", "invalid_request_error", "bad_request"))
+
     def _dispatch(self, method: str) -> None:
         self.request_id = "req_" + uuid.uuid4().hex[:24]
         self.started = time.monotonic()
@@ -1557,6 +1577,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.headers_sent = False
         self.body_read = False
         self.reused_process = False
+        self.log_prompt = None
         server = self.server
         with server.inflight_lock:
             server.inflight += 1
@@ -1630,12 +1651,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
                            "--allowed-origins" % origin, "permission_error", "origin_not_allowed")
         if method == "OPTIONS" or path == "/health":
             return
-        if config.api_keys:
-            given = self.headers.get("Authorization") or ""
-            token = given[7:].strip() if given[:7].lower() == "bearer " else ""
-            if not any(hmac.compare_digest(token.encode(), key.encode()) for key in config.api_keys):
-                raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
-                               "authentication_error", "invalid_api_key")
+        if config.api_keys and not self._authorized():
+            raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                           "authentication_error", "invalid_api_key")
+
+    def _authorized(self) -> bool:
+        given = self.headers.get("Authorization") or ""
+        token = (given[7:].strip() if given[:7].lower() == "bearer " else "").encode("utf-8", "replace")
+        # Compare against every key, in constant time each, so timing says nothing about a key.
+        matches = [hmac.compare_digest(token, key.encode("utf-8")) for key in self.server.config.api_keys]
+        return any(matches)
 
     def _preflight(self) -> None:
         self.status = 204
@@ -1758,6 +1783,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _health(self) -> Dict[str, Any]:
         claude = self.server.claude
+        if self.server.config.api_keys and not self._authorized():
+            return {"status": "ok", "version": __version__}  # details only for key holders
         return {"status": "ok", "version": __version__,
                 "claude": {"path": claude.path, "version": claude.version,
                            "usable": bool(claude.path and claude.version), "error": claude.probe_error},
@@ -1770,6 +1797,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         body = self._read_json()
         call = cli_call_for(body, config)
         self.log_model = call.requested_model
+        if config.log_prompts:
+            self.log_prompt = json.dumps(call.prompt, ensure_ascii=False)[:500]
         gone = client_gone_check(self.connection)
         claude_path = self.server.claude.resolve()
         self.server.slots.acquire(config.queue_timeout, gone)
@@ -1850,10 +1879,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _access_log(self, method: str) -> None:
         elapsed = time.monotonic() - self.started
         ttft = "%.3f" % (self.first_token_at - self.started) if self.first_token_at else "-"
-        sys.stderr.write("%s %s %s %s %d model=%s dur=%.3f ttft=%s bytes=%d%s\n" % (
+        sys.stderr.write("%s %s %s %s %d model=%s dur=%.3f ttft=%s bytes=%d%s" % (
             time.strftime("%Y-%m-%dT%H:%M:%S"), self.request_id, method,
             self.path.split("?", 1)[0][:200], self.status, self.log_model, elapsed, ttft,
-            self.sent_bytes, " reused=1" if self.reused_process else ""))
+            self.sent_bytes, " reused=1" if self.reused_process else "")
+            + (" prompt=%s" % self.log_prompt if self.log_prompt else "") + "\n")
 
 
 # ================================================================================================
@@ -1910,19 +1940,762 @@ def serve(config: Config) -> int:
 # Commands: doctor, install-service, uninstall-service
 # ================================================================================================
 
-def doctor_command(argv: List[str]) -> int:
-    """Check the installation and explain each problem with its fix; non-zero exit on FAIL."""
-    raise NotImplementedError
+# Only the commands below need these; the proxy itself never touches them.
+import http.client
+import plistlib
+import shlex
+import string
+
+SERVICE_NAME = "claude-max-proxy"
+LAUNCHD_LABEL = "local.claude-max-proxy"
+# [lowest, first unsupported) Claude Code version. The e2e tests pin one 2.1 release
+# (tests/real_cli.py); outside the series, flags the proxy passes may be missing or changed.
+SUPPORTED_CLI_VERSIONS = ((2, 1, 0), (3, 0, 0))
+LIVE_CHECK_MODEL = "claude-haiku-4"  # the smallest model: `doctor --live` spends one short call
+# Where a background service looks for programs besides the CLI's own directory.
+SERVICE_BASE_PATH = {
+    "macos": ["/opt/homebrew/bin", "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"],
+    "linux": ["/usr/local/bin", "/usr/bin", "/bin"],
+}
+
+# The service templates. packaging/launchd.plist.template and packaging/systemd.service.template
+# are the same text (a test keeps them equal): they live here too because this one module is all
+# that ships in every form (plain file, zipapp, pip/pipx), so it never has to find a data file.
+LAUNCHD_TEMPLATE = """\
+<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
+<!-- Written by `claude-max-proxy install-service`: re-run it to change this file. -->
+<plist version="1.0">
+<dict>
+\t<key>Label</key>
+\t<string>${label}</string>
+\t<key>ProgramArguments</key>
+\t<array>
+${program_arguments}
+\t</array>
+\t<key>EnvironmentVariables</key>
+\t<dict>
+${environment}
+\t</dict>
+\t<key>WorkingDirectory</key>
+\t<string>${working_directory}</string>
+\t<key>RunAtLoad</key>
+\t<true/>
+\t<key>KeepAlive</key>
+\t<true/>
+\t<key>ThrottleInterval</key>
+\t<integer>10</integer>
+\t<key>ExitTimeOut</key>
+\t<integer>${stop_timeout}</integer>
+\t<key>StandardOutPath</key>
+\t<string>${log_path}</string>
+\t<key>StandardErrorPath</key>
+\t<string>${log_path}</string>
+</dict>
+</plist>
+"""
+
+SYSTEMD_TEMPLATE = """\
+# Written by `claude-max-proxy install-service`: re-run it to change this file.
+[Unit]
+Description=claude-max-proxy: OpenAI-compatible API answered by the Claude Code CLI
+
+[Service]
+Type=simple
+ExecStart=${exec_start}
+${environment}
+Restart=always
+RestartSec=5
+# SIGTERM goes to the proxy alone so in-flight answers get their grace time; whatever is still
+# in the unit when it exits (or at TimeoutStopSec) is killed.
+KillMode=mixed
+TimeoutStopSec=${stop_timeout}
+
+[Install]
+WantedBy=default.target
+"""
+
+
+class ServiceError(Exception):
+    """Something that stops install-service/uninstall-service before it changes anything."""
+
+
+@dataclasses.dataclass
+class ServiceAction:
+    """One step of installing or removing the service, in order: mkdir, write, run or remove."""
+    kind: str
+    path: str = ""
+    text: str = ""
+    argv: List[str] = dataclasses.field(default_factory=list)
+    may_fail: bool = False  # e.g. unloading a service that is not loaded
+    attempts: int = 1
+
+
+@dataclasses.dataclass
+class Finding:
+    """One line of the doctor's report: OK, WARN or FAIL, what was found, and the fix."""
+    status: str
+    check: str
+    summary: str
+    fix: str = ""
+
+
+# -- the service: pure builders -----------------------------------------------------------------
+
+def platform_of(sys_platform: str) -> str:
+    if sys_platform == "darwin":
+        return "macos"
+    if sys_platform.startswith("linux"):
+        return "linux"
+    raise ServiceError("services are supported on macOS (launchd) and Linux (systemd), not %s"
+                       % sys_platform)
+
+
+def program_argv_for(executable: str, module_file: str) -> List[str]:
+    """The command that runs this same main(): the interpreter, then the .pyz or the module file.
+
+    The interpreter path is kept as given, not resolved: a venv's (pipx's) `python` is a symlink
+    whose location is what makes it use the venv. A pip/pipx install runs the installed module
+    file, which is the same main() the console script calls.
+    """
+    if not executable:
+        raise ServiceError("cannot tell which Python runs this program (sys.executable is empty)")
+    module_file = os.path.normpath(os.path.abspath(module_file))
+    container = os.path.dirname(module_file)
+    # Inside a zipapp the module's __file__ is <archive>/claude_max_proxy.py: run the archive.
+    program = container if os.path.isfile(container) else module_file
+    return [os.path.abspath(executable), program]
+
+
+def service_path_for(platform: str, claude_path: str, node_path: Optional[str]) -> str:
+    """PATH for the service: launchd and systemd start with a bare one that rarely holds `claude`
+    (or the `node` an npm-installed CLI runs on), so their directories come first."""
+    dirs = [os.path.dirname(claude_path)]
+    if node_path:
+        dirs.append(os.path.dirname(node_path))
+    dirs += SERVICE_BASE_PATH[platform]
+    return ":".join(collections.OrderedDict.fromkeys(dirs))
+
+
+def service_args_for(given: Dict[str, Any], config: Config, claude_path: str) -> List[str]:
+    """The proxy's flags in the service: address and CLI always, then what the user passed."""
+    args = ["--host", config.host, "--port", str(config.port), "--claude", claude_path]
+    for flag, kind, _ in OPTIONS:
+        key = flag.lstrip("-").replace("-", "_")
+        value = given.get(key)
+        if key in ("host", "port", "claude") or value is None or value is False:
+            continue
+        args += [flag] if kind is bool else [flag, str(value)]
+    return args
+
+
+def unit_path_for(platform: str, home: str) -> str:
+    if platform == "macos":
+        return os.path.join(home, "Library", "LaunchAgents", LAUNCHD_LABEL + ".plist")
+    # Not $XDG_CONFIG_HOME: the user manager reads its own environment, where it is rarely set.
+    return os.path.join(home, ".config", "systemd", "user", SERVICE_NAME + ".service")
+
+
+def log_path_for(home: str) -> str:
+    return os.path.join(home, "Library", "Logs", SERVICE_NAME + ".log")
+
+
+def xml_text(value: str) -> str:
+    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def launchd_plist_for(argv: List[str], environment: Dict[str, str], home: str,
+                      stop_timeout: int) -> str:
+    return string.Template(LAUNCHD_TEMPLATE).substitute(
+        label=LAUNCHD_LABEL,
+        program_arguments="\n".join("\t\t<string>%s</string>" % xml_text(a) for a in argv),
+        environment="\n".join("\t\t<key>%s</key>\n\t\t<string>%s</string>" % (xml_text(k), xml_text(v))
+                              for k, v in sorted(environment.items())),
+        working_directory=xml_text(home), stop_timeout=stop_timeout,
+        log_path=xml_text(log_path_for(home)))
+
+
+def systemd_word(word: str, dollars: bool = True) -> str:
+    """One ExecStart/Environment word: `%` starts a specifier and `$` a variable, so both are doubled."""
+    if "\n" in word or "\r" in word:
+        raise ServiceError("a systemd unit cannot hold a value with a line break: %r" % word)
+    word = word.replace("%", "%%")
+    if dollars:
+        word = word.replace("$", "$$")
+    if re.match(r"^[A-Za-z0-9_@%+=:,./-]+$", word):
+        return word
+    return '"%s"' % word.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def systemd_unit_for(argv: List[str], environment: Dict[str, str], stop_timeout: int) -> str:
+    return string.Template(SYSTEMD_TEMPLATE).substitute(
+        exec_start=" ".join(systemd_word(a) for a in argv),
+        # Environment= does no `$` expansion, only specifiers.
+        environment="\n".join("Environment=%s" % systemd_word("%s=%s" % item, dollars=False)
+                              for item in sorted(environment.items())),
+        stop_timeout=stop_timeout)
+
+
+def argv_from_systemd_unit(text: str) -> List[str]:
+    """The ExecStart argv of a unit install-service wrote (the doctor checks its paths)."""
+    for line in text.splitlines():
+        if line.startswith("ExecStart="):
+            words = shlex.split(line[len("ExecStart="):])
+            return [w.replace("$$", "$").replace("%%", "%") for w in words]
+    return []
+
+
+def install_actions_for(platform: str, uid: int, home: str, unit_text: str,
+                        previous_text: Optional[str]) -> List[ServiceAction]:
+    """Write the unit and (re)load it. Re-running converges on the same state."""
+    path = unit_path_for(platform, home)
+    actions = [ServiceAction("mkdir", os.path.dirname(path))]
+    if platform == "macos":
+        actions.append(ServiceAction("mkdir", os.path.dirname(log_path_for(home))))
+    actions.append(ServiceAction("write", path, unit_text))
+    if platform == "macos":
+        domain, target = "gui/%d" % uid, "gui/%d/%s" % (uid, LAUNCHD_LABEL)
+        # `enable` clears an earlier `launchctl disable`, which would make bootstrap fail; a
+        # loaded copy must be booted out first, as launchd never rereads a loaded plist.
+        return actions + [
+            ServiceAction("run", argv=["launchctl", "enable", target]),
+            ServiceAction("run", argv=["launchctl", "bootout", target], may_fail=True),
+            # launchd finishes a bootout in the background; until then bootstrap fails with
+            # "5: Input/output error", so it is tried again for a few seconds.
+            ServiceAction("run", argv=["launchctl", "bootstrap", domain, path], attempts=10),
+        ]
+    unit = SERVICE_NAME + ".service"
+    actions += [ServiceAction("run", argv=["systemctl", "--user", "daemon-reload"]),
+                ServiceAction("run", argv=["systemctl", "--user", "enable", "--now", unit])]
+    if previous_text is not None and previous_text != unit_text:
+        # `enable --now` leaves a running service alone: a changed unit needs a restart.
+        actions.append(ServiceAction("run", argv=["systemctl", "--user", "restart", unit]))
+    return actions
+
+
+def uninstall_actions_for(platform: str, uid: int, home: str, installed: bool) -> List[ServiceAction]:
+    """Stop and unload (harmless when not loaded), then remove the unit file."""
+    path = unit_path_for(platform, home)
+    removal = [ServiceAction("remove", path)] if installed else []
+    if platform == "macos":
+        return [ServiceAction("run", argv=["launchctl", "bootout", "gui/%d/%s" % (uid, LAUNCHD_LABEL)],
+                              may_fail=True)] + removal
+    unit = SERVICE_NAME + ".service"
+    return ([ServiceAction("run", argv=["systemctl", "--user", "disable", "--now", unit], may_fail=True)]
+            + removal
+            + [ServiceAction("run", argv=["systemctl", "--user", "daemon-reload"], may_fail=True),
+               ServiceAction("run", argv=["systemctl", "--user", "reset-failed", unit], may_fail=True)])
+
+
+def described_actions(actions: List[ServiceAction]) -> str:
+    """What --dry-run prints: every directory, file (in full) and command, in order."""
+    lines = []
+    for action in actions:
+        if action.kind == "mkdir":
+            lines.append("would create directory %s" % action.path)
+        elif action.kind == "write":
+            lines += ["would write %s (mode 0600):" % action.path,
+                      "----- begin %s -----" % action.path, action.text.rstrip("\n"),
+                      "----- end %s -----" % action.path]
+        elif action.kind == "remove":
+            lines.append("would remove %s" % action.path)
+        else:
+            lines.append("would run: %s%s" % (" ".join(shlex.quote(a) for a in action.argv),
+                                              "   (a failure here is expected when not loaded)"
+                                              if action.may_fail else ""))
+    return "\n".join(lines) + "\n"
+
+
+# -- the service: I/O --------------------------------------------------------------------------
+
+def read_text(path: str) -> Optional[str]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+
+
+def write_private_file(path: str, text: str) -> None:
+    """Write atomically with mode 0600: the unit may hold an API key or an OAuth token."""
+    fd, tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(path), dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp_path, 0o600)
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+def run_tool(argv: List[str], timeout: float = 60.0,
+             env: Optional[Dict[str, str]] = None) -> Tuple[int, str]:
+    """Run a helper program: (exit code, stdout and stderr). 127 when it does not exist."""
+    try:
+        out = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, timeout=timeout, env=env,
+                             start_new_session=True)
+    except FileNotFoundError:
+        return 127, "%s: command not found" % argv[0]
+    except subprocess.TimeoutExpired:
+        return 124, "%s did not finish within %.0f s" % (argv[0], timeout)
+    return out.returncode, out.stdout.decode("utf-8", "replace").strip()
+
+
+def apply_actions(actions: List[ServiceAction]) -> None:
+    for action in actions:
+        if action.kind == "mkdir":
+            os.makedirs(action.path, exist_ok=True)
+        elif action.kind == "write":
+            write_private_file(action.path, action.text)
+        elif action.kind == "remove":
+            try:
+                os.unlink(action.path)
+            except FileNotFoundError:
+                pass
+        else:
+            for attempt in range(action.attempts):
+                if attempt:
+                    time.sleep(0.5)
+                code, output = run_tool(action.argv)
+                if code == 0:
+                    break
+            if code != 0 and not action.may_fail:
+                hint = ""
+                if "bus" in output.lower() or "XDG_RUNTIME_DIR" in output:
+                    hint = ("\nthere is no systemd user session here (a container, or SSH without "
+                            "`loginctl enable-linger %s`?)" % os.environ.get("USER", "$USER"))
+                raise ServiceError("`%s` failed (exit %d): %s%s" % (
+                    " ".join(action.argv), code, output or "no output", hint))
+
+
+def service_parser(command: str, description: str, serve_flags: bool) -> argparse.ArgumentParser:
+    if serve_flags:
+        parser = parser_for("claude-max-proxy " + command)
+        parser.description = description
+    else:
+        parser = argparse.ArgumentParser(prog="claude-max-proxy " + command, description=description)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the files and commands, change nothing")
+    parser.add_argument("--platform", choices=("macos", "linux"),
+                        help="service kind: launchd (macos) or systemd (linux); default: this machine's")
+    return parser
 
 
 def install_service_command(argv: List[str]) -> int:
     """Write and load a per-user service (LaunchAgent on macOS, systemd user unit on Linux)."""
-    raise NotImplementedError
+    parser = service_parser(
+        "install-service",
+        "Run the proxy as a per-user service that starts at login and restarts if it stops: a "
+        "LaunchAgent on macOS, a systemd user unit on Linux. Serve flags (--port, --host, "
+        "--api-key-file, ...) are passed to the service; CLAUDE_MAX_PROXY_* variables are not.",
+        serve_flags=True)
+    parser.add_argument("--pass-env", action="append", default=[], metavar="NAME",
+                        help="copy this variable's current value into the service, e.g. "
+                             "CLAUDE_CODE_OAUTH_TOKEN (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        platform = args.platform or platform_of(sys.platform)
+        keys = [flag.lstrip("-").replace("-", "_") for flag, _, _ in OPTIONS]
+        given = {key: getattr(args, key) for key in keys}
+        for key in ("api_key_file", "workdir"):
+            if given[key]:
+                given[key] = os.path.abspath(os.path.expanduser(given[key]))
+        # Only flags reach the service, so only flags are validated (not the shell's env vars).
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        try:
+            config = config_from(given, environ)
+        except ConfigError as exc:
+            raise ServiceError(str(exc))
+        if config.port == 0:
+            raise ServiceError("a service needs a fixed --port (0 picks a different one each start)")
+        found = shutil.which(config.claude)
+        if not found:
+            raise ServiceError("the Claude CLI `%s` is not on PATH: install it (npm install -g "
+                               "@anthropic-ai/claude-code) or pass --claude /path/to/claude" % config.claude)
+        # Not resolved: the native installer's `claude` is a symlink to a versioned binary that
+        # auto-updates replace, and the symlink is what stays valid.
+        claude_path = os.path.abspath(found)
+        environment = {"PATH": service_path_for(platform, claude_path, shutil.which("node"))}
+        for name in args.pass_env:
+            if name not in os.environ:
+                raise ServiceError("--pass-env %s: %s is not set here" % (name, name))
+            # A dry run is printed, so it shows where a secret goes but not the secret.
+            environment[name] = ("<value of %s>" % name) if args.dry_run else os.environ[name]
+        home = os.path.expanduser("~")
+        program = program_argv_for(sys.executable, __file__) + service_args_for(given, config, claude_path)
+        stop_timeout = int(config.shutdown_grace) + 10
+        if platform == "macos":
+            unit_text = launchd_plist_for(program, environment, home, stop_timeout)
+        else:
+            unit_text = systemd_unit_for(program, environment, stop_timeout)
+        unit_path = unit_path_for(platform, home)
+        actions = install_actions_for(platform, os.getuid(), home, unit_text, read_text(unit_path))
+    except ServiceError as exc:
+        sys.stderr.write("claude-max-proxy install-service: %s\n" % exc)
+        return 2
+    notes = []
+    if config.api_keys and given.get("api_key"):
+        notes.append("the --api-key value is stored in %s and visible in `ps`; --api-key-file "
+                     "keeps it out of both" % unit_path)
+    if os.environ.get("CLAUDE_CODE_OAUTH_TOKEN") and "CLAUDE_CODE_OAUTH_TOKEN" not in args.pass_env:
+        notes.append("CLAUDE_CODE_OAUTH_TOKEN is set here but the service will not see it; add "
+                     "--pass-env CLAUDE_CODE_OAUTH_TOKEN to use it")
+    if args.dry_run:
+        sys.stdout.write("install-service --dry-run: nothing is written or run.\n")
+        sys.stdout.write(described_actions(actions))
+    else:
+        try:
+            apply_actions(actions)
+        except (ServiceError, OSError) as exc:
+            sys.stderr.write("claude-max-proxy install-service: %s\n" % exc)
+            return 1
+        url = "http://%s:%d/v1" % (config.host if ":" not in config.host else "[%s]" % config.host,
+                                   config.port)
+        if platform == "macos":
+            logs = "tail -f %s" % shlex.quote(log_path_for(home))
+        else:
+            logs = "journalctl --user -u %s -f" % SERVICE_NAME
+            notes.append("a user service stops when you log out unless lingering is on: "
+                         "`loginctl enable-linger %s`" % os.environ.get("USER", "$USER"))
+        sys.stdout.write("installed %s: %s\n  serves %s\n  logs:  %s\n  check: %s doctor\n" % (
+            "LaunchAgent" if platform == "macos" else "systemd user service", unit_path, url, logs,
+            " ".join(shlex.quote(a) for a in program_argv_for(sys.executable, __file__))))
+    for note in notes:
+        sys.stdout.write("note: %s\n" % note)
+    return 0
 
 
 def uninstall_service_command(argv: List[str]) -> int:
     """Stop and remove what install-service wrote."""
-    raise NotImplementedError
+    parser = service_parser("uninstall-service",
+                            "Stop the service install-service set up and remove its file "
+                            "(log files stay).", serve_flags=False)
+    args = parser.parse_args(argv)
+    try:
+        platform = args.platform or platform_of(sys.platform)
+    except ServiceError as exc:
+        sys.stderr.write("claude-max-proxy uninstall-service: %s\n" % exc)
+        return 2
+    home = os.path.expanduser("~")
+    unit_path = unit_path_for(platform, home)
+    installed = os.path.exists(unit_path)
+    actions = uninstall_actions_for(platform, os.getuid(), home, installed)
+    if args.dry_run:
+        sys.stdout.write("uninstall-service --dry-run: nothing is removed or run.\n")
+        sys.stdout.write(described_actions(actions))
+        return 0
+    try:
+        apply_actions(actions)
+    except (ServiceError, OSError) as exc:
+        sys.stderr.write("claude-max-proxy uninstall-service: %s\n" % exc)
+        return 1
+    sys.stdout.write(("removed %s\n" % unit_path) if installed else
+                     "no service file at %s; made sure nothing is loaded\n" % unit_path)
+    return 0
+
+
+# -- doctor: pure findings ----------------------------------------------------------------------
+
+def python_finding(version_info: Tuple[int, ...], executable: str) -> Finding:
+    version = ".".join(str(part) for part in version_info[:3])
+    if tuple(version_info[:2]) < (3, 9):
+        return Finding("FAIL", "python", "Python %s is too old (%s)" % (version, executable),
+                       "run with Python 3.9 or newer")
+    return Finding("OK", "python", "Python %s (%s)" % (version, executable))
+
+
+def cli_version_finding(path: Optional[str], name: str, version_text: Optional[str],
+                        error: Optional[str]) -> Finding:
+    if not path:
+        return Finding("FAIL", "claude", "the Claude CLI `%s` is not on PATH" % name,
+                       "install it (npm install -g @anthropic-ai/claude-code, or see "
+                       "https://docs.anthropic.com/en/docs/claude-code), or pass --claude PATH")
+    if error:
+        return Finding("FAIL", "claude", "%s does not run: %s" % (path, error),
+                       "reinstall the Claude CLI, or pass --claude with a working one")
+    low, high = SUPPORTED_CLI_VERSIONS
+    supported = "supported %s up to %s" % (".".join(map(str, low)), ".".join(map(str, high)))
+    match = re.search(r"(\d+)\.(\d+)\.(\d+)", version_text or "")
+    if not match:
+        return Finding("WARN", "claude", "%s prints an unknown version %r (%s)" % (
+            path, version_text, supported), "check `%s --version`" % path)
+    version = tuple(int(part) for part in match.groups())
+    summary = "%s, version %s (%s)" % (path, ".".join(match.groups()), supported)
+    if version < low:
+        return Finding("FAIL", "claude", summary, "update it: `claude update` (or npm install -g "
+                       "@anthropic-ai/claude-code@latest)")
+    if version >= high:
+        return Finding("WARN", "claude", summary + "; newer than this proxy was tested with",
+                       "if requests fail, look for a newer claude-max-proxy")
+    return Finding("OK", "claude", summary)
+
+
+def login_finding(exit_code: int, output: str) -> Finding:
+    """From `claude auth status --json` (no model call): exit 0 and loggedIn when usable."""
+    start, end = output.find("{"), output.rfind("}")
+    try:
+        status = json.loads(output[start:end + 1]) if start >= 0 else None
+    except ValueError:
+        status = None
+    if not isinstance(status, dict) or "loggedIn" not in status:
+        return Finding("WARN", "login", "cannot tell: `claude auth status --json` exited %d: %s"
+                       % (exit_code, output[-300:] or "no output"),
+                       "run `claude auth status` yourself, or `doctor --live` for a real request")
+    method = status.get("authMethod")
+    if not status.get("loggedIn"):
+        return Finding("FAIL", "login", "the Claude CLI is not logged in (authMethod %s)" % method,
+                       "run `claude auth login` and sign in with your Claude Pro/Max account; for a "
+                       "service, `claude setup-token` gives a CLAUDE_CODE_OAUTH_TOKEN to install with "
+                       "--pass-env CLAUDE_CODE_OAUTH_TOKEN")
+    if method == "claude.ai":
+        plan = status.get("subscriptionType") or "unknown plan"
+        who = status.get("email") or "your account"
+        return Finding("OK", "login", "logged in to claude.ai as %s (%s)" % (who, plan))
+    if method == "oauth_token":
+        return Finding("OK", "login", "logged in with an OAuth token (CLAUDE_CODE_OAUTH_TOKEN)")
+    if method == "api_key":
+        source = status.get("apiKeySource") or "an API key"
+        if source == "ANTHROPIC_API_KEY":
+            return Finding("OK", "login", "logged in with an API key from ANTHROPIC_API_KEY "
+                           "(see the api key line)")
+        return Finding("WARN", "login", "logged in with an Anthropic Console API key (%s): usage "
+                       "is billed to the API, not a subscription" % source,
+                       "run `claude auth login` and choose your Claude Pro/Max account")
+    return Finding("OK", "login", "logged in (authMethod %s, provider %s)" % (
+        method, status.get("apiProvider")))
+
+
+def api_key_finding(environ: Dict[str, str]) -> Finding:
+    if environ.get("ANTHROPIC_API_KEY"):
+        return Finding("WARN", "api key", "ANTHROPIC_API_KEY is set: the CLI bills that API key, "
+                       "not your Claude subscription",
+                       "unset ANTHROPIC_API_KEY (and remove it from your shell profile) to use the "
+                       "subscription; the installed service does not inherit it")
+    return Finding("OK", "api key", "ANTHROPIC_API_KEY is not set: requests use your login")
+
+
+def port_finding(host: str, port: int, health: Optional[Dict[str, Any]],
+                 bind_error: Optional[str]) -> Finding:
+    where = "%s:%d" % (host, port)
+    if health is not None:
+        claude = health.get("claude") or {}
+        if claude.get("error"):
+            return Finding("FAIL", "port", "claude-max-proxy %s answers on %s but cannot run the "
+                           "CLI: %s" % (health.get("version"), where, claude["error"]),
+                           "reinstall the service (install-service records claude's absolute path), "
+                           "or start the proxy with --claude /path/to/claude")
+        return Finding("OK", "port", "claude-max-proxy %s is answering on %s (CLI %s)" % (
+            health.get("version"), where, claude.get("version") or "not probed yet"))
+    if bind_error is None:
+        return Finding("OK", "port", "%s is free" % where)
+    return Finding("FAIL", "port", "%s is taken by another program (%s)" % (where, bind_error),
+                   "stop that program, or choose another --port (for the service too)")
+
+
+def flag_value(argv: List[str], flag: str) -> Optional[str]:
+    return next((value for name, value in zip(argv, argv[1:]) if name == flag), None)
+
+
+def service_finding(platform: str, home: str, argv: Optional[List[str]], missing: List[str],
+                    state: str) -> Finding:
+    """`argv` is what the installed unit runs (None: not installed); `state` e.g. running."""
+    unit_path = unit_path_for(platform, home)
+    if argv is None:
+        return Finding("OK", "service", "not installed (optional: `install-service` runs the "
+                       "proxy at login)")
+    if not argv or missing:
+        return Finding("FAIL", "service", "%s runs %s" % (
+            unit_path, ("%s, which no longer exist(s)" % ", ".join(missing)) if missing
+            else "nothing this doctor can read"),
+            "re-run install-service with the installation you use now")
+    port = flag_value(argv, "--port") or str(DEFAULT_PORT)
+    if state == "running":
+        return Finding("OK", "service", "installed and running on port %s (%s)" % (port, unit_path))
+    if platform == "macos":
+        look = "see %s; reload it with install-service" % log_path_for(home)
+    else:
+        look = "see `systemctl --user status %s` and `journalctl --user -u %s`" % (
+            SERVICE_NAME, SERVICE_NAME)
+    return Finding("WARN", "service", "installed but %s (%s)" % (state, unit_path), look)
+
+
+def live_finding(status: Optional[int], body: bytes, elapsed: float, url: str) -> Finding:
+    if status is None:
+        return Finding("FAIL", "live", "nothing answers at %s: %s" % (url, body.decode("utf-8", "replace")),
+                       "start the proxy (or `install-service`), then run doctor --live again")
+    try:
+        answer = json.loads(body.decode("utf-8"))
+    except ValueError:
+        answer = None
+    if status == 200 and isinstance(answer, dict) and answer.get("choices"):
+        text = (answer["choices"][0].get("message") or {}).get("content") or ""
+        return Finding("OK", "live", "round trip through %s in %.1f s: %r" % (url, elapsed, text[:60]))
+    error = (answer or {}).get("error") if isinstance(answer, dict) else None
+    message = error.get("message") if isinstance(error, dict) else body[:300].decode("utf-8", "replace")
+    fixes = {401: "if the message is about the proxy's own key, give doctor --api-key-file; "
+                  "otherwise log the CLI in (see the login line)",
+             429: "the subscription's usage limit is reached: wait for the reset the message names"}
+    return Finding("FAIL", "live", "HTTP %d from %s: %s" % (status, url, message),
+                   fixes.get(status, "see the proxy's log for the request"))
+
+
+def doctor_report(findings: List[Finding]) -> Tuple[str, int]:
+    """The printed report and the exit code (1 if anything FAILed)."""
+    lines = []
+    for finding in findings:
+        lines.append("%-5s %-8s %s" % (finding.status, finding.check, finding.summary))
+        if finding.fix and finding.status != "OK":
+            lines.append("%14s %s" % ("fix:", finding.fix))
+    failed = sum(f.status == "FAIL" for f in findings)
+    warned = sum(f.status == "WARN" for f in findings)
+    lines.append("%d problem(s), %d warning(s)" % (failed, warned) if failed or warned
+                 else "all good")
+    return "\n".join(lines) + "\n", 1 if failed else 0
+
+
+# -- doctor: probes (I/O) -----------------------------------------------------------------------
+
+def connect_host(host: str) -> str:
+    """Where to reach a server bound to `host` (a wildcard address is reached on loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def proxy_health(host: str, port: int) -> Optional[Dict[str, Any]]:
+    """/health of a claude-max-proxy on host:port, or None if something else (or nothing) is there."""
+    conn = http.client.HTTPConnection(connect_host(host), port, timeout=5)
+    try:
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        body = response.read()
+        if not (response.getheader("Server") or "").startswith("claude-max-proxy/"):
+            return None
+        health = json.loads(body.decode("utf-8"))
+        return health if isinstance(health, dict) else None
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def port_bind_error(host: str, port: int) -> Optional[str]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        sock.bind((host, port))
+        return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        sock.close()
+
+
+def missing_paths(argv: List[str]) -> List[str]:
+    """The interpreter, program and CLI of a service command that are gone (moved, uninstalled)."""
+    paths = argv[:2] + [flag_value(argv, "--claude") or ""]
+    return [p for p in paths if p and not (os.path.isabs(p) and os.path.exists(p))]
+
+
+def installed_service_argv(platform: str, unit_path: str) -> Optional[List[str]]:
+    text = read_text(unit_path)
+    if text is None:
+        return None
+    if platform == "macos":
+        try:
+            return list(plistlib.loads(text.encode("utf-8")).get("ProgramArguments") or [])
+        except Exception:  # plistlib raises several types for a damaged file
+            return []
+    return argv_from_systemd_unit(text)
+
+
+def service_state(platform: str) -> str:
+    if platform == "macos":
+        code, output = run_tool(["launchctl", "print", "gui/%d/%s" % (os.getuid(), LAUNCHD_LABEL)], 15)
+        if code != 0:
+            return "not loaded"
+        return "running" if re.search(r"^\s*state = running", output, re.M) else "stopped"
+    code, output = run_tool(["systemctl", "--user", "is-active", SERVICE_NAME + ".service"], 15)
+    state = output.strip().splitlines()[-1] if output.strip() else "unknown"
+    return "running" if code == 0 and state == "active" else "not running (%s)" % state
+
+
+def live_round_trip(host: str, port: int, api_key: Optional[str]) -> Tuple[Optional[int], bytes, float]:
+    """One short completion through the proxy: (HTTP status or None, body or error, seconds)."""
+    body = json.dumps({"model": LIVE_CHECK_MODEL, "messages": [
+        {"role": "user", "content": "Reply with the single word: pong"}]}).encode("utf-8")
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = "Bearer " + api_key
+    started = time.monotonic()
+    conn = http.client.HTTPConnection(connect_host(host), port, timeout=180)
+    try:
+        conn.request("POST", "/v1/chat/completions", body, headers)
+        response = conn.getresponse()
+        return response.status, response.read(), time.monotonic() - started
+    except (OSError, http.client.HTTPException) as exc:
+        return None, str(exc).encode("utf-8"), time.monotonic() - started
+    finally:
+        conn.close()
+
+
+def doctor_command(argv: List[str]) -> int:
+    """Check the installation and explain each problem with its fix; non-zero exit on FAIL."""
+    parser = parser_for("claude-max-proxy doctor")
+    parser.description = ("Check what the proxy needs (Python, the Claude CLI and its login, the "
+                          "port, the service) and say how to fix each problem. Takes the serve "
+                          "flags (--port, --claude, ...) to check that configuration. Exits 1 if "
+                          "anything FAILs.")
+    parser.add_argument("--live", action="store_true",
+                        help="also send one short request through the running proxy (one model call)")
+    parser.add_argument("--platform", choices=("macos", "linux"),
+                        help="service kind to look for (default: this machine's)")
+    args = parser.parse_args(argv)
+    findings = [python_finding(sys.version_info, sys.executable)]
+    given = {flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_"))
+             for flag, _, _ in OPTIONS}
+    try:
+        config = config_from(given, dict(os.environ))
+    except ConfigError as exc:
+        findings.append(Finding("FAIL", "config", str(exc), "fix the flag or environment variable"))
+        config = Config()
+    claude_path = shutil.which(config.claude)
+    version_text, error = None, None
+    if claude_path:
+        code, output = run_tool([claude_path, "--version"], 60)
+        if code == 0:
+            version_text = output
+        else:
+            error = "`--version` exited %d: %s" % (code, output[-300:])
+    findings.append(cli_version_finding(claude_path, config.claude, version_text, error))
+    if claude_path and not error:
+        env = dict(os.environ)
+        env.setdefault("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+        findings.append(login_finding(*run_tool([claude_path, "auth", "status", "--json"], 60, env)))
+    findings.append(api_key_finding(dict(os.environ)))
+    health = proxy_health(config.host, config.port)
+    findings.append(port_finding(config.host, config.port, health,
+                                 None if health else port_bind_error(config.host, config.port)))
+    try:
+        platform = args.platform or platform_of(sys.platform)
+    except ServiceError as exc:
+        findings.append(Finding("WARN", "service", str(exc)))
+    else:
+        home = os.path.expanduser("~")
+        service_argv = installed_service_argv(platform, unit_path_for(platform, home))
+        state = service_state(platform) if service_argv is not None else "not installed"
+        findings.append(service_finding(platform, home, service_argv,
+                                        missing_paths(service_argv or []), state))
+    if args.live:
+        host = connect_host(config.host)
+        url = "http://%s:%d/v1/chat/completions" % ("[%s]" % host if ":" in host else host, config.port)
+        status, body, elapsed = live_round_trip(config.host, config.port,
+                                                config.api_keys[0] if config.api_keys else None)
+        findings.append(live_finding(status, body, elapsed, url))
+    report, code = doctor_report(findings)
+    sys.stdout.write("claude-max-proxy %s doctor\n%s" % (__version__, report))
+    return code
 
 
 # ================================================================================================
