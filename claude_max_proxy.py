@@ -1405,6 +1405,32 @@ def completion_from(events: List[TurnEvent], completion_id: str, created: int, m
             "usage": finish[2]}
 
 
+class ChatRenderer:
+    """How a turn looks as a chat completion: the whole answer, or SSE events while it streams.
+
+    SSE events are (event name or None, JSON-able payload or the string "[DONE]")."""
+
+    def __init__(self, call: CliCall):
+        self.call = call
+        self.completion_id = "chatcmpl-" + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.chunks = None  # type: Optional[ChatChunks]
+
+    def whole(self, events: List[TurnEvent], model: str) -> Dict[str, Any]:
+        return completion_from(events, self.completion_id, self.created, model)
+
+    def stream_events(self, event: TurnEvent, model: str) -> List[Tuple[Optional[str], Any]]:
+        if self.chunks is None:
+            self.chunks = ChatChunks(self.completion_id, self.created, model, self.call.include_usage)
+        return [(None, chunk) for chunk in self.chunks.chunks_for(event)]
+
+    def stream_error(self, error: ApiError) -> List[Tuple[Optional[str], Any]]:
+        return [(None, error.body())]
+
+    def stream_end(self) -> List[Tuple[Optional[str], Any]]:
+        return [(None, "[DONE]")]
+
+
 def assistant_turn_from(events: List[TurnEvent], call: CliCall) -> Dict[str, Any]:
     """The assistant turn a finished answer adds, as the client's resend of it will translate."""
     content = []
@@ -1450,6 +1476,11 @@ def mcp_reply_for(message: Dict[str, Any], tools: Tuple[ClientTool, ...]) -> Dic
 
 def model_object(model_id: str) -> Dict[str, Any]:
     return {"id": model_id, "object": "model", "created": MODELS_CREATED, "owned_by": "anthropic"}
+
+
+# ================================================================================================
+# Responses API (pure): /v1/responses requests -> chat requests, turns -> response objects/events
+# ================================================================================================
 
 
 # ================================================================================================
@@ -1615,6 +1646,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             ("/v1/models", ("GET",), lambda: self._send_json(200, {
                 "object": "list", "data": [model_object(m) for m in list(MODELS) + list(CLI_ALIASES)]})),
             ("/v1/chat/completions", ("POST",), self._chat_completions),
+            ("/v1/responses", ("POST",), self._responses),
         ]
         for route, methods, action in routes:
             if path == route:
@@ -1768,14 +1800,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.headers_sent = True
 
-    def _send_sse(self, payload: str) -> None:
-        data = ("data: %s\n\n" % payload).encode("utf-8")
+    def _send_sse(self, payload: Any, event: Optional[str] = None) -> None:
+        text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+        data = ("%sdata: %s\n\n" % ("event: %s\n" % event if event else "", text)).encode("utf-8")
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
         self.sent_bytes += len(data)
 
     def _end_sse(self) -> None:
-        self._send_sse("[DONE]")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
@@ -1793,9 +1825,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 "parked": len(self.server.parked)}
 
     def _chat_completions(self) -> None:
+        call = cli_call_for(self._read_json(), self.server.config)
+        self._serve_call(call, ChatRenderer(call))
+
+    def _responses(self) -> None:
+        raise ApiError(501, "the Responses API is not implemented yet", "server_error", "not_implemented")
+
+    def _serve_call(self, call: CliCall, renderer: Any) -> List[TurnEvent]:
+        """Run one CLI turn for a call and answer with the renderer's shapes; returns its events."""
         config = self.server.config
-        body = self._read_json()
-        call = cli_call_for(body, config)
         self.log_model = call.requested_model
         if config.log_prompts:
             self.log_prompt = json.dumps(call.prompt, ensure_ascii=False)[:500]
@@ -1814,7 +1852,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 run.hand_over_results()
             else:
                 run = CliRun(call, config, claude_path).start()
-            events = self._answer(call, run, gone)
+            events = self._answer(call, run, gone, renderer)
             finish = events[-1] if events and events[-1][0] == "finish" else None
             if finish and finish[1] == "tool_calls" and call.parallel_tool_calls \
                     and run.proc.poll() is None:
@@ -1822,18 +1860,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                         assistant_turn_from(events, call)]
                 self.server.parked.park(conversation_key(call, turns), run)
                 run = None
+            return events
         finally:
             if run is not None:
                 run.close()
             self.server.slots.release()
 
-    def _answer(self, call: CliCall, run: CliRun, gone: Callable[[], bool]) -> List[TurnEvent]:
+    def _answer(self, call: CliCall, run: CliRun, gone: Callable[[], bool], renderer: Any) -> List[TurnEvent]:
         """Relay one turn to the client (streamed or whole); returns the turn's events."""
         config = self.server.config
         deadline = time.monotonic() + config.request_timeout
         translator = TurnTranslator(call=call)
-        completion_id = "chatcmpl-" + uuid.uuid4().hex
-        created = int(time.time())
         events = []
 
         def turn_events() -> Iterator[TurnEvent]:
@@ -1850,27 +1887,28 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
         if not call.stream:
             list(turn_events())
-            self._send_json(200, completion_from(events, completion_id, created,
-                                                 translator.model or call.requested_model))
+            self._send_json(200, renderer.whole(events, translator.model or call.requested_model))
             return events
-        chunks = None
+        started = False
         try:
             for event in turn_events():
-                if chunks is None:
+                if not started:
+                    started = True
                     self.first_token_at = time.monotonic()
-                    chunks = ChatChunks(completion_id, created, translator.model or call.requested_model,
-                                        call.include_usage)
                     self._start_sse()
-                for chunk in chunks.chunks_for(event):
-                    self._send_sse(json.dumps(chunk, ensure_ascii=False))
+                for name, payload in renderer.stream_events(event, translator.model or call.requested_model):
+                    self._send_sse(payload, name)
         except ApiError as exc:
-            if chunks is None:
+            if not started:
                 raise
             # Output has started, so the status is already 200: end the stream with the error.
-            self._send_sse(json.dumps(exc.body(), ensure_ascii=False))
+            for name, payload in renderer.stream_error(exc):
+                self._send_sse(payload, name)
             events.clear()
         except OSError:
             raise ClientGone()
+        for name, payload in renderer.stream_end():
+            self._send_sse(payload, name)
         self._end_sse()
         return events
 
