@@ -164,6 +164,7 @@ class Config:
     include_reasoning: bool = False
     max_parked: int = 4
     parked_ttl: float = 300.0
+    warm: int = 1
 
 
 # (flag, type, help). Each flag's env var is CLAUDE_MAX_PROXY_<FLAG>, its field the flag in snake case.
@@ -189,8 +190,10 @@ OPTIONS = [
     ("--log-prompts", bool, "debug: log prompt text in the access log"),
     ("--shutdown-grace", float, "seconds in-flight requests get on SIGTERM (default 30)"),
     ("--include-reasoning", bool, "stream the model's thinking as `reasoning_content` by default"),
-    ("--max-parked", int, "CLI processes kept waiting on a client's tool results (default 4)"),
-    ("--parked-ttl", float, "seconds a process waits for tool results before it is ended (default 300)"),
+    ("--max-parked", int, "idle CLI processes kept for the next turn of their conversation or for "
+                          "tool results (default 4; 0 turns process reuse off)"),
+    ("--parked-ttl", float, "seconds an idle process is kept before it is ended (default 300)"),
+    ("--warm", int, "processes pre-started per kind of first turn (default 1; 0 = none)"),
 ]
 
 
@@ -839,17 +842,22 @@ class CliRun:
         self.permissions = {}   # tool_use_id -> (control request id, tool input): asked, unanswered
         self.mcp_calls = {}     # tool_use_id -> (control request id, JSON-RPC id): asked, unanswered
         self.tool_results = {}  # tool_use_id -> result text the client sent, to hand to the CLI
+        self.turns_done = 0      # turns this process has answered (0: a warm process)
+        self.at_tool_call = False  # stopped at a client tool call, waiting for its results
 
     # -- starting -------------------------------------------------------------------------------
 
-    def start(self) -> "CliRun":
-        """Spawn the CLI and hand it the new user turn; on any failure nothing is left behind."""
+    def start(self, send_prompt: bool = True) -> "CliRun":
+        """Spawn the CLI and hand it the new user turn; on any failure nothing is left behind.
+
+        Without `send_prompt` the process starts warm: loaded and waiting on stdin."""
         try:
             session_turns, stdin_blocks = cold_turns_for(self.call)
             self._spawn(session_turns)
-            self.proc.stdin.write(stdin_line_for(stdin_blocks))
-            if self.call.tools:
-                self.proc.stdin.flush()  # stays open: the CLI asks us about tools on it
+            if send_prompt:
+                self.proc.stdin.write(stdin_line_for(stdin_blocks))
+            if self.call.tools or self.config.max_parked > 0:
+                self.proc.stdin.flush()  # stays open: for tool questions and the next turn
             else:
                 self.proc.stdin.close()
         except BrokenPipeError:
@@ -893,6 +901,24 @@ class CliRun:
         self.stderr_reader.start()
 
     # -- the CLI's questions (control requests) ------------------------------------------------
+
+    def send_user(self, blocks: List[Dict[str, Any]]) -> None:
+        """Start the next turn of a waiting process."""
+        with self.stdin_lock:
+            self.proc.stdin.write(stdin_line_for(blocks))
+            self.proc.stdin.flush()
+
+    def wait_for_result(self, timeout: float) -> bool:
+        """After a turn's last message, read on to the CLI's `result`: True if it ended cleanly."""
+        try:
+            for event in self.events(time.monotonic() + timeout, timeout):
+                if event.get("type") == "control_request":
+                    self.on_control_request(event)
+                elif event.get("type") == "result":
+                    return not event.get("is_error")
+        except ApiError:
+            pass
+        return False
 
     def send(self, message: Dict[str, Any]) -> None:
         with self.stdin_lock:
@@ -953,6 +979,8 @@ class CliRun:
                 line, self._buffer = self._buffer[:newline], self._buffer[newline + 1:]
                 event = self._parse(line)
                 if event is not None:
+                    if self.session_file and event.get("type") in ("stream_event", "result"):
+                        self._remove_session_file()  # loaded by now; the CLI writes no more to it
                     yield event
                 continue
             now = time.monotonic()
@@ -1054,16 +1082,19 @@ class CliRun:
             self.session_file = None
 
 
-class ParkedRuns:
-    """CLI processes stopped at a client's tool call, kept to receive its results (bounded, expiring).
+class IdleRuns:
+    """CLI processes waiting for the next turn of their conversation (bounded, expiring).
 
-    The follow-up request that carries the results is matched by `conversation_key`; its results
-    go to the waiting process as the MCP tool's answer, so the model continues its own turn."""
+    Each is filed under the `conversation_key` of what it has seen: a warm process (nothing yet)
+    under the key of an empty conversation, a finished turn under the conversation so far, a
+    caught tool call under the conversation up to that call. A request whose earlier turns have
+    that key continues in the process: no cold start, no replay. Idle processes keep their
+    concurrency slot; `release` gives it back when one is ended."""
 
-    def __init__(self, size: int, ttl: float):
-        self.size, self.ttl = size, ttl
+    def __init__(self, size: int, ttl: float, release: Callable[[], None]):
+        self.size, self.ttl, self.release = size, ttl, release
         self.lock = threading.Lock()
-        self.runs = collections.OrderedDict()  # key -> (CliRun, expiry on the monotonic clock)
+        self.runs = collections.OrderedDict()  # id(run) -> (key, run, expiry), oldest first
 
     def park(self, key: str, run: "CliRun") -> None:
         evicted = []
@@ -1071,33 +1102,52 @@ class ParkedRuns:
             if self.size <= 0:
                 evicted.append(run)
             else:
-                self.runs[key] = (run, time.monotonic() + self.ttl)
+                self.runs[id(run)] = (key, run, time.monotonic() + self.ttl)
                 while len(self.runs) > self.size:
-                    evicted.append(self.runs.popitem(last=False)[1][0])
+                    evicted.append(self.runs.popitem(last=False)[1][1])
         for old in evicted:
-            old.close()
+            self._end(old)
 
     def take(self, key: str) -> Optional["CliRun"]:
+        while True:
+            with self.lock:
+                found = next((run_id for run_id, entry in self.runs.items() if entry[0] == key), None)
+                if found is None:
+                    return None
+                run = self.runs.pop(found)[1]
+            if run.proc.poll() is None:
+                return run
+            self._end(run)
+
+    def count(self, key: str) -> int:
         with self.lock:
-            entry = self.runs.pop(key, None)
-        if entry is None:
-            return None
-        if entry[0].proc.poll() is not None:
-            entry[0].close()
-            return None
-        return entry[0]
+            return sum(1 for entry in self.runs.values() if entry[0] == key)
+
+    def evict_oldest(self) -> bool:
+        """End the longest-idle process to free its slot; False if none is idle."""
+        with self.lock:
+            if not self.runs:
+                return False
+            run = self.runs.popitem(last=False)[1][1]
+        self._end(run)
+        return True
 
     def expire(self) -> None:
         now = time.monotonic()
         with self.lock:
-            keys = [key for key, (_, expiry) in self.runs.items() if expiry <= now]
-            expired = [self.runs.pop(key)[0] for key in keys]
-        for run in expired:
-            run.close()
+            expired = [run_id for run_id, entry in self.runs.items() if entry[2] <= now]
+            runs = [self.runs.pop(run_id)[1] for run_id in expired]
+        for run in runs:
+            self._end(run)
 
-    def __len__(self) -> int:
+    def _end(self, run: "CliRun") -> None:
+        run.close()
+        self.release()
+
+    def kinds(self) -> Dict[str, int]:
         with self.lock:
-            return len(self.runs)
+            warm = sum(1 for entry in self.runs.values() if not entry[1].turns_done)
+            return {"warm": warm, "parked": len(self.runs) - warm}
 
 
 def close_all_runs() -> None:
@@ -1211,6 +1261,8 @@ class TurnTranslator:
         self.json_mode = bool(call and call.json_schema is not None)
         self.structured = False  # the answer came as the CLI's StructuredOutput tool call
         self.held_text = ""      # in JSON mode, text is kept until we know it is the answer
+        self.cut = False         # ended early by a stop string (the model was still writing)
+        self.events = []         # type: List[TurnEvent]  # what the turn produced, for its caller
 
     def feed(self, event: Dict[str, Any]) -> List[TurnEvent]:
         if self.finished:
@@ -1298,6 +1350,7 @@ class TurnTranslator:
         if hits:
             cut = min(hits)[1]
             self.pending = ""
+            self.cut = True
             return self._emit(buffer[:cut]) + self._finish("stop")
         keep = 0
         for s in self.stop:
@@ -1482,6 +1535,458 @@ def model_object(model_id: str) -> Dict[str, Any]:
 # Responses API (pure): /v1/responses requests -> chat requests, turns -> response objects/events
 # ================================================================================================
 
+# A response's conversation is kept this long, for this many responses and bytes, so a client can
+# continue it with `previous_response_id`; older ones are forgotten (a later reference is a 404).
+RESPONSE_STORE_ITEMS = 200
+RESPONSE_STORE_TTL = 3600.0
+RESPONSE_STORE_BYTES = 64 * 1024 * 1024
+# Responses parameters copied as they are into the chat body (the same names and meaning there).
+RESPONSES_SHARED_PARAMS = ("model", "stream", "temperature", "top_p", "user", "metadata", "store",
+                           "service_tier", "parallel_tool_calls", "top_logprobs", "include_reasoning")
+# Chat parameter names in errors -> the Responses parameter the client actually sent.
+RESPONSES_PARAM_NAMES = {
+    "messages": "input",
+    "max_completion_tokens": "max_output_tokens",
+    "reasoning_effort": "reasoning.effort",
+    "response_format": "text.format",
+    "response_format.json_schema.schema": "text.format.schema",
+}
+# Item types of the Responses API that stand for OpenAI's hosted tools: nothing here runs them.
+BUILTIN_TOOL_HINT = ("only `function` tools are supported: the proxy has no hosted tools "
+                     "(web search, file search, computer use, code interpreter...)")
+
+
+def responses_message_of(item: Dict[str, Any]) -> Dict[str, Any]:
+    """A Responses `message` item -> a chat message; content parts stay one for one (errors point
+    at the same index)."""
+    content = item.get("content")
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("input_text", "output_text"):
+                part = {"type": "text", "text": part.get("text")}
+            elif kind == "input_image":
+                url = part.get("image_url")
+                if url is None and part.get("file_id") is not None:
+                    url = "file:" + str(part["file_id"])  # refused below as not a data: URL
+                part = {"type": "image_url", "image_url": {"url": url}}
+            parts.append(part)
+        content = parts
+    return {"role": item.get("role"), "content": content}
+
+
+def chat_messages_from_items(items: List[Any], first: int = 0, where: str = "input"
+                             ) -> Tuple[List[Dict[str, Any]], Dict[str, Tuple[str, Dict[str, str]]]]:
+    """Responses input (or output) items -> chat messages, and for each message (or tool call) the
+    Responses param it came from with its field renames: {chat prefix: (param, {suffix: suffix})}.
+
+    `first` is the index the first message will have in the chat body's `messages`."""
+    messages, origins = [], {}
+    merging = False  # consecutive function_call items share one assistant message
+    for i, item in enumerate(items):
+        param = "%s[%d]" % (where, i)
+        if not isinstance(item, dict):
+            raise invalid(param, "`%s` must be an object" % param, "invalid_type")
+        kind = item.get("type", "message" if "role" in item else None)
+        at = "messages[%d]" % (first + len(messages))
+        if kind == "message":
+            messages.append(responses_message_of(item))
+            origins[at] = (param, {})
+            merging = False
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+            if merging:
+                at = "messages[%d]" % (first + len(messages) - 1)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": []})
+            origins["%s.tool_calls[%d]" % (at, len(messages[-1]["tool_calls"]))] = (
+                param, {".function.arguments": ".arguments", ".function.name": ".name",
+                        ".id": ".call_id", ".function": ""})
+            messages[-1]["tool_calls"].append(call)
+            merging = True
+        elif kind == "function_call_output":
+            output = item.get("output")
+            if isinstance(output, list):
+                output = responses_message_of({"content": output})["content"]
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": output})
+            origins[at] = (param, {".tool_call_id": ".call_id", ".content": ".output"})
+            merging = False
+        elif kind == "reasoning":
+            continue  # the model's earlier thinking, echoed back: not replayed
+        else:
+            raise invalid(param + ".type", "input items of type %r are not supported (message, "
+                          "function_call, function_call_output)" % (kind,), "unsupported_input_item")
+    return messages, origins
+
+
+def chat_tools_from_responses(tools: Any) -> Any:
+    """Responses function tools (flat) -> chat tools (nested under `function`)."""
+    if not isinstance(tools, list):
+        return tools  # the chat checks name the error
+    out = []
+    for i, tool in enumerate(tools):
+        if isinstance(tool, dict) and tool.get("type") == "function" and "function" not in tool:
+            tool = {"type": "function", "function": {
+                key: tool[key] for key in ("name", "description", "parameters") if key in tool}}
+        elif not isinstance(tool, dict) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            raise invalid("tools[%d]" % i, "tools of type %r are not supported: %s" % (kind, BUILTIN_TOOL_HINT),
+                          "unsupported_tool")
+        out.append(tool)
+    return out
+
+
+def chat_tool_choice_from_responses(choice: Any) -> Any:
+    if choice is None or isinstance(choice, str):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        if isinstance(choice.get("function"), dict):
+            return choice
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    raise invalid("tool_choice", "`tool_choice` must be auto, none, required or {type: function, "
+                  "name}: %s" % BUILTIN_TOOL_HINT, "unsupported_tool")
+
+
+def chat_response_format_from_responses(text: Any) -> Optional[Dict[str, Any]]:
+    """`text.format` (name and schema at its top level) -> chat `response_format`."""
+    if text is None:
+        return None
+    if not isinstance(text, dict):
+        raise invalid("text", "`text` must be an object", "invalid_type")
+    fmt = text.get("format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        return {"type": "json_schema", "json_schema": {
+            key: fmt[key] for key in ("name", "schema", "strict", "description") if key in fmt}}
+    return fmt
+
+
+def responses_translation(body: Any, previous_messages: List[Dict[str, Any]]
+                          ) -> Tuple[Dict[str, Any], List[Dict[str, Any]], Dict[str, Tuple[str, Dict[str, str]]]]:
+    """(chat body, the conversation without instructions, error-param origins) for a Responses body."""
+    if not isinstance(body, dict):
+        raise invalid(None, "the request body must be a JSON object", "invalid_type")
+    if body.get("background"):
+        raise invalid("background", "background responses are not supported", "unsupported_value")
+    for name in ("conversation", "prompt"):
+        if body.get(name) is not None:
+            raise invalid(name, "`%s` is not supported: send `input` (and `previous_response_id` to "
+                          "continue a conversation)" % name, "unsupported_parameter")
+    if "input" not in body:
+        raise invalid("input", "`input` is required", "missing_required_parameter")
+    items = body["input"]
+    if isinstance(items, str):
+        items = [{"type": "message", "role": "user", "content": items}]
+    elif not isinstance(items, list):
+        raise invalid("input", "`input` must be a string or an array of items", "invalid_type")
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise invalid("instructions", "`instructions` must be a string", "invalid_type")
+    head = [{"role": "system", "content": instructions}] if instructions else []
+    origins = {"messages[%d]" % i: ("previous_response_id", {}) for i in range(len(head), len(head) + len(previous_messages))}
+    if head:
+        origins["messages[0]"] = ("instructions", {".content": ""})
+    new, item_origins = chat_messages_from_items(items, len(head) + len(previous_messages))
+    origins.update(item_origins)
+    conversation = list(previous_messages) + new
+    chat = {key: body[key] for key in RESPONSES_SHARED_PARAMS if key in body}
+    chat["messages"] = head + conversation
+    for name, value in (("tools", chat_tools_from_responses(body.get("tools"))),
+                        ("tool_choice", chat_tool_choice_from_responses(body.get("tool_choice"))),
+                        ("max_completion_tokens", body.get("max_output_tokens")),
+                        ("response_format", chat_response_format_from_responses(body.get("text")))):
+        if value is not None:
+            chat[name] = value
+    reasoning = body.get("reasoning")
+    if reasoning is not None and not isinstance(reasoning, dict):
+        raise invalid("reasoning", "`reasoning` must be an object", "invalid_type")
+    if reasoning and reasoning.get("effort") is not None:
+        chat["reasoning_effort"] = reasoning["effort"]
+    return chat, conversation, origins
+
+
+def chat_body_from_responses(body: Any, previous_messages: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """A Responses request (plus the stored conversation it continues) -> a chat-completions body."""
+    return responses_translation(body, previous_messages or [])[0]
+
+
+def responses_error(error: ApiError, origins: Dict[str, Tuple[str, Dict[str, str]]]) -> ApiError:
+    """A chat-translation error re-aimed at the Responses parameter the client sent."""
+    param = error.param
+    if not param:
+        return error
+    old = new = None
+    tool = re.match(r"^(tools\[\d+\])\.function", param)
+    if param in RESPONSES_PARAM_NAMES:
+        old, new = param, RESPONSES_PARAM_NAMES[param]
+    elif tool:
+        old, new = tool.group(0), tool.group(1)
+    else:
+        for prefix in sorted(origins, key=len, reverse=True):
+            if param == prefix or param.startswith(prefix + ".") or param.startswith(prefix + "["):
+                target, renames = origins[prefix]
+                old, new = prefix, target
+                rest = param[len(prefix):]
+                for suffix in sorted(renames, key=len, reverse=True):
+                    if rest == suffix or rest.startswith(suffix + ".") or rest.startswith(suffix + "["):
+                        old, new = prefix + suffix, target + renames[suffix]
+                        break
+                break
+    if old is None:
+        return error
+    # Messages name their parameter in backticks, sometimes with a field after it.
+    message = error.message.replace("`" + old, "`" + new)
+    return ApiError(error.status, message, error.type, error.code, new + param[len(old):], error.headers)
+
+
+def responses_call_for(body: Any, previous_messages: List[Dict[str, Any]], config: Config
+                       ) -> Tuple[CliCall, List[Dict[str, Any]]]:
+    """Validate a Responses request; returns its CliCall and the conversation so far (without the
+    instructions, which a continued response does not inherit)."""
+    chat, conversation, origins = responses_translation(body, previous_messages)
+    try:
+        call = cli_call_for(chat, config)
+    except ApiError as exc:
+        raise responses_error(exc, origins)
+    return call, conversation
+
+
+def responses_output_messages(output: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """A response's output items -> the chat messages a continuation replays (the same items a
+    client could send back as input)."""
+    return chat_messages_from_items(output, where="output")[0]
+
+
+def responses_usage(usage: Dict[str, Any]) -> Dict[str, Any]:
+    """Chat usage -> Responses usage (cache writes are counted in the input, not apart, for now)."""
+    details = usage.get("prompt_tokens_details") or {}
+    return {"input_tokens": usage.get("prompt_tokens", 0),
+            "input_tokens_details": {"cached_tokens": details.get("cached_tokens", 0),
+                                     "cache_write_tokens": details.get("cache_write_tokens", 0)},
+            "output_tokens": usage.get("completion_tokens", 0),
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage.get("total_tokens", 0)}
+
+
+class ResponsesRenderer:
+    """How a turn looks in the Responses API: a `response` object, or its typed SSE events.
+
+    One state machine serves both, so the streamed events and the whole object always agree; the
+    final object stays in `self.response` (for previous_response_id)."""
+
+    def __init__(self, call: CliCall, body: Dict[str, Any]):
+        self.call, self.body = call, body
+        self.response_id = "resp_" + uuid.uuid4().hex
+        self.created_at = int(time.time())
+        self.model = call.requested_model
+        self.sequence = 0
+        self.output = []        # output items, in order
+        self.open = None        # the item still receiving deltas
+        self.calls = {}         # TurnEvent tool call number -> its function_call item
+        self.started = False
+        self.response = None    # type: Optional[Dict[str, Any]]
+
+    # -- the interface the HTTP layer uses (same as ChatRenderer) ---------------------------------
+
+    def whole(self, events: List[TurnEvent], model: str) -> Dict[str, Any]:
+        for event in events:
+            self.stream_events(event, model)
+        if self.response is None:
+            self.stream_events(("finish", "stop", usage_from({})), model)
+        return self.response
+
+    def stream_events(self, event: TurnEvent, model: str) -> List[Tuple[Optional[str], Any]]:
+        self.model = model
+        out = []
+        if not self.started:
+            self.started = True
+            out += [self._event("response.created", response=self._snapshot("in_progress")),
+                    self._event("response.in_progress", response=self._snapshot("in_progress"))]
+        kind = event[0]
+        if kind in ("text", "reasoning"):
+            item_type = "message" if kind == "text" else "reasoning"
+            if self.open is None or self.open["type"] != item_type:
+                out += self._close() + self._add(item_type)
+            part = self.open["content"][0]
+            part["text"] += event[1]
+            out.append(self._event("response.%s.delta" % part["type"], **dict(
+                self._where(self.open), content_index=0, delta=event[1],
+                **({"logprobs": []} if kind == "text" else {}))))
+        elif kind == "tool_call":
+            out += self._close()
+            item = {"id": "fc_" + uuid.uuid4().hex, "type": "function_call", "status": "in_progress",
+                    "call_id": event[2], "name": event[3], "arguments": ""}
+            self.calls[event[1]] = item
+            out += self._open(item)
+        elif kind == "tool_args" and event[1] in self.calls:
+            item = self.calls[event[1]]
+            item["arguments"] += event[2]
+            out.append(self._event("response.function_call_arguments.delta", delta=event[2],
+                                   **self._where(item)))
+        elif kind == "finish":
+            out += self._close()
+            status, details = "completed", None
+            if event[1] in ("length", "content_filter"):
+                status = "incomplete"
+                details = {"reason": "max_output_tokens" if event[1] == "length" else "content_filter"}
+            self.response = self._snapshot(status, usage=responses_usage(event[2]), incomplete_details=details)
+            out.append(self._event("response." + status, response=self.response))
+        return out
+
+    def stream_error(self, error: ApiError) -> List[Tuple[Optional[str], Any]]:
+        self.response = self._snapshot("failed", error={
+            "code": error.code or "server_error", "message": error.message})
+        return [self._event("response.failed", response=self.response)]
+
+    def stream_end(self) -> List[Tuple[Optional[str], Any]]:
+        return []  # the Responses stream has no [DONE]: response.completed (or failed) is the end
+
+    # -- output items ----------------------------------------------------------------------------
+
+    def _add(self, item_type: str) -> List[Tuple[Optional[str], Any]]:
+        if item_type == "message":
+            item = {"id": "msg_" + uuid.uuid4().hex, "type": "message", "status": "in_progress",
+                    "role": "assistant", "content": []}
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        else:
+            item = {"id": "rs_" + uuid.uuid4().hex, "type": "reasoning", "status": "in_progress",
+                    "summary": [], "content": []}
+            part = {"type": "reasoning_text", "text": ""}
+        out = self._open(item)
+        item["content"].append(part)
+        if item_type == "message":
+            out.append(self._event("response.content_part.added", content_index=0, part=dict(part, text=""),
+                                   **self._where(item)))
+        return out
+
+    def _open(self, item: Dict[str, Any]) -> List[Tuple[Optional[str], Any]]:
+        self.output.append(item)
+        self.open = item
+        return [self._event("response.output_item.added", output_index=len(self.output) - 1,
+                            item=json.loads(json.dumps(item)))]
+
+    def _close(self) -> List[Tuple[Optional[str], Any]]:
+        item, self.open = self.open, None
+        if item is None:
+            return []
+        out = []
+        where = self._where(item)
+        if item["type"] == "function_call":
+            out.append(self._event("response.function_call_arguments.done",
+                                   arguments=item["arguments"], **where))
+        else:
+            part = item["content"][0]
+            extra = {"logprobs": []} if part["type"] == "output_text" else {}
+            out.append(self._event("response.%s.done" % part["type"], content_index=0,
+                                   text=part["text"], **dict(where, **extra)))
+            if item["type"] == "message":
+                out.append(self._event("response.content_part.done", content_index=0,
+                                       part=dict(part), **where))
+        item["status"] = "completed"
+        out.append(self._event("response.output_item.done", output_index=where["output_index"],
+                               item=json.loads(json.dumps(item))))
+        return out
+
+    def _where(self, item: Dict[str, Any]) -> Dict[str, Any]:
+        return {"item_id": item["id"], "output_index": self.output.index(item)}
+
+    def _event(self, name: str, **fields: Any) -> Tuple[str, Dict[str, Any]]:
+        payload = dict({"type": name, "sequence_number": self.sequence}, **fields)
+        self.sequence += 1
+        return name, payload
+
+    # -- the response object ---------------------------------------------------------------------
+
+    def _snapshot(self, status: str, usage: Optional[Dict[str, Any]] = None,
+                  error: Optional[Dict[str, Any]] = None,
+                  incomplete_details: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        body = self.body
+        output = json.loads(json.dumps(self.output))
+        text = "".join(part["text"] for item in output if item["type"] == "message"
+                       for part in item["content"] if part["type"] == "output_text")
+        text_config = body.get("text") if isinstance(body.get("text"), dict) else {}
+        return {
+            "id": self.response_id, "object": "response", "created_at": self.created_at,
+            "status": status, "error": error, "incomplete_details": incomplete_details,
+            "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+            "model": self.model, "output": output, "output_text": text,
+            "parallel_tool_calls": self.call.parallel_tool_calls,
+            "previous_response_id": body.get("previous_response_id"),
+            "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None},
+            "store": body.get("store") is not False,
+            "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
+            "text": dict(text_config, format=text_config.get("format") or {"type": "text"}),
+            "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
+            "truncation": "disabled", "usage": usage, "user": body.get("user"),
+            "metadata": body.get("metadata") or {},
+        }
+
+
+class ResponseStore:
+    """Recent responses and their conversations (chat messages), for previous_response_id.
+
+    Bounded by count and bytes, each entry expiring `ttl` seconds after it was stored; in memory
+    only, so a restart forgets them all."""
+
+    def __init__(self, max_items: int = RESPONSE_STORE_ITEMS, ttl: float = RESPONSE_STORE_TTL,
+                 max_bytes: int = RESPONSE_STORE_BYTES, clock: Callable[[], float] = time.monotonic):
+        self.max_items, self.ttl, self.max_bytes, self.clock = max_items, ttl, max_bytes, clock
+        self.lock = threading.Lock()
+        self.entries = collections.OrderedDict()  # id -> (response, messages, size, expiry)
+        self.size = 0
+
+    def put(self, response: Dict[str, Any], messages: List[Dict[str, Any]]) -> bool:
+        """Keep a response; False when it alone is over the byte bound (it is then not kept)."""
+        size = len(json.dumps(response)) + len(json.dumps(messages))
+        with self.lock:
+            self._drop(response["id"])
+            if size > self.max_bytes or self.max_items <= 0:
+                return False
+            self.entries[response["id"]] = (response, messages, size, self.clock() + self.ttl)
+            self.size += size
+            while len(self.entries) > self.max_items or self.size > self.max_bytes:
+                self._drop(next(iter(self.entries)))
+            return True
+
+    def get(self, response_id: str) -> Optional[Tuple[Dict[str, Any], List[Dict[str, Any]]]]:
+        """(response, conversation messages), or None if unknown, not stored or expired."""
+        with self.lock:
+            self._expire()
+            entry = self.entries.get(response_id)
+            return (entry[0], entry[1]) if entry else None
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for key in [k for k, entry in self.entries.items() if entry[3] <= now]:
+            self._drop(key)
+
+    def _drop(self, response_id: str) -> None:
+        entry = self.entries.pop(response_id, None)
+        if entry is not None:
+            self.size -= entry[2]
+
+    def __len__(self) -> int:
+        with self.lock:
+            self._expire()
+            return len(self.entries)
+
+
+def previous_messages_for(body: Any, store: ResponseStore) -> List[Dict[str, Any]]:
+    """The stored conversation a request continues (empty without previous_response_id)."""
+    previous = body.get("previous_response_id") if isinstance(body, dict) else None
+    if previous is None:
+        return []
+    if not isinstance(previous, str):
+        raise invalid("previous_response_id", "`previous_response_id` must be a string", "invalid_type")
+    found = store.get(previous)
+    if found is None:
+        raise ApiError(404, "Previous response with id '%s' not found (responses are kept in memory "
+                       "for %d s, the latest %d; `store: false` ones not at all)"
+                       % (previous, store.ttl, store.max_items), "invalid_request_error",
+                       "previous_response_not_found", "previous_response_id")
+    return found[1]
+
 
 # ================================================================================================
 # HTTP layer: routing, guards, body limits, SSE, access log
@@ -1490,14 +1995,27 @@ def model_object(model_id: str) -> Dict[str, Any]:
 class Slots:
     """The concurrency cap: at most `size` CLI processes, at most `queue` requests waiting."""
 
-    def __init__(self, size: int, queue: int):
-        self.size, self.queue = size, queue
+    def __init__(self, size: int, queue: int, evict_idle: Callable[[], bool] = lambda: False):
+        self.size, self.queue, self.evict_idle = size, queue, evict_idle
         self.lock = threading.Condition()
-        self.busy = 0
+        self.busy = 0      # live CLI processes, idle ones included
         self.waiting = 0
+
+    def try_acquire(self) -> bool:
+        with self.lock:
+            if self.busy < self.size:
+                self.busy += 1
+                return True
+            return False
 
     def acquire(self, timeout: float, client_gone: Callable[[], bool]) -> None:
         deadline = time.monotonic() + timeout
+        # An idle process gives way to a request that needs a slot.
+        while not self.try_acquire():
+            if not self.evict_idle():
+                break
+        else:
+            return
         with self.lock:
             if self.busy < self.size:
                 self.busy += 1
@@ -1538,10 +2056,32 @@ class ProxyServer(ThreadingHTTPServer):
         self.config = config
         self.claude = claude
         self.slots = Slots(config.max_concurrency, config.max_queue)
-        self.parked = ParkedRuns(config.max_parked, config.parked_ttl)
+        self.responses = ResponseStore()
+        self.idle = IdleRuns(min(config.max_parked, config.max_concurrency), config.parked_ttl,
+                             self.slots.release)
+        self.slots.evict_idle = self.idle.evict_oldest
+        self.reuse = {"hits": 0, "misses": 0}
         self.started = time.time()
         self.inflight = 0
         self.inflight_lock = threading.Condition()
+
+    def prespawn(self, call: CliCall) -> None:
+        """Keep `--warm` processes loaded for first turns like this one (in the background)."""
+        key = conversation_key(call, [])
+        if self.config.warm <= self.idle.count(key) or self.config.max_parked <= 0 or call.tools:
+            return  # tool calls need the MCP handshake answered: those are not pre-started
+        # The least recently used idle process makes room, as it would for a request.
+        if not self.slots.try_acquire() and not (self.idle.evict_oldest() and self.slots.try_acquire()):
+            return
+
+        def spawn():
+            try:
+                run = CliRun(call, self.config, self.claude.resolve()).start(send_prompt=False)
+            except (ApiError, OSError):
+                self.slots.release()
+                return
+            self.idle.park(key, run)
+        threading.Thread(target=spawn, daemon=True).start()
 
 
 def client_gone_check(sock: socket.socket) -> Callable[[], bool]:
@@ -1662,6 +2202,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
             name = path[len("/v1/models/"):]
             requested, _ = resolve_model(name, self.server.config.default_model)
             return self._send_json(200, model_object(requested))
+        if path.startswith("/v1/responses/"):
+            if method != "GET":
+                raise ApiError(405, "method %s not allowed on %s" % (method, path),
+                               "invalid_request_error", "method_not_allowed", headers={"Allow": "GET"})
+            return self._stored_response(path[len("/v1/responses/"):])
         raise ApiError(404, "no route for %s %s" % (method, path), "invalid_request_error", "not_found")
 
     # -- guards ---------------------------------------------------------------------------------
@@ -1822,56 +2367,106 @@ class ProxyHandler(BaseHTTPRequestHandler):
                            "usable": bool(claude.path and claude.version), "error": claude.probe_error},
                 "slots": {"busy": self.server.slots.busy, "waiting": self.server.slots.waiting,
                           "max": self.server.slots.size},
-                "parked": len(self.server.parked)}
+                "processes": dict(self.server.idle.kinds(), hits=self.server.reuse["hits"],
+                                  misses=self.server.reuse["misses"])}
 
     def _chat_completions(self) -> None:
         call = cli_call_for(self._read_json(), self.server.config)
         self._serve_call(call, ChatRenderer(call))
 
     def _responses(self) -> None:
-        raise ApiError(501, "the Responses API is not implemented yet", "server_error", "not_implemented")
+        body = self._read_json()
+        store = self.server.responses
+        call, conversation = responses_call_for(body, previous_messages_for(body, store), self.server.config)
+        renderer = ResponsesRenderer(call, body)
+        self._serve_call(call, renderer)
+        response = renderer.response
+        if response is not None and response["status"] != "failed" and body.get("store") is not False:
+            store.put(response, conversation + responses_output_messages(response["output"]))
+
+    def _stored_response(self, response_id: str) -> None:
+        found = self.server.responses.get(response_id)
+        if found is None:
+            raise ApiError(404, "Response with id '%s' not found" % response_id, "invalid_request_error",
+                           "not_found")
+        self._send_json(200, found[0])
 
     def _serve_call(self, call: CliCall, renderer: Any) -> List[TurnEvent]:
         """Run one CLI turn for a call and answer with the renderer's shapes; returns its events."""
-        config = self.server.config
+        server, config = self.server, self.server.config
         self.log_model = call.requested_model
         if config.log_prompts:
             self.log_prompt = json.dumps(call.prompt, ensure_ascii=False)[:500]
         gone = client_gone_check(self.connection)
-        claude_path = self.server.claude.resolve()
-        self.server.slots.acquire(config.queue_timeout, gone)
-        run = None
-        try:
-            results = tool_results_in(call.prompt)
-            # Tool results for a call this proxy caught: the process that made it is waiting.
-            run = self.server.parked.take(conversation_key(call, call.history)) if results else None
-            if run is not None:
-                self.reused_process = True
-                run.call = call
-                run.tool_results.update(results)
-                run.hand_over_results()
-            else:
+        claude_path = server.claude.resolve()
+        results = tool_results_in(call.prompt)
+        run = self._waiting_run(call, results)
+        if run is None:
+            server.slots.acquire(config.queue_timeout, gone)
+            try:
                 run = CliRun(call, config, claude_path).start()
-            events = self._answer(call, run, gone, renderer)
-            finish = events[-1] if events and events[-1][0] == "finish" else None
-            if finish and finish[1] == "tool_calls" and call.parallel_tool_calls \
-                    and run.proc.poll() is None:
-                turns = call.history + [{"role": "user", "content": call.prompt},
-                                        assistant_turn_from(events, call)]
-                self.server.parked.park(conversation_key(call, turns), run)
-                run = None
-            return events
+            except BaseException:
+                server.slots.release()
+                raise
+        try:
+            translator = self._answer(call, run, gone, renderer)
+            run = self._park_if_reusable(call, run, translator)
+            return translator.events
         finally:
             if run is not None:
                 run.close()
-            self.server.slots.release()
+                server.slots.release()
+            if not call.history:
+                # After the answer, so its start-up does not compete with this turn for the CPU.
+                server.prespawn(call)
 
-    def _answer(self, call: CliCall, run: CliRun, gone: Callable[[], bool], renderer: Any) -> List[TurnEvent]:
-        """Relay one turn to the client (streamed or whole); returns the turn's events."""
+    def _waiting_run(self, call: CliCall, results: Dict[str, str]) -> Optional[CliRun]:
+        """A process already holding this conversation, given the new turn; None for a cold start."""
+        server = self.server
+        run = server.idle.take(conversation_key(call, call.history))
+        if run is not None and run.at_tool_call != bool(results):
+            run.close()  # a tool call answered with text, or results for no call: start afresh
+            server.slots.release()
+            run = None
+        if run is None:
+            server.reuse["misses"] += 1
+            return None
+        server.reuse["hits"] += 1
+        self.reused_process = True
+        run.call = call
+        if results:
+            run.tool_results.update(results)
+            run.at_tool_call = False
+            run.hand_over_results()
+        else:
+            run.send_user(call.prompt)
+        return run
+
+    def _park_if_reusable(self, call: CliCall, run: CliRun, translator: "TurnTranslator") -> Optional[CliRun]:
+        """Keep the process for the conversation's next turn when it can continue it faithfully."""
+        config = self.server.config
+        finish = translator.events[-1] if translator.events and translator.events[-1][0] == "finish" else None
+        if finish is None or config.max_parked <= 0 or run.proc.poll() is not None:
+            return run
+        tool_results_replayed = any(b["type"] == "tool_result" for b in call.prompt) and not self.reused_process
+        if tool_results_replayed:
+            return run  # that process saw the replay's extra lines; later turns should not
+        turns = call.history + [{"role": "user", "content": call.prompt}, assistant_turn_from(translator.events, call)]
+        if finish[1] == "tool_calls" and call.parallel_tool_calls:
+            run.at_tool_call = True
+        elif not (finish[1] == "stop" and translator.stop_reason == "end_turn" and not translator.cut
+                  and turns[-1]["content"] and run.wait_for_result(10.0)):
+            return run
+        run.turns_done += 1
+        self.server.idle.park(conversation_key(call, turns), run)
+        return None
+
+    def _answer(self, call: CliCall, run: CliRun, gone: Callable[[], bool], renderer: Any) -> "TurnTranslator":
+        """Relay one turn to the client (streamed or whole); the translator keeps its events."""
         config = self.server.config
         deadline = time.monotonic() + config.request_timeout
         translator = TurnTranslator(call=call)
-        events = []
+        events = translator.events
 
         def turn_events() -> Iterator[TurnEvent]:
             for event in run.events(deadline, config.idle_timeout, gone):
@@ -1888,7 +2483,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if not call.stream:
             list(turn_events())
             self._send_json(200, renderer.whole(events, translator.model or call.requested_model))
-            return events
+            return translator
         started = False
         try:
             for event in turn_events():
@@ -1910,7 +2505,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         for name, payload in renderer.stream_end():
             self._send_sse(payload, name)
         self._end_sse()
-        return events
+        return translator
 
     # -- access log -----------------------------------------------------------------------------
 
@@ -1935,12 +2530,12 @@ def serve(config: Config) -> int:
     # Probing `claude --version` takes ~0.3 s: do it beside serving, not before.
     threading.Thread(target=claude.probe, daemon=True).start()
 
-    def expire_parked():
+    def expire_idle():
         while True:
             time.sleep(1.0)
-            server.parked.expire()
+            server.idle.expire()
 
-    threading.Thread(target=expire_parked, daemon=True).start()
+    threading.Thread(target=expire_idle, daemon=True).start()
     if os.environ.get("ANTHROPIC_API_KEY"):
         sys.stderr.write("warning: ANTHROPIC_API_KEY is set: the CLI will bill that API key, not your "
                          "Claude subscription. Unset it to use the subscription.\n")
@@ -2239,7 +2834,7 @@ def described_actions(actions: List[ServiceAction]) -> str:
             lines.append("would remove %s" % action.path)
         else:
             lines.append("would run: %s%s" % (" ".join(shlex.quote(a) for a in action.argv),
-                                              "   (a failure here is expected when not loaded)"
+                                              "   (may fail harmlessly)"
                                               if action.may_fail else ""))
     return "\n".join(lines) + "\n"
 
@@ -2281,6 +2876,16 @@ def run_tool(argv: List[str], timeout: float = 60.0,
     return out.returncode, out.stdout.decode("utf-8", "replace").strip()
 
 
+def service_manager_hint(tool: str, output: str) -> str:
+    """Why launchctl/systemctl refuse in the two common headless cases."""
+    if tool == "systemctl" and re.search(r"\bbus\b|XDG_RUNTIME_DIR", output):
+        return ("\nthere is no systemd user session here (a container, or SSH without "
+                "`loginctl enable-linger %s`?)" % os.environ.get("USER", "$USER"))
+    if tool == "launchctl" and "Domain does not support" in output:
+        return "\nlaunchctl needs your desktop login: log in on the Mac itself once, then re-run"
+    return ""
+
+
 def apply_actions(actions: List[ServiceAction]) -> None:
     for action in actions:
         if action.kind == "mkdir":
@@ -2300,12 +2905,9 @@ def apply_actions(actions: List[ServiceAction]) -> None:
                 if code == 0:
                     break
             if code != 0 and not action.may_fail:
-                hint = ""
-                if "bus" in output.lower() or "XDG_RUNTIME_DIR" in output:
-                    hint = ("\nthere is no systemd user session here (a container, or SSH without "
-                            "`loginctl enable-linger %s`?)" % os.environ.get("USER", "$USER"))
                 raise ServiceError("`%s` failed (exit %d): %s%s" % (
-                    " ".join(action.argv), code, output or "no output", hint))
+                    " ".join(action.argv), code, output or "no output",
+                    service_manager_hint(action.argv[0], output)))
 
 
 def service_parser(command: str, description: str, serve_flags: bool) -> argparse.ArgumentParser:
@@ -2321,6 +2923,77 @@ def service_parser(command: str, description: str, serve_flags: bool) -> argpars
     return parser
 
 
+@dataclasses.dataclass
+class ServiceSetup:
+    """What install-service decided: the unit file, where it goes, and what to tell the user."""
+    platform: str
+    config: Config
+    program: List[str]  # the interpreter and the .pyz or module file
+    unit_path: str
+    unit_text: str
+    notes: List[str]
+
+
+def service_setup_for(args: argparse.Namespace, environ: Dict[str, str], home: str) -> ServiceSetup:
+    """Validate the flags as `serve` would and fill the template; raises ServiceError."""
+    platform = args.platform or platform_of(sys.platform)
+    given = {key: getattr(args, key) for key in (f.lstrip("-").replace("-", "_") for f, _, _ in OPTIONS)}
+    for key in ("api_key_file", "workdir"):
+        if given[key]:
+            given[key] = os.path.abspath(os.path.expanduser(given[key]))
+    try:
+        # Only flags reach the service, so only flags are validated (not this shell's env vars).
+        config = config_from(given, {k: v for k, v in environ.items() if not k.startswith(ENV_PREFIX)})
+    except ConfigError as exc:
+        raise ServiceError(str(exc))
+    if config.port == 0:
+        raise ServiceError("a service needs a fixed --port (0 picks a different one each start)")
+    found = shutil.which(config.claude, path=environ.get("PATH"))
+    if not found:
+        raise ServiceError("the Claude CLI `%s` is not on PATH: install it (npm install -g "
+                           "@anthropic-ai/claude-code) or pass --claude /path/to/claude" % config.claude)
+    # Not resolved: the native installer's `claude` is a symlink to a versioned binary that
+    # auto-updates replace, and the symlink is what stays valid.
+    claude_path = os.path.abspath(found)
+    environment = {"PATH": service_path_for(platform, claude_path,
+                                            shutil.which("node", path=environ.get("PATH")))}
+    for name in args.pass_env:
+        if name not in environ:
+            raise ServiceError("--pass-env %s: %s is not set here" % (name, name))
+        # A dry run is printed, so it shows where a secret goes but not the secret.
+        environment[name] = ("<value of %s>" % name) if args.dry_run else environ[name]
+    program = program_argv_for(sys.executable, __file__)
+    argv = program + service_args_for(given, config, claude_path)
+    stop_timeout = int(config.shutdown_grace) + 10  # the proxy's own grace, then a margin
+    if platform == "macos":
+        unit_text = launchd_plist_for(argv, environment, home, stop_timeout)
+    else:
+        unit_text = systemd_unit_for(argv, environment, stop_timeout)
+    unit_path = unit_path_for(platform, home)
+    notes = []
+    if given.get("api_key"):
+        notes.append("the --api-key value is stored in %s and visible in `ps`; --api-key-file "
+                     "keeps it out of both" % unit_path)
+    if environ.get("CLAUDE_CODE_OAUTH_TOKEN") and "CLAUDE_CODE_OAUTH_TOKEN" not in args.pass_env:
+        notes.append("CLAUDE_CODE_OAUTH_TOKEN is set here but the service will not see it; add "
+                     "--pass-env CLAUDE_CODE_OAUTH_TOKEN to use it")
+    if platform == "linux":
+        notes.append("a user service stops when you log out unless lingering is on: "
+                     "`loginctl enable-linger %s`" % environ.get("USER", "$USER"))
+    return ServiceSetup(platform, config, program, unit_path, unit_text, notes)
+
+
+def installed_message(setup: ServiceSetup, home: str) -> str:
+    host = setup.config.host if ":" not in setup.config.host else "[%s]" % setup.config.host
+    if setup.platform == "macos":
+        kind, logs = "LaunchAgent", "tail -f %s" % shlex.quote(log_path_for(home))
+    else:
+        kind, logs = "systemd user service", "journalctl --user -u %s -f" % SERVICE_NAME
+    return "installed %s: %s\n  serves http://%s:%d/v1\n  logs:  %s\n  check: %s doctor\n" % (
+        kind, setup.unit_path, host, setup.config.port, logs,
+        " ".join(shlex.quote(a) for a in setup.program))
+
+
 def install_service_command(argv: List[str]) -> int:
     """Write and load a per-user service (LaunchAgent on macOS, systemd user unit on Linux)."""
     parser = service_parser(
@@ -2333,53 +3006,14 @@ def install_service_command(argv: List[str]) -> int:
                         help="copy this variable's current value into the service, e.g. "
                              "CLAUDE_CODE_OAUTH_TOKEN (repeatable)")
     args = parser.parse_args(argv)
+    home = os.path.expanduser("~")
     try:
-        platform = args.platform or platform_of(sys.platform)
-        keys = [flag.lstrip("-").replace("-", "_") for flag, _, _ in OPTIONS]
-        given = {key: getattr(args, key) for key in keys}
-        for key in ("api_key_file", "workdir"):
-            if given[key]:
-                given[key] = os.path.abspath(os.path.expanduser(given[key]))
-        # Only flags reach the service, so only flags are validated (not the shell's env vars).
-        environ = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-        try:
-            config = config_from(given, environ)
-        except ConfigError as exc:
-            raise ServiceError(str(exc))
-        if config.port == 0:
-            raise ServiceError("a service needs a fixed --port (0 picks a different one each start)")
-        found = shutil.which(config.claude)
-        if not found:
-            raise ServiceError("the Claude CLI `%s` is not on PATH: install it (npm install -g "
-                               "@anthropic-ai/claude-code) or pass --claude /path/to/claude" % config.claude)
-        # Not resolved: the native installer's `claude` is a symlink to a versioned binary that
-        # auto-updates replace, and the symlink is what stays valid.
-        claude_path = os.path.abspath(found)
-        environment = {"PATH": service_path_for(platform, claude_path, shutil.which("node"))}
-        for name in args.pass_env:
-            if name not in os.environ:
-                raise ServiceError("--pass-env %s: %s is not set here" % (name, name))
-            # A dry run is printed, so it shows where a secret goes but not the secret.
-            environment[name] = ("<value of %s>" % name) if args.dry_run else os.environ[name]
-        home = os.path.expanduser("~")
-        program = program_argv_for(sys.executable, __file__) + service_args_for(given, config, claude_path)
-        stop_timeout = int(config.shutdown_grace) + 10
-        if platform == "macos":
-            unit_text = launchd_plist_for(program, environment, home, stop_timeout)
-        else:
-            unit_text = systemd_unit_for(program, environment, stop_timeout)
-        unit_path = unit_path_for(platform, home)
-        actions = install_actions_for(platform, os.getuid(), home, unit_text, read_text(unit_path))
+        setup = service_setup_for(args, dict(os.environ), home)
     except ServiceError as exc:
         sys.stderr.write("claude-max-proxy install-service: %s\n" % exc)
         return 2
-    notes = []
-    if config.api_keys and given.get("api_key"):
-        notes.append("the --api-key value is stored in %s and visible in `ps`; --api-key-file "
-                     "keeps it out of both" % unit_path)
-    if os.environ.get("CLAUDE_CODE_OAUTH_TOKEN") and "CLAUDE_CODE_OAUTH_TOKEN" not in args.pass_env:
-        notes.append("CLAUDE_CODE_OAUTH_TOKEN is set here but the service will not see it; add "
-                     "--pass-env CLAUDE_CODE_OAUTH_TOKEN to use it")
+    actions = install_actions_for(setup.platform, os.getuid(), home, setup.unit_text,
+                                  read_text(setup.unit_path))
     if args.dry_run:
         sys.stdout.write("install-service --dry-run: nothing is written or run.\n")
         sys.stdout.write(described_actions(actions))
@@ -2389,18 +3023,8 @@ def install_service_command(argv: List[str]) -> int:
         except (ServiceError, OSError) as exc:
             sys.stderr.write("claude-max-proxy install-service: %s\n" % exc)
             return 1
-        url = "http://%s:%d/v1" % (config.host if ":" not in config.host else "[%s]" % config.host,
-                                   config.port)
-        if platform == "macos":
-            logs = "tail -f %s" % shlex.quote(log_path_for(home))
-        else:
-            logs = "journalctl --user -u %s -f" % SERVICE_NAME
-            notes.append("a user service stops when you log out unless lingering is on: "
-                         "`loginctl enable-linger %s`" % os.environ.get("USER", "$USER"))
-        sys.stdout.write("installed %s: %s\n  serves %s\n  logs:  %s\n  check: %s doctor\n" % (
-            "LaunchAgent" if platform == "macos" else "systemd user service", unit_path, url, logs,
-            " ".join(shlex.quote(a) for a in program_argv_for(sys.executable, __file__))))
-    for note in notes:
+        sys.stdout.write(installed_message(setup, home))
+    for note in setup.notes:
         sys.stdout.write("note: %s\n" % note)
     return 0
 
@@ -2454,7 +3078,7 @@ def cli_version_finding(path: Optional[str], name: str, version_text: Optional[s
         return Finding("FAIL", "claude", "%s does not run: %s" % (path, error),
                        "reinstall the Claude CLI, or pass --claude with a working one")
     low, high = SUPPORTED_CLI_VERSIONS
-    supported = "supported %s up to %s" % (".".join(map(str, low)), ".".join(map(str, high)))
+    supported = "supported: %s to before %s" % (".".join(map(str, low)), ".".join(map(str, high)))
     match = re.search(r"(\d+)\.(\d+)\.(\d+)", version_text or "")
     if not match:
         return Finding("WARN", "claude", "%s prints an unknown version %r (%s)" % (
@@ -2497,7 +3121,7 @@ def login_finding(exit_code: int, output: str) -> Finding:
         source = status.get("apiKeySource") or "an API key"
         if source == "ANTHROPIC_API_KEY":
             return Finding("OK", "login", "logged in with an API key from ANTHROPIC_API_KEY "
-                           "(see the api key line)")
+                           "(see the billing line)")
         return Finding("WARN", "login", "logged in with an Anthropic Console API key (%s): usage "
                        "is billed to the API, not a subscription" % source,
                        "run `claude auth login` and choose your Claude Pro/Max account")
@@ -2507,11 +3131,11 @@ def login_finding(exit_code: int, output: str) -> Finding:
 
 def api_key_finding(environ: Dict[str, str]) -> Finding:
     if environ.get("ANTHROPIC_API_KEY"):
-        return Finding("WARN", "api key", "ANTHROPIC_API_KEY is set: the CLI bills that API key, "
+        return Finding("WARN", "billing", "ANTHROPIC_API_KEY is set: the CLI bills that API key, "
                        "not your Claude subscription",
                        "unset ANTHROPIC_API_KEY (and remove it from your shell profile) to use the "
                        "subscription; the installed service does not inherit it")
-    return Finding("OK", "api key", "ANTHROPIC_API_KEY is not set: requests use your login")
+    return Finding("OK", "billing", "ANTHROPIC_API_KEY is not set: requests use your login")
 
 
 def port_finding(host: str, port: int, health: Optional[Dict[str, Any]],
@@ -2678,6 +3302,44 @@ def live_round_trip(host: str, port: int, api_key: Optional[str]) -> Tuple[Optio
         conn.close()
 
 
+def claude_findings(name: str, environ: Dict[str, str]) -> List[Finding]:
+    """The CLI: found, its version, and its login (`auth status` spends no model call)."""
+    path = shutil.which(name, path=environ.get("PATH"))
+    if not path:
+        return [cli_version_finding(None, name, None, None)]
+    code, output = run_tool([path, "--version"], 60, environ)
+    if code != 0:
+        return [cli_version_finding(path, name, None, "`--version` exited %d: %s" % (code, output[-300:]))]
+    env = dict(environ)
+    env.setdefault("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+    return [cli_version_finding(path, name, output, None),
+            login_finding(*run_tool([path, "auth", "status", "--json"], 60, env))]
+
+
+def port_check(host: str, port: int) -> Finding:
+    health = proxy_health(host, port)
+    return port_finding(host, port, health, None if health else port_bind_error(host, port))
+
+
+def service_check(platform: Optional[str]) -> Finding:
+    try:
+        platform = platform or platform_of(sys.platform)
+    except ServiceError as exc:
+        return Finding("WARN", "service", str(exc))
+    home = os.path.expanduser("~")
+    argv = installed_service_argv(platform, unit_path_for(platform, home))
+    state = service_state(platform) if argv is not None else "not installed"
+    return service_finding(platform, home, argv, missing_paths(argv or []), state)
+
+
+def live_check(config: Config) -> Finding:
+    host = connect_host(config.host)
+    url = "http://%s:%d/v1/chat/completions" % ("[%s]" % host if ":" in host else host, config.port)
+    status, body, elapsed = live_round_trip(config.host, config.port,
+                                            config.api_keys[0] if config.api_keys else None)
+    return live_finding(status, body, elapsed, url)
+
+
 def doctor_command(argv: List[str]) -> int:
     """Check the installation and explain each problem with its fix; non-zero exit on FAIL."""
     parser = parser_for("claude-max-proxy doctor")
@@ -2690,47 +3352,20 @@ def doctor_command(argv: List[str]) -> int:
     parser.add_argument("--platform", choices=("macos", "linux"),
                         help="service kind to look for (default: this machine's)")
     args = parser.parse_args(argv)
+    environ = dict(os.environ)
     findings = [python_finding(sys.version_info, sys.executable)]
-    given = {flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_"))
-             for flag, _, _ in OPTIONS}
+    given = {key: getattr(args, key) for key in (f.lstrip("-").replace("-", "_") for f, _, _ in OPTIONS)}
     try:
-        config = config_from(given, dict(os.environ))
+        config = config_from(given, environ)
     except ConfigError as exc:
         findings.append(Finding("FAIL", "config", str(exc), "fix the flag or environment variable"))
         config = Config()
-    claude_path = shutil.which(config.claude)
-    version_text, error = None, None
-    if claude_path:
-        code, output = run_tool([claude_path, "--version"], 60)
-        if code == 0:
-            version_text = output
-        else:
-            error = "`--version` exited %d: %s" % (code, output[-300:])
-    findings.append(cli_version_finding(claude_path, config.claude, version_text, error))
-    if claude_path and not error:
-        env = dict(os.environ)
-        env.setdefault("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
-        findings.append(login_finding(*run_tool([claude_path, "auth", "status", "--json"], 60, env)))
-    findings.append(api_key_finding(dict(os.environ)))
-    health = proxy_health(config.host, config.port)
-    findings.append(port_finding(config.host, config.port, health,
-                                 None if health else port_bind_error(config.host, config.port)))
-    try:
-        platform = args.platform or platform_of(sys.platform)
-    except ServiceError as exc:
-        findings.append(Finding("WARN", "service", str(exc)))
-    else:
-        home = os.path.expanduser("~")
-        service_argv = installed_service_argv(platform, unit_path_for(platform, home))
-        state = service_state(platform) if service_argv is not None else "not installed"
-        findings.append(service_finding(platform, home, service_argv,
-                                        missing_paths(service_argv or []), state))
+    findings += claude_findings(config.claude, environ)
+    findings.append(api_key_finding(environ))
+    findings.append(port_check(config.host, config.port))
+    findings.append(service_check(args.platform))
     if args.live:
-        host = connect_host(config.host)
-        url = "http://%s:%d/v1/chat/completions" % ("[%s]" % host if ":" in host else host, config.port)
-        status, body, elapsed = live_round_trip(config.host, config.port,
-                                                config.api_keys[0] if config.api_keys else None)
-        findings.append(live_finding(status, body, elapsed, url))
+        findings.append(live_check(config))
     report, code = doctor_report(findings)
     sys.stdout.write("claude-max-proxy %s doctor\n%s" % (__version__, report))
     return code

@@ -225,5 +225,7 @@ def fake_proxy(start_proxy, tmp_path):
         full = dict(os.environ)
         full["HOME"] = str(tmp_path)
         full.update({k: str(v) for k, v in env.items()})
-        return start_proxy(["--claude", FAKE_CLAUDE] + list(args), full)
+        # Fault tests watch single processes come and go: process reuse is tested on its own.
+        reuse = [] if "--max-parked" in args else ["--max-parked", "0"]
+        return start_proxy(["--claude", FAKE_CLAUDE] + reuse + list(args), full)
     return start

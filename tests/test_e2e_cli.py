@@ -237,7 +237,9 @@ def test_dropped_upstream_connection_is_an_error_not_an_answer(e2e_proxy):
 
 # ---- processes -------------------------------------------------------------------------------
 
-def test_client_disconnect_ends_the_cli(e2e_proxy, upstream):
+def test_client_disconnect_ends_the_cli(start_proxy, real_claude, e2e_env, upstream):
+    # No pre-started or parked processes here: every tagged process is the request's own CLI.
+    e2e_proxy = start_proxy(["--claude", real_claude, "--warm", "0", "--max-parked", "0"], e2e_env)
     mark = marker()
     body = json.dumps({"model": "claude-sonnet-4", "stream": True,
                        "messages": [{"role": "user", "content": "@@scenario:hang@@ " + mark}]}).encode()
