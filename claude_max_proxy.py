@@ -1784,6 +1784,7 @@ class ResponsesRenderer:
         self.output = []        # output items, in order
         self.open = None        # the item still receiving deltas
         self.calls = {}         # TurnEvent tool call number -> its function_call item
+        self.indexes = {}       # item id -> its output_index
         self.started = False
         self.response = None    # type: Optional[Dict[str, Any]]
 
@@ -1861,6 +1862,7 @@ class ResponsesRenderer:
         return out
 
     def _open(self, item: Dict[str, Any]) -> List[Tuple[Optional[str], Any]]:
+        self.indexes[item["id"]] = len(self.output)
         self.output.append(item)
         self.open = item
         return [self._event("response.output_item.added", output_index=len(self.output) - 1,
@@ -1889,7 +1891,7 @@ class ResponsesRenderer:
         return out
 
     def _where(self, item: Dict[str, Any]) -> Dict[str, Any]:
-        return {"item_id": item["id"], "output_index": self.output.index(item)}
+        return {"item_id": item["id"], "output_index": self.indexes[item["id"]]}
 
     def _event(self, name: str, **fields: Any) -> Tuple[str, Dict[str, Any]]:
         payload = dict({"type": name, "sequence_number": self.sequence}, **fields)
@@ -2408,9 +2410,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
             except BaseException:
                 server.slots.release()
                 raise
+        parked = []
+
+        def park(translator):
+            # Before the answer's last bytes: a client's next turn must find the process waiting.
+            if self._park_if_reusable(call, run, translator) is None:
+                parked.append(run)
         try:
-            translator = self._answer(call, run, gone, renderer)
-            run = self._park_if_reusable(call, run, translator)
+            translator = self._answer(call, run, gone, renderer, park)
+            if parked:
+                run = None
             return translator.events
         finally:
             if run is not None:
@@ -2461,7 +2470,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.server.idle.park(conversation_key(call, turns), run)
         return None
 
-    def _answer(self, call: CliCall, run: CliRun, gone: Callable[[], bool], renderer: Any) -> "TurnTranslator":
+    def _answer(self, call: CliCall, run: CliRun, gone: Callable[[], bool], renderer: Any,
+                before_end: Callable[["TurnTranslator"], None] = lambda translator: None) -> "TurnTranslator":
         """Relay one turn to the client (streamed or whole); the translator keeps its events."""
         config = self.server.config
         deadline = time.monotonic() + config.request_timeout
@@ -2482,6 +2492,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
         if not call.stream:
             list(turn_events())
+            before_end(translator)
             self._send_json(200, renderer.whole(events, translator.model or call.requested_model))
             return translator
         started = False
@@ -2493,6 +2504,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     self._start_sse()
                 for name, payload in renderer.stream_events(event, translator.model or call.requested_model):
                     self._send_sse(payload, name)
+            before_end(translator)
         except ApiError as exc:
             if not started:
                 raise

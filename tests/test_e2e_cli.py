@@ -527,3 +527,80 @@ def test_openai_client_runs_a_complete_tool_loop(e2e_proxy):
     stream = client.chat.completions.create(model="claude-sonnet-4", messages=messages, tools=[WEATHER], stream=True)
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert text == "tool said: 22C and clear"
+
+
+# ---- warm and parked processes ---------------------------------------------------------------
+
+def health(proxy):
+    return json.loads(proxy.request("GET", "/health")[2])
+
+
+def wait_for_warm(proxy, count=1):
+    deadline = time.monotonic() + 30
+    while health(proxy)["processes"]["warm"] < count:
+        assert time.monotonic() < deadline, "no warm process became ready"
+        time.sleep(0.05)
+
+
+def system_texts(body):
+    # The first block is the CLI's billing header (a per-request hash): not part of the prompt.
+    return [b["text"] for b in body["system"] if not b["text"].startswith("x-anthropic-billing-header")]
+
+
+def converse(proxy, opening, turns):
+    """Drive a conversation turn by turn, resending the history as chat clients do."""
+    messages, ids = [{"role": "system", "content": "Be brief."}], []
+    for i in range(turns):
+        messages.append({"role": "user", "content": opening if i == 0 else "turn %d %s" % (i + 1, opening)})
+        status, headers, raw = proxy.chat({"model": "claude-sonnet-4", "messages": messages, "stream": True})
+        assert status == 200, raw
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in streamed(raw) if c["choices"])
+        messages.append({"role": "assistant", "content": text})
+        ids.append(headers["x-request-id"])
+    return ids
+
+
+def test_later_turns_continue_in_the_waiting_process_and_the_model_sees_the_same_turns(
+        start_proxy, real_claude, e2e_env, upstream):
+    warm = start_proxy(["--claude", real_claude], e2e_env)
+    cold = start_proxy(["--claude", real_claude, "--max-parked", "0", "--warm", "0"], e2e_env)
+    warm_mark, cold_mark = marker(), marker()
+    warm_ids = converse(warm, "hello " + warm_mark, 5)
+    converse(cold, "hello " + cold_mark, 5)
+    reused = [" reused=1" in warm.wait_for_line(i) for i in warm_ids]
+    assert reused[1:] == [True] * 4, reused
+    warm_bodies, cold_bodies = upstream.messages_requests(warm_mark), upstream.messages_requests(cold_mark)
+    assert len(warm_bodies) == len(cold_bodies) == 5
+    for w, c in zip(warm_bodies, cold_bodies):
+        assert upstream_texts(w) == [(r, t.replace(cold_mark, warm_mark)) for r, t in upstream_texts(c)]
+        assert system_texts(w) == system_texts(c)
+        assert w.get("tools", []) == c.get("tools", [])
+
+
+def test_a_first_turn_takes_a_warm_process_that_behaves_like_a_cold_one(start_proxy, real_claude, e2e_env, upstream):
+    proxy = start_proxy(["--claude", real_claude], e2e_env)
+    marks = [marker(), marker()]
+    system = "You are terse. " + uuid.uuid4().hex
+    ids = []
+    for mark in marks:
+        if ids:
+            wait_for_warm(proxy)
+        status, headers, _ = proxy.chat({"model": "claude-sonnet-4", "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": "Say hi " + mark}]})
+        assert status == 200
+        ids.append(headers["x-request-id"])
+    assert " reused=1" not in proxy.wait_for_line(ids[0])
+    assert " reused=1" in proxy.wait_for_line(ids[1])
+    first, second = only_request(upstream, marks[0]), only_request(upstream, marks[1])
+    assert upstream_texts(second) == [("user", "Say hi " + marks[1])]
+    assert system_texts(first) == system_texts(second) and system in "".join(system_texts(second))
+
+
+def test_unrelated_conversations_never_share_a_process(e2e_proxy, upstream):
+    a, b = marker(), marker()
+    converse(e2e_proxy, "alpha " + a, 2)
+    converse(e2e_proxy, "beta " + b, 2)
+    for body in upstream.messages_requests(b):
+        assert a not in json.dumps(body) and "alpha" not in json.dumps(body)
+    for body in upstream.messages_requests(a):
+        assert b not in json.dumps(body)
