@@ -288,6 +288,11 @@ class ApiError(Exception):
                           "code": self.code}}
 
 
+def reject_json_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON: refuse them rather than pass them on to the CLI."""
+    raise ValueError("%s is not valid JSON" % name)
+
+
 def invalid(param: str, message: str, code: str = "invalid_value") -> ApiError:
     return ApiError(400, message, "invalid_request_error", code, param)
 
@@ -415,7 +420,7 @@ def image_block_of(part: Dict[str, Any], where: str) -> Dict[str, Any]:
     if media_type not in IMAGE_TYPES:
         raise invalid(where + ".image_url", "image type %s is not supported (png, jpeg, gif, webp)"
                       % media_type, "unsupported_image_type")
-    if len(data) * 3 // 4 > MAX_IMAGE_BYTES:
+    if len(data) > MAX_IMAGE_BYTES:  # Anthropic counts the base64 text against its 5 MB limit
         raise invalid(where + ".image_url", "the image is over %d MB" % (MAX_IMAGE_BYTES // 2 ** 20),
                       "image_too_large")
     try:
@@ -502,28 +507,32 @@ def tools_of(body: Dict[str, Any]) -> Tuple[ClientTool, ...]:
         return ()
     if not isinstance(raw, list):
         raise invalid(param, "`%s` must be an array" % param, "invalid_type")
-    tools, seen = [], set()
+    tools, seen, upstream_names = [], set(), set()
     for i, entry in enumerate(raw):
         where = "%s[%d]" % (param, i)
         if not isinstance(entry, dict) or entry.get("type") != "function" or not isinstance(entry.get("function"), dict):
             raise invalid(where, "only tools of type `function` (with a `function` object) are supported",
                           "unsupported_tool")
         function = entry["function"]
+        field = where + (".function." if param == "tools" else ".")  # the path the client wrote
         name = function.get("name")
         if not isinstance(name, str) or not TOOL_NAME.match(name):
-            raise invalid(where + ".function.name", "function names must match ^[a-zA-Z0-9_-]{1,64}$")
+            raise invalid(field + "name", "function names must match ^[a-zA-Z0-9_-]{1,64}$")
         if name in seen:
-            raise invalid(where + ".function.name", "duplicate function name %r" % name)
+            raise invalid(field + "name", "duplicate function name %r" % name)
+        if mcp_name_for(name) in upstream_names:
+            raise invalid(field + "name", "function name %r collides with another one once shortened to "
+                          "fit the model's 64 characters" % name)
         seen.add(name)
+        upstream_names.add(mcp_name_for(name))
         description = function.get("description") or ""
         if not isinstance(description, str):
-            raise invalid(where + ".function.description", "`description` must be a string", "invalid_type")
+            raise invalid(field + "description", "`description` must be a string", "invalid_type")
         schema = function.get("parameters")
         if schema is None:
             schema = {"type": "object", "properties": {}}
         if not isinstance(schema, dict):
-            raise invalid(where + ".function.parameters", "`parameters` must be a JSON schema object",
-                          "invalid_type")
+            raise invalid(field + "parameters", "`parameters` must be a JSON schema object", "invalid_type")
         if schema.get("type") is None:
             schema = dict(schema, type="object")
         tools.append(ClientTool(name, mcp_name_for(name), description, json.dumps(schema, sort_keys=True)))
@@ -577,13 +586,16 @@ def effort_of(body: Dict[str, Any]) -> Optional[str]:
         effort = body["reasoning"].get("effort")
     if effort is None:
         return None
-    if effort not in EFFORTS:
+    if not isinstance(effort, str) or effort not in EFFORTS:
         raise invalid("reasoning_effort", "`reasoning_effort` must be one of %s" % ", ".join(EFFORTS))
     return EFFORTS[effort]
 
 
-def tool_use_of(call: Any, where: str, names: Dict[str, str]) -> Dict[str, Any]:
-    """An OpenAI tool call from an assistant message -> an Anthropic tool_use block."""
+def tool_use_of(call: Any, where: str, names: Dict[str, str], field: Optional[str] = None) -> Dict[str, Any]:
+    """An OpenAI tool call from an assistant message -> an Anthropic tool_use block.
+
+    `field` is the client's path to the function's fields (legacy function_call has no `.function`)."""
+    field = field or where + ".function."
     if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
         raise invalid(where, "`%s` must be a function tool call" % where, "invalid_type")
     call_id, function = call.get("id"), call["function"]
@@ -591,14 +603,14 @@ def tool_use_of(call: Any, where: str, names: Dict[str, str]) -> Dict[str, Any]:
         raise invalid(where + ".id", "tool call ids must match ^[A-Za-z0-9_-]{1,128}$")
     name = function.get("name")
     if not isinstance(name, str) or not TOOL_NAME.match(name):
-        raise invalid(where + ".function.name", "function names must match ^[a-zA-Z0-9_-]{1,64}$")
+        raise invalid(field + "name", "function names must match ^[a-zA-Z0-9_-]{1,64}$")
     arguments = function.get("arguments", "{}")
     try:
         parsed = json.loads(arguments or "{}") if isinstance(arguments, str) else None
     except ValueError:
         parsed = None
     if not isinstance(parsed, dict):
-        raise invalid(where + ".function.arguments", "`arguments` must be a JSON object in a string")
+        raise invalid(field + "arguments", "`arguments` must be a JSON object in a string")
     return {"type": "tool_use", "id": call_id, "name": MCP_PREFIX + names.get(name, mcp_name_for(name)),
             "input": parsed}
 
@@ -649,7 +661,8 @@ def turns_from_messages(messages: Any, max_messages: int,
             if isinstance(legacy, dict):
                 call_id = "call_legacy_%d" % i
                 legacy_calls.append((call_id, legacy.get("name")))
-                blocks.append(tool_use_of({"id": call_id, "function": legacy}, param + ".function_call", names))
+                blocks.append(tool_use_of({"id": call_id, "function": legacy}, param + ".function_call", names,
+                                          param + ".function_call."))
         elif role == "tool":
             blocks = [tool_result_of(message.get("tool_call_id"), message.get("content"), param)]
             role = "user"
@@ -715,7 +728,7 @@ def cli_call_for(body: Any, config: Config) -> CliCall:
         max_output_tokens=max_output_tokens_of(body), stop=stop_strings_of(body),
         tools=tools, parallel_tool_calls=parallel is not False,
         json_schema=response_format_of(body), effort=effort_of(body),
-        include_reasoning=bool(include_reasoning) or config.include_reasoning)
+        include_reasoning=config.include_reasoning if include_reasoning is None else include_reasoning)
 
 
 def cli_args_for(call: CliCall, claude_path: str, session_id: Optional[str],
@@ -1331,9 +1344,11 @@ class TurnTranslator:
                 return []
             return self._text(delta.get("text") or "")
         if kind == "input_json_delta" and block[0] == "tool":
-            self.args_seen.add(block[1])
             fragment = delta.get("partial_json") or ""
-            return [("tool_args", block[1], fragment)] if fragment else []
+            if not fragment:
+                return []  # the API opens every input with an empty fragment
+            self.args_seen.add(block[1])
+            return [("tool_args", block[1], fragment)]
         if kind == "input_json_delta" and block[0] == "structured":
             self.received_text = True
             return self._emit(delta.get("partial_json") or "")
@@ -1378,8 +1393,8 @@ class TurnTranslator:
             out += self._text(result["result"])  # no partial messages came: use the whole text
         if self.finished:
             return out
-        return out + self._finish(FINISH_REASONS.get(result.get("stop_reason") or "end_turn", "stop")
-                                  if self.tool_calls else "stop")
+        reason = FINISH_REASONS.get(result.get("stop_reason") or "end_turn", "stop")
+        return out + self._finish("stop" if reason == "tool_calls" and not self.tool_calls else reason)
 
     def _finish(self, reason: str) -> List[TurnEvent]:
         # A stop-string hit has already cleared `pending`; otherwise the held-back tail is answer.
@@ -2303,7 +2318,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             left -= len(data)
         self.body_read = True
         try:
-            return json.loads(b"".join(chunks).decode("utf-8"))
+            return json.loads(b"".join(chunks).decode("utf-8"), parse_constant=reject_json_constant)
         except (UnicodeDecodeError, ValueError) as exc:
             raise invalid(None, "the body is not valid JSON: %s" % exc, "invalid_json")
         except RecursionError:
@@ -3128,7 +3143,9 @@ def login_finding(exit_code: int, output: str) -> Finding:
         who = status.get("email") or "your account"
         return Finding("OK", "login", "logged in to claude.ai as %s (%s)" % (who, plan))
     if method == "oauth_token":
-        return Finding("OK", "login", "logged in with an OAuth token (CLAUDE_CODE_OAUTH_TOKEN)")
+        # The CLI takes any token at its word here; only a request (`--live`) tests it.
+        return Finding("OK", "login", "an OAuth token is set (CLAUDE_CODE_OAUTH_TOKEN or "
+                       "ANTHROPIC_AUTH_TOKEN); `doctor --live` proves it works")
     if method == "api_key":
         source = status.get("apiKeySource") or "an API key"
         if source == "ANTHROPIC_API_KEY":

@@ -1,13 +1,17 @@
 """Pure translation, both ways: OpenAI request -> CliCall -> argv/env/stdin/session file, and CLI
 stream-json events -> TurnEvents -> OpenAI chunks / completion; plus config_from and the tables.
+Function calling (tool names, tool_use/tool_result turns, the MCP server's replies, the key that
+finds a parked process), images, structured output and reasoning are covered both ways too.
 
 No processes and no sockets: every function under test takes plain data and returns plain data.
 Event shapes are those the real CLI prints (see tests/fake_claude.py).
 """
 
+import base64
 import dataclasses
 import json
 import os
+import string
 import time
 
 import pytest
@@ -66,6 +70,66 @@ def text(value):
     return {"type": "text", "text": value}
 
 
+# -- tools, shaped like OpenAI's -------------------------------------------------------------------
+
+def function_tool(name, parameters=None, description=None):
+    function = {"name": name}
+    if description is not None:
+        function["description"] = description
+    if parameters is not None:
+        function["parameters"] = parameters
+    return {"type": "function", "function": function}
+
+
+WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+WEATHER = function_tool("get_weather", WEATHER_SCHEMA, "Current weather in a city")
+CLOCK = function_tool("get_time", {"type": "object", "properties": {}}, "Current time")
+LONG_NAME = "lookup_" + "x" * 57            # 64 characters: too long to carry the MCP prefix
+LONG = function_tool(LONG_NAME, {"type": "object", "properties": {"q": {"type": "string"}}})
+TOOLS = [WEATHER, CLOCK, LONG]
+ROOM = 64 - len(cmp.MCP_PREFIX)             # longest client name the model can see unchanged
+
+
+def upstream(name):
+    """The name the model sees (and calls) for a client tool."""
+    return cmp.MCP_PREFIX + cmp.mcp_name_for(name)
+
+
+def tool_call(call_id, name, arguments):
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def assistant_calls(content, *calls):
+    return {"role": "assistant", "content": content, "tool_calls": list(calls)}
+
+
+def tool_message(call_id, content):
+    return {"role": "tool", "tool_call_id": call_id, "content": content}
+
+
+def tool_use(call_id, name, arguments):
+    return {"type": "tool_use", "id": call_id, "name": upstream(name), "input": arguments}
+
+
+def tool_result(call_id, result):
+    return {"type": "tool_result", "tool_use_id": call_id, "content": [text(result)]}
+
+
+def image_part(url, kind="image_url"):
+    return {"type": kind, "image_url": {"url": url}}
+
+
+PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(range(40))).decode("ascii")
+
+
+def png_url(data=PNG, media_type="image/png"):
+    return "data:%s;base64,%s" % (media_type, data)
+
+
+def image_block(data=PNG, media_type="image/png"):
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+
+
 # -- CLI events, shaped like the CLI's stream-json output ----------------------------------------
 
 MODEL = "claude-sonnet-5-5"
@@ -92,14 +156,39 @@ def message_start(input_tokens=12, cache_read=0, cache_creation=0):
                   "cache_read_input_tokens": cache_read}}})
 
 
-def block_start():
-    return stream_event({"type": "content_block_start", "index": 0,
+def block_start(index=0):
+    return stream_event({"type": "content_block_start", "index": index,
                          "content_block": {"type": "text", "text": ""}})
 
 
-def text_delta(piece):
-    return stream_event({"type": "content_block_delta", "index": 0,
+def text_delta(piece, index=0):
+    return stream_event({"type": "content_block_delta", "index": index,
                          "delta": {"type": "text_delta", "text": piece}})
+
+
+def tool_start(index, tool_id, name):
+    return stream_event({"type": "content_block_start", "index": index, "content_block": {
+        "type": "tool_use", "id": tool_id, "name": name, "input": {}}})
+
+
+def json_delta(index, fragment):
+    return stream_event({"type": "content_block_delta", "index": index,
+                         "delta": {"type": "input_json_delta", "partial_json": fragment}})
+
+
+def thinking_start(index):
+    return stream_event({"type": "content_block_start", "index": index,
+                         "content_block": {"type": "thinking", "thinking": "", "signature": ""}})
+
+
+def thinking_delta(piece, index):
+    return stream_event({"type": "content_block_delta", "index": index,
+                         "delta": {"type": "thinking_delta", "thinking": piece}})
+
+
+def signature_delta(index):
+    return stream_event({"type": "content_block_delta", "index": index,
+                         "delta": {"type": "signature_delta", "signature": "c2lnbmF0dXJl"}})
 
 
 def assistant_event(answer):
@@ -110,8 +199,8 @@ def assistant_event(answer):
         "parent_tool_use_id": None, "session_id": SESSION, "uuid": "u"}
 
 
-def block_stop():
-    return stream_event({"type": "content_block_stop", "index": 0})
+def block_stop(index=0):
+    return stream_event({"type": "content_block_stop", "index": index})
 
 
 def message_delta(stop_reason, output_tokens=3):
@@ -143,12 +232,42 @@ def turn(pieces, stop_reason="end_turn", output_tokens=3):
                message_stop(), result_event(answer, stop_reason)])
 
 
-def translate(events, stop=()):
-    translator = cmp.TurnTranslator(tuple(stop))
+def message_turn(blocks, stop_reason="tool_use"):
+    """One upstream message as the CLI streams it. Blocks: ("text", [pieces]),
+    ("tool", id, name, [fragments]) or ("thinking", [pieces]). Like the Messages API, every tool
+    input opens with an empty fragment."""
+    events = [init_event(), message_start()]
+    for index, block in enumerate(blocks):
+        if block[0] == "text":
+            events += [block_start(index)] + [text_delta(p, index) for p in block[1]]
+        elif block[0] == "tool":
+            _, tool_id, name, fragments = block
+            events += [tool_start(index, tool_id, name), json_delta(index, "")]
+            events += [json_delta(index, f) for f in fragments]
+        else:
+            events += [thinking_start(index)] + [thinking_delta(p, index) for p in block[1]]
+            events.append(signature_delta(index))
+        events.append(block_stop(index))
+    return events + [message_delta(stop_reason), message_stop()]
+
+
+def translate(events, stop=(), call=None):
+    translator = cmp.TurnTranslator(tuple(stop), call)
     out = []
     for event in events:
         out += translator.feed(event)
     return translator, out
+
+
+def tools_call(*messages, **params):
+    """A CliCall offering TOOLS, for the TurnTranslator."""
+    params.setdefault("tools", TOOLS)
+    return call_for(*(messages or [user("Weather in Paris, and the time?")]), **params)
+
+
+def kinds(turn_events):
+    """Turn events without the usage dict, which tests compare separately."""
+    return [e[:2] if e[0] == "finish" else e for e in turn_events]
 
 
 def text_of(turn_events):
@@ -228,11 +347,49 @@ INVALID_SAMPLES = {
     "stop": 5, "n": 2, "logprobs": True, "top_logprobs": 1, "temperature": 3, "top_p": 2,
     "seed": "x", "presence_penalty": 3, "frequency_penalty": -3, "logit_bias": [], "user": 1,
     "metadata": [], "store": "x", "service_tier": 1,
+    "tools": "x", "functions": "x", "tool_choice": "sometimes", "function_call": "sometimes",
+    "parallel_tool_calls": "yes", "response_format": "json", "reasoning_effort": "extreme",
+    "include_reasoning": "yes",
 }
 
 
 def test_invalid_samples_cover_every_parameter():
     assert set(INVALID_SAMPLES) == set(cmp.PARAMETERS) - {"model", "messages"}
+
+
+# Function calling, structured output and reasoning (issue 4): how each is treated.
+@pytest.mark.parametrize("name, support", [
+    ("tools", "honored"), ("functions", "honored"), ("tool_choice", "emulated"),
+    ("function_call", "emulated"), ("parallel_tool_calls", "emulated"),
+    ("response_format", "honored"), ("reasoning_effort", "honored"),
+    ("include_reasoning", "honored"),
+])
+def test_parameters_table_rows_for_tools_formats_and_reasoning(name, support):
+    assert cmp.PARAMETERS[name][0] == support
+
+
+# A valid value of every honored/emulated parameter besides model and messages: each is accepted.
+ACCEPTED_SAMPLES = {
+    "stream": True, "stream_options": {"include_usage": True}, "max_completion_tokens": 5,
+    "max_tokens": 5, "stop": "END", "tools": [WEATHER], "functions": [WEATHER["function"]],
+    "tool_choice": "required", "function_call": {"name": "get_weather"},
+    "parallel_tool_calls": False, "response_format": {"type": "json_object"},
+    "reasoning_effort": "high", "include_reasoning": True,
+}
+
+
+def test_accepted_samples_cover_the_honored_and_emulated_parameters():
+    supported = {name for name, (support, _) in cmp.PARAMETERS.items()
+                 if support in ("honored", "emulated")}
+    assert set(ACCEPTED_SAMPLES) == supported - {"model", "messages"}
+
+
+@pytest.mark.parametrize("name, value", sorted(ACCEPTED_SAMPLES.items(), key=lambda kv: kv[0]))
+def test_honored_and_emulated_parameters_are_accepted(name, value):
+    extra = {"stream": True} if name == "stream_options" else {}
+    extra.update({"functions": [WEATHER["function"]]} if name == "function_call" else {})
+    extra.update({"tools": [WEATHER]} if name == "tool_choice" else {})
+    assert isinstance(call_for(user("hi"), **dict(extra, **{name: value})), cmp.CliCall)
 
 
 @pytest.mark.parametrize("name, value", sorted(INVALID_SAMPLES.items(), key=lambda kv: kv[0]))
@@ -327,8 +484,10 @@ def test_text_blocks_of(content, expected):
     ([{"type": "text", "text": "a"}, 7], "messages[2].content[1]", "invalid_type"),
     ([{"type": "text"}], "messages[2].content[0].text", "invalid_type"),
     ([{"type": "text", "text": 5}], "messages[2].content[0].text", "invalid_type"),
-    ([{"type": "image_url", "image_url": {"url": "data:,"}}], "messages[2].content[0]",
-     "unsupported_content"),
+    ([{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}],
+     "messages[2].content[0].image_url", "unsupported_image_url"),
+    ([{"type": "image_url", "image_url": {"url": "data:,"}}], "messages[2].content[0].image_url",
+     "invalid_image_url"),
     ([{"type": "input_audio"}], "messages[2].content[0]", "unsupported_content"),
     ([{"type": "file"}], "messages[2].content[0]", "unsupported_content"),
     ([{"type": "video"}], "messages[2].content[0].type", "invalid_type"),
@@ -338,6 +497,87 @@ def test_text_blocks_of_errors_name_the_exact_param(content, param, code):
     error = error_of(cmp.text_blocks_of, content, "messages[2].content")
     assert (error.status, error.type, error.param, error.code) == (
         400, "invalid_request_error", param, code)
+
+
+# ================================================================================================
+# Images: data: URLs -> base64 image blocks (image_block_of through text_blocks_of)
+# ================================================================================================
+
+@pytest.mark.parametrize("part, expected", [
+    (image_part(png_url()), image_block()),
+    (image_part(png_url(media_type="image/jpeg")), image_block(media_type="image/jpeg")),
+    (image_part(png_url(media_type="image/jpg")), image_block(media_type="image/jpeg")),
+    (image_part(png_url(media_type="IMAGE/PNG")), image_block()),
+    (image_part(png_url(media_type="image/gif")), image_block(media_type="image/gif")),
+    (image_part(png_url(media_type="image/webp")), image_block(media_type="image/webp")),
+    (image_part(png_url(PNG[:20] + "\n" + PNG[20:40] + " \r\n" + PNG[40:])), image_block()),
+    ({"type": "image_url", "image_url": {"url": png_url(), "detail": "high"}}, image_block()),
+    ({"type": "image_url", "image_url": png_url()}, image_block()),
+    ({"type": "input_image", "image_url": png_url()}, image_block()),   # Responses-API shape
+    (image_part(png_url(), "input_image"), image_block()),
+])
+def test_data_url_images_become_base64_image_blocks(part, expected):
+    assert cmp.text_blocks_of([part], "messages[0].content") == [expected]
+
+
+def test_images_keep_their_place_among_text_parts():
+    content = [{"type": "text", "text": "What is this?"}, image_part(png_url()),
+               {"type": "text", "text": "And this?"}, image_part(png_url(media_type="image/gif"))]
+    call = call_for(user(content))
+    assert call.prompt == [text("What is this?"), image_block(), text("And this?"),
+                           image_block(media_type="image/gif")]
+    json.loads(cmp.stdin_line_for(call.prompt).decode("ascii"))
+
+
+@pytest.mark.parametrize("part, code", [
+    (image_part("https://example.com/cat.png"), "unsupported_image_url"),
+    (image_part("http://127.0.0.1/cat.png"), "unsupported_image_url"),
+    (image_part("HTTPS://EXAMPLE.COM/CAT.PNG"), "unsupported_image_url"),
+    ({"type": "input_image", "image_url": "https://example.com/cat.png"}, "unsupported_image_url"),
+    (image_part("file:///etc/passwd"), "invalid_image_url"),
+    (image_part("cat.png"), "invalid_image_url"),
+    (image_part("data:image/png," + PNG), "invalid_image_url"),                 # not base64
+    (image_part(png_url("@@@@" + PNG)), "invalid_image_url"),                   # bad characters
+    (image_part(png_url(PNG[:-1] if PNG.endswith("=") else PNG + "A")), "invalid_image_url"),
+    (image_part(png_url(media_type="image/bmp")), "unsupported_image_type"),
+    (image_part(png_url(media_type="image/svg+xml")), "unsupported_image_type"),
+    (image_part(png_url(media_type="text/plain")), "unsupported_image_type"),
+    ({"type": "image_url", "image_url": {}}, "invalid_type"),
+    ({"type": "image_url", "image_url": {"url": 5}}, "invalid_type"),
+    ({"type": "image_url"}, "invalid_type"),
+])
+def test_bad_images_are_400_naming_the_part(part, code):
+    error = error_of(call_for, user([{"type": "text", "text": "look"}, part]))
+    assert (error.status, error.type, error.param, error.code) == (
+        400, "invalid_request_error", "messages[0].content[1].image_url", code)
+    assert error.message
+
+
+def test_an_image_over_5_mb_is_400():
+    data = base64.b64encode(bytes(cmp.MAX_IMAGE_BYTES + 1)).decode("ascii")
+    error = error_of(call_for, user([image_part(png_url(data))]))
+    assert (error.status, error.param, error.code) == (
+        400, "messages[0].content[0].image_url", "image_too_large")
+
+
+def test_the_5_mb_limit_counts_the_base64_data_as_anthropic_does():
+    # The Messages API refuses "image exceeds 5 MB maximum: N bytes > 5242880 bytes" where N is
+    # the length of the base64 text, not of the decoded image: an image of 3.75 MB or more
+    # decoded is refused upstream. Catch it here with a clear 400 instead.
+    at_limit = base64.b64encode(bytes(cmp.MAX_IMAGE_BYTES * 3 // 4)).decode("ascii")
+    assert len(at_limit) == cmp.MAX_IMAGE_BYTES
+    assert call_for(user([image_part(png_url(at_limit))])).prompt[0]["type"] == "image"
+    over = base64.b64encode(bytes(cmp.MAX_IMAGE_BYTES * 3 // 4 + 3)).decode("ascii")
+    assert len(over) > cmp.MAX_IMAGE_BYTES
+    error = error_of(call_for, user([image_part(png_url(over))]))
+    assert (error.status, error.code) == (400, "image_too_large")
+
+
+def test_images_in_assistant_messages_are_not_replayed_as_images():
+    # Only user turns may carry images in the Messages API.
+    _, turns = cmp.turns_from_messages(
+        [user("a"), assistant([{"type": "text", "text": "b"}, image_part(png_url())]), user("c")], 100)
+    assert turns[1] == {"role": "assistant", "content": [text("b")]}
 
 
 # ================================================================================================
@@ -425,6 +665,222 @@ def test_bad_stop_is_400(stop):
 
 
 # ================================================================================================
+# Client tools: mcp_name_for, tools_of, CliCall.client_name
+# ================================================================================================
+
+@pytest.mark.parametrize("name", ["f", "get_weather", "A-b_9", "x" * (ROOM - 1), "y" * ROOM])
+def test_names_that_fit_beside_the_prefix_are_kept(name):
+    assert cmp.mcp_name_for(name) == name
+
+
+@pytest.mark.parametrize("name", ["x" * (ROOM + 1), "y" * 64, LONG_NAME, "a-" * 32])
+def test_longer_names_are_shortened_to_64_characters_in_all(name):
+    visible = cmp.MCP_PREFIX + cmp.mcp_name_for(name)
+    assert len(visible) == 64 and cmp.TOOL_NAME.match(visible)
+    assert cmp.mcp_name_for(name) == cmp.mcp_name_for(name)  # stable across requests
+
+
+NAME_CHARS = string.ascii_letters + string.digits + "_-"
+tool_names = st.builds(lambda prefix, tail: (prefix + tail)[:64],
+                       st.sampled_from(["", "get_", "x" * (ROOM - 9), "x" * ROOM, "x" * 60]),
+                       st.text(NAME_CHARS, min_size=1, max_size=24))
+
+
+@PROPERTY
+@given(st.lists(tool_names, min_size=1, max_size=6, unique=True))
+@example(["x" * 60 + "a", "x" * 60 + "b", "x" * 51, "x" * 52])
+def test_client_tool_names_round_trip_through_the_model_visible_name(names):
+    call = call_for(user("hi"), tools=[function_tool(n) for n in names])
+    visible = [cmp.MCP_PREFIX + t.mcp_name for t in call.tools]
+    assert [t.name for t in call.tools] == names
+    assert all(cmp.TOOL_NAME.match(v) for v in visible)          # 64 characters at most
+    assert len(set(visible)) == len(visible)
+    assert [call.client_name(v) for v in visible] == names
+
+
+def test_a_client_name_equal_to_another_names_short_form_does_not_collide():
+    # "x" * 60 is shortened to x...x_<hash>; a client may (however unlikely) also define a tool
+    # with exactly that name. The two must stay distinguishable or calls reach the wrong function.
+    # Refusing the pair with a 400 that names the second tool is as safe as keeping them apart.
+    names = ["x" * 60, cmp.mcp_name_for("x" * 60)]
+    try:
+        call = call_for(user("hi"), tools=[function_tool(n) for n in names])
+    except cmp.ApiError as error:
+        assert (error.status, error.param) == (400, "tools[1].function.name")
+        return
+    visible = [cmp.MCP_PREFIX + t.mcp_name for t in call.tools]
+    assert len(set(visible)) == 2
+    assert [call.client_name(v) for v in visible] == names
+
+
+@pytest.mark.parametrize("name", [
+    "get_weather", cmp.STRUCTURED_OUTPUT_TOOL, "Read", "mcp__other__get_weather",
+    cmp.MCP_PREFIX + "unknown", cmp.MCP_PREFIX + LONG_NAME, "",
+])
+def test_client_name_is_none_for_anything_but_an_offered_tool(name):
+    assert tools_call().client_name(name) is None
+
+
+def test_tools_of_builds_client_tools():
+    tools = cmp.tools_of({"tools": [WEATHER, function_tool("bare"), LONG]})
+    assert tools[0] == cmp.ClientTool("get_weather", "get_weather", "Current weather in a city",
+                                      json.dumps(WEATHER_SCHEMA, sort_keys=True))
+    assert (tools[1].name, tools[1].mcp_name, tools[1].description) == ("bare", "bare", "")
+    assert (tools[2].name, tools[2].mcp_name) == (LONG_NAME, cmp.mcp_name_for(LONG_NAME))
+    assert tools[0].listing() == {"name": "get_weather", "description": "Current weather in a city",
+                                  "inputSchema": WEATHER_SCHEMA}
+
+
+@pytest.mark.parametrize("parameters, schema", [
+    (None, {"type": "object", "properties": {}}),
+    ({"type": "object"}, {"type": "object"}),
+    ({"properties": {"a": {"type": "string"}}}, {"type": "object", "properties": {"a": {"type": "string"}}}),
+    (WEATHER_SCHEMA, WEATHER_SCHEMA),
+])
+def test_tool_parameters_become_an_object_schema(parameters, schema):
+    assert json.loads(cmp.tools_of({"tools": [function_tool("f", parameters)]})[0].schema) == schema
+
+
+@pytest.mark.parametrize("body", [{}, {"tools": None}, {"tools": []}, {"functions": []}])
+def test_no_tools(body):
+    assert cmp.tools_of(body) == ()
+
+
+def test_legacy_functions_are_the_same_tools():
+    assert cmp.tools_of({"functions": [t["function"] for t in TOOLS]}) == cmp.tools_of({"tools": TOOLS})
+
+
+@pytest.mark.parametrize("body, param, code", [
+    ({"tools": "x"}, "tools", "invalid_type"),
+    ({"tools": {}}, "tools", "invalid_type"),
+    ({"tools": [5]}, "tools[0]", "unsupported_tool"),
+    ({"tools": [{"type": "code_interpreter"}]}, "tools[0]", "unsupported_tool"),
+    ({"tools": [{"type": "function"}]}, "tools[0]", "unsupported_tool"),
+    ({"tools": [WEATHER, {"type": "function", "function": "f"}]}, "tools[1]", "unsupported_tool"),
+    ({"tools": [function_tool("get weather")]}, "tools[0].function.name", "invalid_value"),
+    ({"tools": [function_tool("")]}, "tools[0].function.name", "invalid_value"),
+    ({"tools": [function_tool("x" * 65)]}, "tools[0].function.name", "invalid_value"),
+    ({"tools": [function_tool("wetter_\u00fc")]}, "tools[0].function.name", "invalid_value"),
+    ({"tools": [function_tool(5)]}, "tools[0].function.name", "invalid_value"),
+    ({"tools": [{"type": "function", "function": {}}]}, "tools[0].function.name", "invalid_value"),
+    ({"tools": [WEATHER, CLOCK, WEATHER]}, "tools[2].function.name", "invalid_value"),
+    ({"tools": [function_tool("f", description=5)]}, "tools[0].function.description", "invalid_type"),
+    ({"tools": [function_tool("f", "x")]}, "tools[0].function.parameters", "invalid_type"),
+    ({"tools": [function_tool("f", [])]}, "tools[0].function.parameters", "invalid_type"),
+    ({"functions": "x"}, "functions", "invalid_type"),
+    ({"functions": [5]}, "functions[0]", "unsupported_tool"),
+])
+def test_bad_tools_are_400_naming_the_exact_param(body, param, code):
+    error = error_of(cmp.tools_of, body)
+    assert (error.status, error.type, error.param, error.code) == (
+        400, "invalid_request_error", param, code)
+
+
+@pytest.mark.parametrize("functions, param", [
+    ([{"name": "get weather"}], "functions[0].name"),
+    ([{"name": "f"}, {"name": "f"}], "functions[1].name"),
+    ([{"name": "f", "description": 5}], "functions[0].description"),
+    ([{"name": "f", "parameters": "x"}], "functions[0].parameters"),
+])
+def test_bad_legacy_functions_name_the_param_the_client_sent(functions, param):
+    # A legacy function has no `function` wrapper: `functions[0].function.name` does not exist.
+    error = error_of(cmp.tools_of, {"functions": functions})
+    assert (error.status, error.param) == (400, param)
+
+
+# ================================================================================================
+# tool_choice_of, response_format_of, effort_of
+# ================================================================================================
+
+CHOICE_TOOLS = cmp.tools_of({"tools": [WEATHER, CLOCK]})
+
+
+@pytest.mark.parametrize("body, expected", [
+    ({}, ("auto", None)),
+    ({"tool_choice": None}, ("auto", None)),
+    ({"tool_choice": "auto"}, ("auto", None)),
+    ({"tool_choice": "none"}, ("none", None)),
+    ({"tool_choice": "required"}, ("required", None)),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}, ("named", "get_time")),
+    ({"function_call": "auto"}, ("auto", None)),
+    ({"function_call": "none"}, ("none", None)),
+    ({"function_call": {"name": "get_weather"}}, ("named", "get_weather")),
+    ({"tool_choice": "auto", "function_call": "none"}, ("auto", None)),
+])
+def test_tool_choice_of(body, expected):
+    assert cmp.tool_choice_of(body, CHOICE_TOOLS) == expected
+
+
+@pytest.mark.parametrize("body, tools, param", [
+    ({"tool_choice": "always"}, CHOICE_TOOLS, "tool_choice"),
+    ({"tool_choice": 1}, CHOICE_TOOLS, "tool_choice"),
+    ({"tool_choice": []}, CHOICE_TOOLS, "tool_choice"),
+    ({"tool_choice": {"type": "function"}}, CHOICE_TOOLS, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, CHOICE_TOOLS, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": []}}}, CHOICE_TOOLS, "tool_choice"),
+    ({"tool_choice": {"type": "allowed_tools", "allowed_tools": {}}}, CHOICE_TOOLS, "tool_choice"),
+    ({"tool_choice": "required"}, (), "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}, (), "tool_choice"),
+    ({"function_call": "sometimes"}, CHOICE_TOOLS, "function_call"),
+    ({"function_call": {"name": "nope"}}, CHOICE_TOOLS, "function_call"),
+])
+def test_bad_tool_choice_is_400(body, tools, param):
+    error = error_of(cmp.tool_choice_of, body, tools)
+    assert (error.status, error.type, error.param) == (400, "invalid_request_error", param)
+
+
+ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+
+
+@pytest.mark.parametrize("fmt, expected", [
+    (None, None),
+    ({"type": "text"}, None),
+    ({"type": "json_object"}, {"type": "object"}),
+    ({"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA, "strict": True}},
+     ANSWER_SCHEMA),
+])
+def test_response_format_of(fmt, expected):
+    assert cmp.response_format_of({"response_format": fmt}) == expected
+
+
+@pytest.mark.parametrize("fmt, param", [
+    ("json", "response_format"),
+    ({}, "response_format"),
+    ({"type": "xml"}, "response_format"),
+    ({"type": ["json_object"]}, "response_format"),
+    ({"type": "json_schema"}, "response_format.json_schema.schema"),
+    ({"type": "json_schema", "json_schema": {"name": "a"}}, "response_format.json_schema.schema"),
+    ({"type": "json_schema", "json_schema": {"schema": "{}"}}, "response_format.json_schema.schema"),
+    ({"type": "json_schema", "json_schema": {"schema": {"description": "x" * 100001}}},
+     "response_format.json_schema.schema"),
+])
+def test_bad_response_format_is_400(fmt, param):
+    error = error_of(cmp.response_format_of, {"response_format": fmt})
+    assert (error.status, error.type, error.param) == (400, "invalid_request_error", param)
+
+
+@pytest.mark.parametrize("body, expected", [
+    ({}, None),
+    ({"reasoning_effort": None}, None),
+    ({"reasoning_effort": "minimal"}, "low"),
+    ({"reasoning_effort": "low"}, "low"),
+    ({"reasoning_effort": "medium"}, "medium"),
+    ({"reasoning_effort": "high"}, "high"),
+    ({"reasoning_effort": "xhigh"}, "xhigh"),
+    ({"reasoning_effort": "max"}, "max"),
+    ({"reasoning": {"effort": "high"}}, "high"),
+])
+def test_effort_of(body, expected):
+    assert cmp.effort_of(body) == expected
+
+
+@pytest.mark.parametrize("value", ["extreme", "", "HIGH", 1, True, 0.5, [], ["high"], {}, {"effort": "high"}])
+def test_bad_reasoning_effort_is_400(value):
+    error = error_of(cmp.effort_of, {"reasoning_effort": value})
+    assert (error.status, error.type, error.param) == (400, "invalid_request_error", "reasoning_effort")
+
+
+# ================================================================================================
 # turns_from_messages and cli_call_for
 # ================================================================================================
 
@@ -477,13 +933,14 @@ def test_empty_messages_are_skipped_so_they_do_not_break_alternation():
     ([], "messages"),
     (["hi"], "messages[0]"),
     ([user("a"), 5], "messages[1]"),
-    ([user("a"), msg("tool", "x")], "messages[1].role"),
-    ([user("a"), msg("function", "x")], "messages[1].role"),
+    ([user("a"), msg("robot", "x")], "messages[1].role"),
+    ([user("a"), msg("tool", "x")], "messages[1].tool_call_id"),
+    ([user("a"), msg("function", "x")], "messages[1].name"),
     ([{"content": "x"}], "messages[0].role"),
     ([user("a"), user(5)], "messages[1].content"),
     ([system({"x": 1}), user("a")], "messages[0].content"),
     ([user("a"), assistant([{"type": "text", "text": 1}])], "messages[1].content[0].text"),
-    ([user([{"type": "image_url", "image_url": {"url": "x"}}])], "messages[0].content[0]"),
+    ([user([{"type": "image_url", "image_url": {"url": "x"}}])], "messages[0].content[0].image_url"),
 ])
 def test_bad_messages_name_the_exact_param(messages, param):
     error = error_of(cmp.turns_from_messages, messages, 100)
@@ -561,12 +1018,296 @@ def test_stream_and_include_usage(params, stream, include_usage):
     assert (call.stream, call.include_usage) == (stream, include_usage)
 
 
-def test_tools_are_refused_rather_than_silently_dropped():
-    # Tools are off in every CLI call; answering a tool-calling request with plain text would
-    # break the client's loop silently (tool-role messages already get a 400).
+def test_tools_are_honored_rather_than_refused_or_dropped():
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    error = error_of(call_for, user("hi"), tools=[tool])
-    assert (error.status, error.param) == (400, "tools")
+    call = call_for(user("hi"), tools=[tool])
+    assert call.tools == (cmp.ClientTool("f", "f", "", json.dumps({"type": "object"})),)
+    assert call.client_name(cmp.MCP_PREFIX + "f") == "f"
+    assert call.system_prompt == cmp.NEUTRAL_SYSTEM_PROMPT  # `auto` adds no instruction
+
+
+# ================================================================================================
+# Tool calls and results in messages: tool_use_of, tool_result_of, turns_from_messages
+# ================================================================================================
+
+NAMES = {t.name: t.mcp_name for t in cmp.tools_of({"tools": TOOLS})}
+
+
+@pytest.mark.parametrize("call, expected", [
+    (tool_call("call_1", "get_weather", '{"city": "Paris"}'), tool_use("call_1", "get_weather", {"city": "Paris"})),
+    (tool_call("call_1", "get_time", "{}"), tool_use("call_1", "get_time", {})),
+    (tool_call("call_1", "get_time", ""), tool_use("call_1", "get_time", {})),
+    ({"id": "call_1", "function": {"name": "get_time"}}, tool_use("call_1", "get_time", {})),
+    (tool_call("toolu_01A-b_9", LONG_NAME, '{"q": "\u00fc"}'), tool_use("toolu_01A-b_9", LONG_NAME, {"q": "\u00fc"})),
+    (tool_call("c", "not_offered", '{"a": [1, {"b": null}]}'), tool_use("c", "not_offered", {"a": [1, {"b": None}]})),
+])
+def test_tool_use_of(call, expected):
+    assert cmp.tool_use_of(call, "messages[1].tool_calls[0]", NAMES) == expected
+
+
+@pytest.mark.parametrize("call, suffix", [
+    (5, ""),
+    ({"id": "c"}, ""),
+    ({"id": "c", "function": "get_time"}, ""),
+    (tool_call("", "get_time", "{}"), ".id"),
+    (tool_call("call 1", "get_time", "{}"), ".id"),
+    (tool_call(5, "get_time", "{}"), ".id"),
+    ({"function": {"name": "get_time", "arguments": "{}"}}, ".id"),
+    (tool_call("c", "get time", "{}"), ".function.name"),
+    (tool_call("c", None, "{}"), ".function.name"),
+    (tool_call("c", "get_time", "{not json"), ".function.arguments"),
+    (tool_call("c", "get_time", '{"a": 1'), ".function.arguments"),
+    (tool_call("c", "get_time", "[1, 2]"), ".function.arguments"),
+    (tool_call("c", "get_time", "5"), ".function.arguments"),
+    (tool_call("c", "get_time", "null"), ".function.arguments"),
+    (tool_call("c", "get_time", {"a": 1}), ".function.arguments"),
+])
+def test_bad_tool_calls_are_400_naming_the_exact_param(call, suffix):
+    error = error_of(cmp.tool_use_of, call, "messages[3].tool_calls[2]", NAMES)
+    assert (error.status, error.type, error.param) == (
+        400, "invalid_request_error", "messages[3].tool_calls[2]" + suffix)
+
+
+@pytest.mark.parametrize("content, result", [
+    ("18C", "18C"),
+    ("", ""),
+    (None, ""),
+    ([{"type": "text", "text": "12:"}, {"type": "text", "text": "00"}], "12:00"),
+    ("line1\nline2", "line1\nline2"),
+])
+def test_tool_result_of(content, result):
+    assert cmp.tool_result_of("call_1", content, "messages[2]") == tool_result("call_1", result)
+
+
+@pytest.mark.parametrize("tool_call_id, content, param", [
+    (None, "x", "messages[2].tool_call_id"),
+    ("", "x", "messages[2].tool_call_id"),
+    (5, "x", "messages[2].tool_call_id"),
+    ("call_1", 5, "messages[2].content"),
+    ("call_1", [{"type": "text", "text": 1}], "messages[2].content[0].text"),
+])
+def test_bad_tool_results_are_400(tool_call_id, content, param):
+    error = error_of(cmp.tool_result_of, tool_call_id, content, "messages[2]")
+    assert (error.status, error.param) == (400, param)
+
+
+def test_tool_calls_and_results_become_tool_use_then_tool_result_blocks():
+    system_prompt, turns = cmp.turns_from_messages([
+        system("S"),
+        user("Weather in Paris, and the time?"),
+        assistant_calls("Checking.", tool_call("call_1", "get_weather", '{"city": "Paris"}'),
+                        tool_call("call_2", "get_time", "{}")),
+        tool_message("call_1", "18C"),
+        tool_message("call_2", [{"type": "text", "text": "12:00"}]),
+        user("Thanks. And tomorrow?"),
+    ], 100, cmp.tools_of({"tools": TOOLS}))
+    assert system_prompt == "S"
+    assert turns == [
+        {"role": "user", "content": [text("Weather in Paris, and the time?")]},
+        {"role": "assistant", "content": [text("Checking."),
+                                          tool_use("call_1", "get_weather", {"city": "Paris"}),
+                                          tool_use("call_2", "get_time", {})]},
+        {"role": "user", "content": [tool_result("call_1", "18C"), tool_result("call_2", "12:00"),
+                                     text("Thanks. And tomorrow?")]},
+    ]
+
+
+@pytest.mark.parametrize("content", [None, "", []])
+def test_an_assistant_message_of_tool_calls_only_has_no_text_block(content):
+    _, turns = cmp.turns_from_messages(
+        [user("q"), assistant_calls(content, tool_call("call_1", "get_time", "{}")),
+         tool_message("call_1", "noon")], 100)
+    assert turns[1] == {"role": "assistant", "content": [tool_use("call_1", "get_time", {})]}
+    assert turns[2] == {"role": "user", "content": [tool_result("call_1", "noon")]}
+
+
+def test_long_tool_names_in_history_get_the_same_short_form_as_the_offered_tool():
+    call = call_for(user("q"), assistant_calls(None, tool_call("call_1", LONG_NAME, '{"q": "x"}')),
+                    tool_message("call_1", "found"), tools=TOOLS)
+    block = call.history[1]["content"][0]
+    assert block["name"] == cmp.MCP_PREFIX + next(t.mcp_name for t in call.tools if t.name == LONG_NAME)
+    assert len(block["name"]) <= 64
+    assert call.client_name(block["name"]) == LONG_NAME
+
+
+@PROPERTY
+@given(st.lists(st.sampled_from(["tool", "user"]), min_size=1, max_size=6))
+def test_tool_results_open_their_user_turn_in_order(order):
+    # Messages after an assistant's calls, in any order: the results come first (the Messages API
+    # requires it), each group keeping the order the client sent.
+    calls = ["call_%d" % i for i, kind in enumerate(order) if kind == "tool"]
+    messages = [user("q"), assistant_calls(None, *[tool_call(c, "get_time", "{}") for c in calls] or
+                                           [tool_call("call_x", "get_time", "{}")])]
+    for i, kind in enumerate(order):
+        messages.append(tool_message("call_%d" % i, "r%d" % i) if kind == "tool" else user("u%d" % i))
+    _, turns = cmp.turns_from_messages(messages, 100)
+    results = [tool_result("call_%d" % i, "r%d" % i) for i, kind in enumerate(order) if kind == "tool"]
+    texts = [text("u%d" % i) for i, kind in enumerate(order) if kind == "user"]
+    assert turns[-1] == {"role": "user", "content": results + texts}
+
+
+@pytest.mark.parametrize("messages, param", [
+    ([user("a"), {"role": "assistant", "tool_calls": "x"}], "messages[1].tool_calls"),
+    ([user("a"), {"role": "assistant", "tool_calls": {}}], "messages[1].tool_calls"),
+    ([user("a"), assistant_calls(None, 5)], "messages[1].tool_calls[0]"),
+    ([user("a"), assistant_calls(None, tool_call("c1", "get_time", "{}"), tool_call("c 2", "get_time", "{}"))],
+     "messages[1].tool_calls[1].id"),
+    ([user("a"), assistant_calls(None, tool_call("c1", "get time", "{}"))], "messages[1].tool_calls[0].function.name"),
+    ([user("a"), assistant_calls(None, tool_call("c1", "get_time", "{}"), tool_call("c2", "get_weather", '{"city": '))],
+     "messages[1].tool_calls[1].function.arguments"),
+    ([user("a"), assistant("b"), user("c"), assistant_calls(None, tool_call("c1", "get_time", "nope"))],
+     "messages[3].tool_calls[0].function.arguments"),
+    ([user("a"), assistant_calls(None, tool_call("c1", "get_time", "{}")), {"role": "tool", "content": "x"}],
+     "messages[2].tool_call_id"),
+    ([user("a"), assistant_calls(None, tool_call("c1", "get_time", "{}")), tool_message("c1", 5)],
+     "messages[2].content"),
+    ([user("a"), {"role": "function", "name": "get_time", "content": "x"}], "messages[1].name"),
+    ([user("a"), {"role": "assistant", "function_call": {"name": "f", "arguments": "{"}}],
+     "messages[1].function_call.arguments"),
+    ([user("a"), {"role": "assistant", "function_call": {"name": "a b", "arguments": "{}"}}],
+     "messages[1].function_call.name"),
+])
+def test_bad_tool_messages_name_the_exact_param(messages, param):
+    error = error_of(cmp.turns_from_messages, messages, 100)
+    assert (error.status, error.type, error.param) == (400, "invalid_request_error", param)
+
+
+def legacy_call(name, arguments):
+    return {"role": "assistant", "content": None, "function_call": {"name": name, "arguments": arguments}}
+
+
+def function_message(name, content):
+    return {"role": "function", "name": name, "content": content}
+
+
+def test_legacy_functions_map_like_tools():
+    legacy = call_for(user("Weather?"), legacy_call("get_weather", '{"city": "Paris"}'),
+                      function_message("get_weather", "18C"),
+                      functions=[WEATHER["function"]], function_call="auto")
+    call_id = legacy.history[1]["content"][0]["id"]
+    modern = call_for(user("Weather?"),
+                      assistant_calls(None, tool_call(call_id, "get_weather", '{"city": "Paris"}')),
+                      tool_message(call_id, "18C"), tools=[WEATHER], tool_choice="auto")
+    assert legacy == modern
+    assert legacy.prompt == [tool_result(call_id, "18C")]
+
+
+def test_legacy_function_results_answer_the_earlier_calls_in_order():
+    _, turns = cmp.turns_from_messages([
+        user("Weather in Paris and Rome?"),
+        legacy_call("get_weather", '{"city": "Paris"}'), function_message("get_weather", "18C"),
+        legacy_call("get_weather", '{"city": "Rome"}'), function_message("get_weather", "25C"),
+    ], 100)
+    first, second = turns[1]["content"][0], turns[3]["content"][0]
+    assert first["input"] == {"city": "Paris"} and second["input"] == {"city": "Rome"}
+    assert first["id"] != second["id"]
+    assert turns[2]["content"] == [tool_result(first["id"], "18C")]
+    assert turns[4]["content"] == [tool_result(second["id"], "25C")]
+    assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant", "user"]
+
+
+def test_a_legacy_function_call_is_answered_once():
+    error = error_of(cmp.turns_from_messages, [
+        user("q"), legacy_call("get_time", "{}"), function_message("get_time", "noon"),
+        function_message("get_time", "again")], 100)
+    assert (error.status, error.param) == (400, "messages[3].name")
+
+
+@pytest.mark.parametrize("turns, expected", [
+    ([], False),
+    ([{"role": "user", "content": [text("a")]}], False),
+    ([{"role": "user", "content": [text("a"), image_block()]}], False),
+    ([{"role": "assistant", "content": [tool_use("c", "f", {})]}], True),
+    ([{"role": "user", "content": [text("a")]}, {"role": "user", "content": [tool_result("c", "x")]}], True),
+])
+def test_has_tool_blocks(turns, expected):
+    assert cmp.has_tool_blocks(turns) is expected
+
+
+# ================================================================================================
+# cli_call_for: tools, tool_choice, formats, effort, reasoning
+# ================================================================================================
+
+TOOL_HISTORY = [user("Weather in Paris?"),
+                assistant_calls(None, tool_call("call_1", "get_weather", '{"city": "Paris"}')),
+                tool_message("call_1", "18C")]
+
+
+def test_a_request_may_end_with_tool_results():
+    call = call_for(system("S"), *TOOL_HISTORY, tools=TOOLS)
+    assert call.prompt == [tool_result("call_1", "18C")]
+    assert call.history[-1] == {"role": "assistant", "content": [tool_use("call_1", "get_weather", {"city": "Paris"})]}
+    assert call.system_prompt == "S"
+    assert [t.name for t in call.tools] == ["get_weather", "get_time", LONG_NAME]
+
+
+def test_a_request_may_not_end_with_the_assistants_tool_calls():
+    error = error_of(call_for, *TOOL_HISTORY[:2], tools=TOOLS)
+    assert (error.status, error.param) == (400, "messages")
+
+
+@pytest.mark.parametrize("params", [
+    {"tool_choice": "none"}, {"function_call": "none", "functions": [WEATHER["function"]]},
+])
+def test_tool_choice_none_hides_the_tools(params):
+    params = dict({"tools": TOOLS}, **params)
+    call = call_for(system("S"), user("hi"), **params)
+    assert call.tools == () and call.system_prompt == "S"
+
+
+def test_tool_choice_none_keeps_the_tools_of_a_conversation_that_used_them():
+    # Earlier tool_use blocks need their tools defined; the system prompt forbids new calls.
+    call = call_for(system("S"), *TOOL_HISTORY, tools=TOOLS, tool_choice="none")
+    assert call.tools == call_for(system("S"), *TOOL_HISTORY, tools=TOOLS).tools
+    assert call.system_prompt.startswith("S") and call.system_prompt != "S"
+    assert "not call" in call.system_prompt.lower()
+
+
+@pytest.mark.parametrize("params, mentioned", [
+    ({"tool_choice": "required"}, None),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "get_time"),
+    ({"tool_choice": {"type": "function", "function": {"name": LONG_NAME}}}, LONG_NAME),
+    ({"function_call": {"name": "get_weather"}}, "get_weather"),
+])
+def test_required_and_named_tool_choice_add_an_instruction(params, mentioned):
+    call = call_for(system("S"), user("hi"), tools=TOOLS, **params)
+    assert len(call.tools) == len(TOOLS)
+    assert call.system_prompt.startswith("S") and "must call" in call.system_prompt
+    if mentioned:
+        assert upstream(mentioned) in call.system_prompt
+    assert call.system_prompt == call_for(system("S"), user("hi"), tools=TOOLS, **params).system_prompt
+
+
+def test_auto_tool_choice_adds_nothing():
+    assert call_for(system("S"), user("hi"), tools=TOOLS, tool_choice="auto").system_prompt == "S"
+
+
+@pytest.mark.parametrize("value, expected", [(None, True), (True, True), (False, False)])
+def test_parallel_tool_calls(value, expected):
+    assert tools_call(parallel_tool_calls=value).parallel_tool_calls is expected
+
+
+@pytest.mark.parametrize("body_value, config_value, expected", [
+    (None, False, False), (True, False, True), (False, False, False),
+    (None, True, True), (True, True, True),
+    (False, True, False),   # the server default is only a default: an explicit false wins
+])
+def test_include_reasoning(body_value, config_value, expected):
+    body = body_with(user("hi"), include_reasoning=body_value)
+    assert cmp.cli_call_for(body, config(include_reasoning=config_value)).include_reasoning is expected
+
+
+@pytest.mark.parametrize("params, json_schema, effort", [
+    ({}, None, None),
+    ({"response_format": {"type": "json_object"}}, {"type": "object"}, None),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER_SCHEMA}}},
+     ANSWER_SCHEMA, None),
+    ({"reasoning_effort": "minimal"}, None, "low"),
+    ({"reasoning_effort": "high", "response_format": {"type": "text"}}, None, "high"),
+])
+def test_response_format_and_reasoning_effort_reach_the_call(params, json_schema, effort):
+    call = call_for(user("hi"), **params)
+    assert (call.json_schema, call.effort) == (json_schema, effort)
 
 
 # -- properties over arbitrary JSON ---------------------------------------------------------------
@@ -583,11 +1324,27 @@ content_parts = st.one_of(
         "text": st.one_of(st.text(max_size=12), json_scalars)}),
     json_values)
 contents = st.one_of(st.text(max_size=16), st.lists(content_parts, max_size=3), json_values)
+tool_call_values = st.one_of(
+    json_values,
+    st.lists(st.fixed_dictionaries({
+        "id": st.one_of(st.sampled_from(["call_1", "call_2", "call 3", ""]), json_scalars),
+        "type": st.just("function"),
+        "function": st.fixed_dictionaries({
+            "name": st.one_of(st.sampled_from(["get_weather", "get_time", LONG_NAME, "bad name"]), json_scalars),
+            "arguments": st.one_of(st.sampled_from(["{}", '{"city": "Paris"}', "", "[1]", "{", "null"]),
+                                   json_values)})}),
+        max_size=2))
 messages_strategy = st.one_of(
     st.fixed_dictionaries({
-        "role": st.one_of(st.sampled_from(["system", "developer", "user", "assistant", "tool"]),
+        "role": st.one_of(st.sampled_from(["system", "developer", "user", "assistant", "tool", "function"]),
                           json_scalars),
-        "content": contents}),
+        "content": contents},
+        optional={"tool_calls": tool_call_values,
+                  "tool_call_id": st.one_of(st.sampled_from(["call_1", "call_2"]), json_scalars),
+                  "name": st.one_of(st.sampled_from(["get_weather", "get_time"]), json_scalars),
+                  "function_call": st.one_of(json_values, st.fixed_dictionaries(
+                      {"name": st.sampled_from(["get_weather", "get_time"]),
+                       "arguments": st.sampled_from(["{}", "{", '{"city": "Rome"}']),}))}),
     json_values)
 plain_messages = st.lists(
     st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "user", "assistant"]),
@@ -596,7 +1353,10 @@ plain_messages = st.lists(
 param_values = st.one_of(
     json_values,
     st.sampled_from([None, True, False, 0, 1, 2, 0.5, 64, "x", "opus", "claude-max/sonnet",
-                     "gpt-4", "claude-x-1", {}, {"include_usage": True}, ["END"]]),
+                     "gpt-4", "claude-x-1", {}, {"include_usage": True}, ["END"], TOOLS,
+                     [WEATHER["function"]], "auto", "none", "required", "high", "minimal",
+                     {"name": "get_weather"}, {"type": "function", "function": {"name": "get_time"}},
+                     {"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": {}}}]),
     st.lists(st.text(min_size=1, max_size=3), max_size=5))
 bodies = st.builds(
     lambda messages, params: dict(params, messages=messages),
@@ -607,6 +1367,8 @@ bodies = st.builds(
 @PROPERTY
 @given(st.one_of(bodies, json_values))
 @example({"messages": [{"role": "user", "content": "hi"}]})
+@example({"messages": TOOL_HISTORY, "tools": TOOLS, "tool_choice": "none"})
+@example({"messages": [{"role": "user", "content": "hi"}], "reasoning_effort": []})
 def test_cli_call_for_returns_a_call_or_a_4xx_api_error(body):
     try:
         call = cmp.cli_call_for(body, config(max_messages=4))
@@ -619,7 +1381,16 @@ def test_cli_call_for_returns_a_call_or_a_4xx_api_error(body):
     turns = call.history + [{"role": "user", "content": call.prompt}]
     assert [t["role"] for t in turns][-1] == "user"
     assert all(a["role"] != b["role"] for a, b in zip(turns, turns[1:]))
-    assert all(block["type"] == "text" and block["text"] for t in turns for block in t["content"])
+    for t in turns:
+        allowed = {"user": ("text", "image", "tool_result"), "assistant": ("text", "tool_use")}[t["role"]]
+        assert all(block["type"] in allowed for block in t["content"])
+        assert all(block["text"] for block in t["content"] if block["type"] == "text")
+        types = [block["type"] for block in t["content"]]
+        assert types == sorted(types, key=lambda kind: kind != "tool_result")
+        for block in t["content"]:
+            if block["type"] == "tool_use":
+                assert cmp.TOOL_NAME.match(block["name"]) and isinstance(block["input"], dict)
+    json.loads(cmp.stdin_line_for(call.prompt).decode("ascii"))
 
 
 # ================================================================================================
@@ -759,6 +1530,122 @@ def test_stdin_line_is_valid_utf8_for_any_accepted_request():
         assert error.status == 400
         return
     json.loads(cmp.stdin_line_for(call.prompt).decode("utf-8"))
+
+
+# ================================================================================================
+# cli_args_for with tools, structured output and effort; tool_results_in; cold_turns_for
+# ================================================================================================
+
+def args_for(call, session_id=None):
+    return cmp.cli_args_for(call, "claude", session_id, "/tmp/p/system.txt")
+
+
+def test_tools_add_the_proxys_sdk_mcp_server_and_the_stdio_permission_prompt():
+    args = args_for(tools_call())
+    assert json.loads(value_after(args, "--mcp-config")) == {
+        "mcpServers": {cmp.MCP_SERVER: {"type": "sdk", "name": cmp.MCP_SERVER}}}
+    assert value_after(args, "--permission-prompt-tool") == "stdio"
+    # Still none of Claude Code's own tools, and no MCP server from the user's settings.
+    assert value_after(args, "--tools") == "" and "--strict-mcp-config" in args
+    assert value_after(args, "--system-prompt-file") == "/tmp/p/system.txt"
+
+
+@pytest.mark.parametrize("params", [{}, {"tools": []}, {"tools": TOOLS, "tool_choice": "none"}])
+def test_no_mcp_server_without_tools(params):
+    args = args_for(call_for(user("hi"), **params))
+    assert "--mcp-config" not in args and "--permission-prompt-tool" not in args
+
+
+def test_tool_definitions_never_reach_argv():
+    # Names, descriptions and schemas reach the CLI through the MCP server's tools/list.
+    marker = "\u2603tool-text\u2603"
+    tool = function_tool("f_marker", {"type": "object", "properties": {"q": {"description": marker}}},
+                         marker)
+    args = args_for(call_for(user("hi"), tools=[tool], tool_choice={"type": "function", "function": {"name": "f_marker"}}))
+    assert not any(marker in a or "f_marker" in a for a in args)
+
+
+@pytest.mark.parametrize("fmt, schema", [
+    (None, None),
+    ({"type": "text"}, None),
+    ({"type": "json_object"}, {"type": "object"}),
+    ({"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER_SCHEMA}}, ANSWER_SCHEMA),
+])
+def test_response_format_becomes_json_schema(fmt, schema):
+    args = args_for(call_for(user("hi"), response_format=fmt))
+    if schema is None:
+        assert "--json-schema" not in args
+    else:
+        assert json.loads(value_after(args, "--json-schema")) == schema
+
+
+def test_the_largest_accepted_schema_fits_one_argument():
+    # Non-ASCII and NUL are escaped (6 ASCII bytes each), so the argument is as long as the text.
+    room = 100000 - len(json.dumps({"type": "object", "description": ""}))
+    schema = {"type": "object", "description": "\u00fc\x00" * (room // 12)}
+    assert 100000 - 12 < len(json.dumps(schema)) <= 100000
+    args = args_for(call_for(user("hi"), response_format={
+        "type": "json_schema", "json_schema": {"name": "a", "schema": schema}}))
+    value = value_after(args, "--json-schema")
+    assert json.loads(value) == schema
+    assert "\x00" not in value and len(os.fsencode(value)) <= MAX_ARG_BYTES
+
+
+@pytest.mark.parametrize("effort", [None, "minimal", "low", "medium", "high", "xhigh", "max"])
+def test_reasoning_effort_becomes_effort(effort):
+    args = args_for(call_for(user("hi"), reasoning_effort=effort))
+    if effort is None:
+        assert "--effort" not in args
+    else:
+        assert value_after(args, "--effort") == cmp.EFFORTS[effort]
+
+
+def test_all_options_together():
+    call = tools_call(response_format={"type": "json_object"}, reasoning_effort="medium")
+    args = args_for(call, "sid-1")
+    assert value_after(args, "--resume") == "sid-1"
+    assert value_after(args, "--effort") == "medium"
+    assert json.loads(value_after(args, "--json-schema")) == {"type": "object"}
+    assert value_after(args, "--permission-prompt-tool") == "stdio"
+    assert all(isinstance(a, str) for a in args)
+
+
+@pytest.mark.parametrize("blocks, expected", [
+    ([], {}),
+    ([text("hi")], {}),
+    ([tool_result("call_1", "18C")], {"call_1": "18C"}),
+    ([tool_result("call_1", "18C"), tool_result("call_2", "")], {"call_1": "18C", "call_2": ""}),
+    ([tool_result("call_1", "18C"), text("and?")], {}),
+    ([{"type": "tool_result", "tool_use_id": "c", "content": [text("a"), text("b")]}], {"c": "ab"}),
+])
+def test_tool_results_in(blocks, expected):
+    assert cmp.tool_results_in(blocks) == expected
+
+
+def test_tool_results_in_a_real_follow_up():
+    call = call_for(*TOOL_HISTORY, tools=TOOLS)
+    assert cmp.tool_results_in(call.prompt) == {"call_1": "18C"}
+    assert cmp.tool_results_in(call_for(*(TOOL_HISTORY + [user("more")]), tools=TOOLS).prompt) == {}
+
+
+def test_cold_turns_for_a_plain_prompt():
+    call = call_for(user("a"), assistant("b"), user("c"))
+    assert cmp.cold_turns_for(call) == (call.history, call.prompt)
+
+
+@pytest.mark.parametrize("extra", [[], [user("Thanks. And tomorrow?")]])
+def test_cold_turns_for_tool_results_write_them_into_the_session(extra):
+    # The CLI drops tool results sent on stdin to a resumed session: the results join the session
+    # turns and stdin only starts the turn.
+    call = call_for(*(TOOL_HISTORY + extra), tools=TOOLS)
+    session_turns, stdin_blocks = cmp.cold_turns_for(call)
+    assert session_turns == call.history + [{"role": "user", "content": call.prompt}]
+    assert session_turns[-1]["content"][0] == tool_result("call_1", "18C")
+    assert stdin_blocks == [text(cmp.TOOL_RESULTS_PROMPT)]
+    assert call.history == cmp.cold_turns_for(call)[0][:-1]  # the call itself is left as it was
+    rows = [json.loads(line) for line in cmp.session_lines_for(session_turns, "s", "/d", now=0)]
+    assert [r["message"]["content"] for r in rows] == [t["content"] for t in session_turns]
+    assert rows[1]["message"]["content"][0]["type"] == "tool_use"
 
 
 # ================================================================================================
@@ -956,6 +1843,16 @@ def test_message_stop_without_stop_reason_waits_for_the_result():
     assert out == [("text", "hi")] and not translator.finished
     out = translator.feed(result_event("hi", "max_tokens"))
     assert [e[:2] for e in out] == [("finish", "length")]
+
+
+@pytest.mark.parametrize("stop_reason, finish", [
+    ("end_turn", "stop"), ("max_tokens", "length"), ("stop_sequence", "stop"),
+    ("refusal", "content_filter"), ("pause_turn", "stop"), ("something_new", "stop"),
+    ("tool_use", "stop"),  # no client tool was called (e.g. only the CLI's StructuredOutput)
+])
+def test_a_turn_ended_by_the_result_maps_its_stop_reason(stop_reason, finish):
+    _, out = translate([init_event(), result_event("Whole answer", stop_reason)])
+    assert kinds(out) == [("text", "Whole answer"), ("finish", finish)]
 
 
 @pytest.mark.parametrize("stop", [(), ("zzz",), ("!",)])
@@ -1182,6 +2079,437 @@ def test_streamed_chunks_concatenate_to_the_completion(whole, cuts, stops, stop_
 
 
 # ================================================================================================
+# TurnTranslator with a CliCall: tool calls, structured output, reasoning
+# ================================================================================================
+
+def streamed_tool_calls(chunks):
+    """The tool calls a client rebuilds from the deltas, the way the OpenAI SDKs do it."""
+    calls = {}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            for delta in choice["delta"].get("tool_calls") or []:
+                entry = calls.setdefault(delta["index"], {"id": None, "name": None, "arguments": ""})
+                entry["id"] = delta.get("id", entry["id"])
+                function = delta.get("function") or {}
+                entry["name"] = function.get("name", entry["name"])
+                entry["arguments"] += function.get("arguments") or ""
+    assert sorted(calls) == list(range(len(calls)))
+    return [calls[n] for n in sorted(calls)]
+
+
+def finish_reasons(chunks):
+    return [c["choices"][0]["finish_reason"] for c in chunks
+            if c["choices"] and c["choices"][0]["finish_reason"] is not None]
+
+
+def streamed_text(chunks, field="content"):
+    return "".join(c["choices"][0]["delta"].get(field) or "" for c in chunks if c["choices"])
+
+
+WEATHER_CALL = ("tool", "toolu_1", upstream("get_weather"), ['{"city": ', '"Paris"}'])
+
+
+def test_a_tool_call_reaches_the_client_with_its_id_name_and_arguments():
+    translator, out = translate(message_turn([("text", ["Let me ", "check."]), WEATHER_CALL]),
+                                call=tools_call())
+    assert kinds(out) == [("text", "Let me "), ("text", "check."),
+                          ("tool_call", 0, "toolu_1", "get_weather"),
+                          ("tool_args", 0, '{"city": '), ("tool_args", 0, '"Paris"}'),
+                          ("finish", "tool_calls")]
+    assert translator.finished
+    for include_usage in (False, True):
+        chunks = chunks_for_events(out, include_usage)
+        assert streamed_tool_calls(chunks) == [
+            {"id": "toolu_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}]
+        assert finish_reasons(chunks) == ["tool_calls"]
+        assert streamed_text(chunks) == "Let me check."
+
+
+def test_parallel_tool_calls_keep_their_order_and_indexes():
+    events = message_turn([("text", ["Checking."]), WEATHER_CALL,
+                           ("tool", "toolu_2", upstream("get_time"), ["{}"]),
+                           ("tool", "toolu_3", upstream(LONG_NAME), ['{"q": ', '"t"}'])])
+    _, out = translate(events, call=tools_call())
+    assert [e for e in out if e[0] == "tool_call"] == [
+        ("tool_call", 0, "toolu_1", "get_weather"), ("tool_call", 1, "toolu_2", "get_time"),
+        ("tool_call", 2, "toolu_3", LONG_NAME)]
+    chunks = chunks_for_events(out, False)
+    assert streamed_tool_calls(chunks) == [
+        {"id": "toolu_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"id": "toolu_2", "name": "get_time", "arguments": "{}"},
+        {"id": "toolu_3", "name": LONG_NAME, "arguments": '{"q": "t"}'}]
+    assert finish_reasons(chunks) == ["tool_calls"]
+    message = cmp.completion_from(out, "c", 1, "m")["choices"][0]["message"]
+    assert [c["id"] for c in message["tool_calls"]] == ["toolu_1", "toolu_2", "toolu_3"]
+
+
+ARGUMENT_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6)
+
+
+@PROPERTY
+@given(arguments=st.lists(st.dictionaries(st.text(max_size=5), ARGUMENT_VALUES, max_size=3),
+                          min_size=1, max_size=3),
+       cuts=st.lists(st.integers(0, 80), max_size=8), include_usage=st.booleans())
+def test_streamed_arguments_concatenate_to_valid_json_however_they_are_split(arguments, cuts, include_usage):
+    names = ["get_weather", "get_time", LONG_NAME]
+    blocks = [("tool", "toolu_%d" % n, upstream(names[n]), split(json.dumps(a), cuts))
+              for n, a in enumerate(arguments)]
+    _, out = translate(message_turn(blocks), call=tools_call())
+    chunks = chunks_for_events(out, include_usage)
+    calls = streamed_tool_calls(chunks)
+    assert [json.loads(c["arguments"]) for c in calls] == arguments
+    assert [(c["id"], c["name"]) for c in calls] == [("toolu_%d" % n, names[n]) for n in range(len(arguments))]
+    assert finish_reasons(chunks) == ["tool_calls"]
+    completion = cmp.completion_from(out, "c", 1, "m")
+    assert completion["choices"][0]["message"]["tool_calls"] == [
+        {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+        for c in calls]
+    assert completion["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("fragments", [[], [""], ["", ""]],
+                         ids=["no fragment", "the empty opening fragment", "empty fragments"])
+def test_a_tool_call_without_argument_fragments_gets_an_empty_object(fragments):
+    # The Messages API opens every tool input with partial_json "", and a tool called without
+    # arguments gets nothing more: the client must still receive parseable arguments.
+    events = ([init_event(), message_start(), tool_start(0, "toolu_1", upstream("get_time"))]
+              + [json_delta(0, f) for f in fragments]
+              + [block_stop(0), message_delta("tool_use"), message_stop()])
+    _, out = translate(events, call=tools_call())
+    assert streamed_tool_calls(chunks_for_events(out, False)) == [
+        {"id": "toolu_1", "name": "get_time", "arguments": "{}"}]
+    message = cmp.completion_from(out, "c", 1, "m")["choices"][0]["message"]
+    assert message["tool_calls"][0]["function"]["arguments"] == "{}"
+
+
+@pytest.mark.parametrize("name", ["Read", "get_weather", "mcp__other__get_weather",
+                                  cmp.MCP_PREFIX + "unknown", cmp.STRUCTURED_OUTPUT_TOOL])
+def test_a_call_of_anything_but_a_client_tool_is_not_passed_on(name):
+    events = message_turn([("text", ["Hm."]), ("tool", "toolu_9", name, ['{"a": 1}'])])
+    _, out = translate(events, call=tools_call())
+    assert kinds(out) == [("text", "Hm."), ("finish", "stop")]
+
+
+def test_without_a_call_no_tool_is_a_client_tool():
+    _, out = translate(message_turn([WEATHER_CALL]))
+    assert kinds(out) == [("finish", "stop")]
+
+
+def test_parallel_tool_calls_false_ends_the_turn_at_the_first_calls_end():
+    events = message_turn([("text", ["Both."]), WEATHER_CALL,
+                           ("tool", "toolu_2", upstream("get_time"), ["{}"])])
+    translator = cmp.TurnTranslator(call=tools_call(parallel_tool_calls=False))
+    out, consumed = [], 0
+    while not translator.finished:
+        out += translator.feed(events[consumed])
+        consumed += 1
+    assert events[consumed - 1] == block_stop(1)  # the first tool block's end, not message_stop
+    assert kinds(out) == [("text", "Both."), ("tool_call", 0, "toolu_1", "get_weather"),
+                          ("tool_args", 0, '{"city": '), ("tool_args", 0, '"Paris"}'),
+                          ("finish", "tool_calls")]
+    assert all(translator.feed(event) == [] for event in events[consumed:])
+
+
+def json_call(fmt=None, **params):
+    fmt = fmt or {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA}}
+    return call_for(user("Answer in JSON."), response_format=fmt, **params)
+
+
+@pytest.mark.parametrize("fmt", [None, {"type": "json_object"}])
+def test_json_mode_answer_is_the_structured_output_arguments(fmt):
+    events = message_turn([("text", ["Here is ", "the answer:"]),
+                           ("tool", "toolu_s", cmp.STRUCTURED_OUTPUT_TOOL, ['{"answer"', ': 42}'])])
+    _, out = translate(events, call=json_call(fmt))
+    assert kinds(out) == [("text", '{"answer"'), ("text", ": 42}"), ("finish", "stop")]
+    completion = cmp.completion_from(out, "c", 1, "m")
+    message = completion["choices"][0]["message"]
+    assert json.loads(message["content"]) == {"answer": 42} and "tool_calls" not in message
+    chunks = chunks_for_events(out, False)
+    assert streamed_text(chunks) == '{"answer": 42}' and streamed_tool_calls(chunks) == []
+    assert finish_reasons(chunks) == ["stop"]
+
+
+def test_json_mode_without_a_structured_output_call_answers_with_the_held_text():
+    events = message_turn([("text", ['{"answer"', ": 42}"])], stop_reason="end_turn")
+    translator = cmp.TurnTranslator(call=json_call())
+    held = [e for event in events[:-2] for e in translator.feed(event)]
+    assert held == []  # nothing is sent before it is known not to precede a structured answer
+    out = [e for event in events[-2:] for e in translator.feed(event)]
+    assert kinds(out) == [("text", '{"answer": 42}'), ("finish", "stop")]
+
+
+def test_json_mode_structured_output_from_the_result_alone():
+    result = dict(result_event("Done."), structured_output={"answer": 42})
+    _, out = translate([init_event(), result], call=json_call())
+    assert json.loads(text_of(out)) == {"answer": 42}
+    assert [e[:2] for e in finishes_of(out)] == [("finish", "stop")]
+
+
+def test_json_mode_still_passes_client_tool_calls_on():
+    events = message_turn([WEATHER_CALL])
+    _, out = translate(events, call=json_call(tools=TOOLS))
+    assert kinds(out) == [("tool_call", 0, "toolu_1", "get_weather"), ("tool_args", 0, '{"city": '),
+                          ("tool_args", 0, '"Paris"}'), ("finish", "tool_calls")]
+
+
+@pytest.mark.parametrize("include_reasoning", [True, False])
+def test_thinking_reaches_the_client_only_when_asked(include_reasoning):
+    events = message_turn([("thinking", ["Let me ", "think."]), ("text", ["Done."])], stop_reason="end_turn")
+    _, out = translate(events, call=call_for(user("hi"), include_reasoning=include_reasoning))
+    reasoning = [("reasoning", "Let me "), ("reasoning", "think.")] if include_reasoning else []
+    assert kinds(out) == reasoning + [("text", "Done."), ("finish", "stop")]
+    chunks = chunks_for_events(out, False)
+    assert streamed_text(chunks, "reasoning_content") == ("Let me think." if include_reasoning else "")
+    assert streamed_text(chunks) == "Done."
+    message = cmp.completion_from(out, "c", 1, "m")["choices"][0]["message"]
+    assert message.get("reasoning_content") == ("Let me think." if include_reasoning else None)
+    assert message["content"] == "Done."
+
+
+def test_a_translator_with_a_call_uses_the_calls_stop_strings():
+    _, out = translate(turn(["one END two"]), ("zzz",), call=call_for(user("hi"), stop="END"))
+    assert text_of(out) == "one " and [e[:2] for e in finishes_of(out)] == [("finish", "stop")]
+
+
+def test_events_of_a_subagent_are_not_the_answer():
+    inner = [dict(e, parent_tool_use_id="toolu_x") for e in message_turn([WEATHER_CALL])]
+    translator, out = translate(inner, call=tools_call())
+    assert out == [] and not translator.finished
+
+
+# ================================================================================================
+# ChatChunks, tool_calls_from, completion_from and assistant_turn_from with tools and reasoning
+# ================================================================================================
+
+def test_chunks_for_tool_calls_and_reasoning():
+    events = [("reasoning", "hm"), ("tool_call", 0, "toolu_1", "get_weather"),
+              ("tool_args", 0, '{"city": "Paris"}'), ("tool_call", 1, "toolu_2", "get_time"),
+              ("tool_args", 1, "{}"), finish_event("tool_calls")]
+    chunks = chunks_for_events(events, False)
+    assert [c["choices"][0]["delta"] for c in chunks] == [
+        {"role": "assistant", "content": ""},
+        {"reasoning_content": "hm"},
+        {"tool_calls": [{"index": 0, "id": "toolu_1", "type": "function",
+                         "function": {"name": "get_weather", "arguments": ""}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Paris"}'}}]},
+        {"tool_calls": [{"index": 1, "id": "toolu_2", "type": "function",
+                         "function": {"name": "get_time", "arguments": ""}}]},
+        {"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]},
+        {}]
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * 6 + ["tool_calls"]
+
+
+def test_tool_calls_from_joins_fragments_in_call_order():
+    events = [("text", "t"), ("tool_call", 0, "a", "f"), ("tool_call", 1, "b", "g"),
+              ("tool_args", 1, '{"y"'), ("tool_args", 0, '{"x": 1}'), ("tool_args", 1, ": 2}"),
+              ("tool_args", 7, "stray"), finish_event("tool_calls")]
+    assert cmp.tool_calls_from(events) == [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+        {"id": "b", "type": "function", "function": {"name": "g", "arguments": '{"y": 2}'}}]
+    assert cmp.tool_calls_from([("text", "x"), finish_event()]) == []
+
+
+TIME_CALL_EVENTS = [("tool_call", 0, "toolu_1", "get_time"), ("tool_args", 0, "{}")]
+
+
+@pytest.mark.parametrize("events, content, reasoning", [
+    ([("text", "hi")], "hi", None),
+    ([], "", None),
+    (TIME_CALL_EVENTS, None, None),
+    ([("text", "Let me check.")] + TIME_CALL_EVENTS, "Let me check.", None),
+    ([("reasoning", "h"), ("reasoning", "m"), ("text", "hi")], "hi", "hm"),
+    ([("reasoning", "h")] + TIME_CALL_EVENTS, None, "h"),
+])
+def test_completion_from_with_tool_calls_and_reasoning(events, content, reasoning):
+    calls = any(e[0] == "tool_call" for e in events)
+    completion = cmp.completion_from(events + [finish_event("tool_calls" if calls else "stop")], "c", 1, "m")
+    message = completion["choices"][0]["message"]
+    assert message["role"] == "assistant" and message["content"] == content
+    assert message.get("reasoning_content") == reasoning
+    assert ("tool_calls" in message) == calls
+    if calls:
+        assert message["tool_calls"] == [
+            {"id": "toolu_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]
+    assert completion["choices"][0]["finish_reason"] == ("tool_calls" if calls else "stop")
+
+
+def test_the_openai_sdk_accepts_tool_call_chunks_and_completions():
+    pytest.importorskip("openai")
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    events = message_turn([("thinking", ["Hm."]), ("text", ["Let me check."]), WEATHER_CALL,
+                           ("tool", "toolu_2", upstream("get_time"), ["{}"])])
+    _, out = translate(events, call=tools_call(include_reasoning=True))
+    completion = cmp.completion_from(out, "chatcmpl-1", 1700000000, "claude-sonnet-4")
+    parsed = ChatCompletion.model_validate(completion)
+    state = ChatCompletionStreamState()
+    for chunk in chunks_for_events(out, True):
+        state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+    final = state.get_final_completion()
+    for choice in (parsed.choices[0], final.choices[0]):
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.content == "Let me check."
+        assert [(c.id, c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+            ("toolu_1", "get_weather", {"city": "Paris"}), ("toolu_2", "get_time", {})]
+    assert final.usage.total_tokens == completion["usage"]["total_tokens"]
+
+
+def test_assistant_turn_from_a_tool_call_turn():
+    call = tools_call()
+    events = message_turn([("text", ["Let me check."]), WEATHER_CALL,
+                           ("tool", "toolu_2", upstream(LONG_NAME), ['{"q": "t"}'])])
+    _, out = translate(events, call=call)
+    assert cmp.assistant_turn_from(out, call) == {"role": "assistant", "content": [
+        text("Let me check."), tool_use("toolu_1", "get_weather", {"city": "Paris"}),
+        tool_use("toolu_2", LONG_NAME, {"q": "t"})]}
+
+
+def test_assistant_turn_from_a_text_answer():
+    _, out = translate(turn(["Hello"]))
+    assert cmp.assistant_turn_from(out, call_for(user("hi"))) == {"role": "assistant", "content": [text("Hello")]}
+
+
+# ================================================================================================
+# conversation_key: a follow-up with tool results finds the process that made the calls
+# ================================================================================================
+
+@pytest.mark.parametrize("before, resend", [
+    (["Let me check."], "completion"), ([], "completion"), (["Let me check."], "stream"), ([], "stream"),
+])
+def test_a_follow_up_with_tool_results_matches_the_parked_conversation(before, resend):
+    question = [system("S"), user("Weather in Paris, and the time?")]
+    first = tools_call(*question)
+    blocks = ([("text", before)] if before else []) + [
+        WEATHER_CALL, ("tool", "toolu_2", upstream(LONG_NAME), ['{"q": "t"}'])]
+    _, out = translate(message_turn(blocks), call=first)
+    if resend == "completion":
+        message = cmp.completion_from(out, "c", 1, "m")["choices"][0]["message"]
+        sent = {"role": "assistant", "content": message["content"], "tool_calls": message["tool_calls"]}
+    else:  # what a streaming client puts together from the chunks
+        chunks = chunks_for_events(out, False)
+        sent = {"role": "assistant", "content": streamed_text(chunks), "tool_calls": [
+            tool_call(c["id"], c["name"], c["arguments"]) for c in streamed_tool_calls(chunks)]}
+    follow_up = tools_call(*(question + [sent, tool_message("toolu_1", "18C"), tool_message("toolu_2", "found")]),
+                           stream=True)
+    parked = first.history + [{"role": "user", "content": first.prompt}, cmp.assistant_turn_from(out, first)]
+    assert follow_up.history == parked
+    assert cmp.conversation_key(follow_up, follow_up.history) == cmp.conversation_key(first, parked)
+    assert cmp.tool_results_in(follow_up.prompt) == {"toolu_1": "18C", "toolu_2": "found"}
+
+
+KEY_MESSAGES = [system("S"), user("q"), assistant("a"), user("q2")]
+
+
+def key_of(messages=None, **params):
+    call = call_for(*(messages or KEY_MESSAGES), **dict({"tools": TOOLS}, **params))
+    return cmp.conversation_key(call, call.history)
+
+
+def test_conversation_key_is_equal_for_equal_requests():
+    assert key_of() == key_of() and isinstance(key_of(), str)
+
+
+@pytest.mark.parametrize("messages, params", [
+    (None, {"model": "opus"}),
+    ([system("T")] + KEY_MESSAGES[1:], {}),
+    (None, {"tool_choice": "required"}),
+    (None, {"tools": TOOLS[:2]}),
+    (None, {"tools": [CLOCK, WEATHER, LONG]}),
+    (None, {"tools": [function_tool("get_weather", WEATHER_SCHEMA, "Other words"), CLOCK, LONG]}),
+    (None, {"tools": [function_tool("get_weather", {"type": "object"}, "Current weather in a city"), CLOCK, LONG]}),
+    (None, {"response_format": {"type": "json_object"}}),
+    (None, {"reasoning_effort": "high"}),
+    (None, {"max_tokens": 10}),
+    (None, {"max_completion_tokens": 10}),
+    ([system("S"), user("q"), assistant("b"), user("q2")], {}),
+    ([system("S"), user("q0"), assistant("a"), user("q2")], {}),
+    ([system("S"), user("q"), assistant_calls("a", tool_call("c1", "get_time", "{}")),
+      tool_message("c1", "noon"), user("q2")], {}),
+])
+def test_conversation_key_differs_when_anything_the_process_fixed_differs(messages, params):
+    assert key_of(messages, **params) != key_of()
+
+
+@pytest.mark.parametrize("params", [
+    {"stream": True}, {"stream": True, "stream_options": {"include_usage": True}},
+    {"temperature": 0.2}, {"stop": "END"}, {"user": "someone"}, {"tool_choice": "auto"},
+])
+def test_conversation_key_ignores_what_the_process_did_not_fix(params):
+    assert key_of(**params) == key_of()
+
+
+def test_conversation_key_covers_the_turns_given():
+    call = call_for(*KEY_MESSAGES, tools=TOOLS)
+    longer = call.history + [{"role": "user", "content": call.prompt}, {"role": "assistant", "content": [text("x")]}]
+    assert cmp.conversation_key(call, call.history) != cmp.conversation_key(call, longer)
+
+
+# ================================================================================================
+# mcp_reply_for: the proxy's MCP server
+# ================================================================================================
+
+MCP_TOOLS = cmp.tools_of({"tools": TOOLS})
+
+
+def rpc(method, message_id=1, **params):
+    message = {"jsonrpc": "2.0", "method": method}
+    if message_id is not None:
+        message["id"] = message_id
+    if params:
+        message["params"] = params
+    return message
+
+
+@pytest.mark.parametrize("message_id", [0, 1, "req-7"])
+def test_mcp_initialize_echoes_the_protocol_version(message_id):
+    message = rpc("initialize", message_id, protocolVersion="2025-03-26", capabilities={},
+                  clientInfo={"name": "claude-code", "version": "2.1.0"})
+    assert cmp.mcp_reply_for(message, MCP_TOOLS) == {"jsonrpc": "2.0", "id": message_id, "result": {
+        "protocolVersion": "2025-03-26", "capabilities": {"tools": {}},
+        "serverInfo": {"name": "claude-max-proxy", "version": cmp.__version__}}}
+
+
+def test_mcp_initialize_without_a_version_offers_one():
+    result = cmp.mcp_reply_for(rpc("initialize"), MCP_TOOLS)["result"]
+    assert isinstance(result["protocolVersion"], str) and result["protocolVersion"]
+    assert result["capabilities"] == {"tools": {}}
+
+
+def test_mcp_tools_list_offers_the_client_tools_under_their_mcp_names():
+    reply = cmp.mcp_reply_for(rpc("tools/list", 2), MCP_TOOLS)
+    assert (reply["jsonrpc"], reply["id"]) == ("2.0", 2) and "error" not in reply
+    listed = reply["result"]["tools"]
+    assert [t["name"] for t in listed] == ["get_weather", "get_time", cmp.mcp_name_for(LONG_NAME)]
+    assert listed[0] == {"name": "get_weather", "description": "Current weather in a city",
+                         "inputSchema": WEATHER_SCHEMA}
+    assert listed[2]["inputSchema"] == LONG["function"]["parameters"]
+    assert all(len(cmp.MCP_PREFIX + t["name"]) <= 64 for t in listed)
+    json.dumps(reply)
+    assert cmp.mcp_reply_for(rpc("tools/list", 3), ())["result"] == {"tools": []}
+
+
+def test_mcp_ping():
+    assert cmp.mcp_reply_for(rpc("ping", "p"), MCP_TOOLS) == {"jsonrpc": "2.0", "id": "p", "result": {}}
+
+
+@pytest.mark.parametrize("method", ["resources/list", "prompts/list", "nonsense", None])
+def test_mcp_unknown_methods_are_method_not_found(method):
+    reply = cmp.mcp_reply_for(rpc(method, 9), MCP_TOOLS)
+    assert reply["id"] == 9 and "result" not in reply
+    assert reply["error"]["code"] == -32601 and reply["error"]["message"]
+
+
+@pytest.mark.parametrize("method", ["notifications/initialized", "notifications/cancelled", "tools/list"])
+def test_mcp_notifications_are_acknowledged_without_an_id(method):
+    reply = cmp.mcp_reply_for(rpc(method, None), MCP_TOOLS)
+    assert reply == {"jsonrpc": "2.0", "result": {}}
+
+
+# ================================================================================================
 # config_from
 # ================================================================================================
 
@@ -1295,3 +2623,10 @@ def test_unknown_default_model_is_a_config_error():
     # the client never sent.
     with pytest.raises(cmp.ConfigError):
         cmp.config_from(parsed("--default-model", "gpt-4o"), {})
+
+
+def test_readme_tables_match_the_code():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(path, encoding="utf-8") as readme_file:
+        readme = readme_file.read()
+    assert cmp.readme_tables() in readme
