@@ -20,18 +20,22 @@ import argparse
 import base64
 import binascii
 import collections
-import hashlib
 import dataclasses
 import datetime
+import hashlib
 import hmac
+import http.client
 import ipaddress
 import json
 import os
+import plistlib
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import sys
 import tempfile
@@ -2599,12 +2603,6 @@ def serve(config: Config) -> int:
 # ================================================================================================
 # Commands: doctor, install-service, uninstall-service
 # ================================================================================================
-
-# Only the commands below need these; the proxy itself never touches them.
-import http.client
-import plistlib
-import shlex
-import string
 
 SERVICE_NAME = "claude-max-proxy"
 LAUNCHD_LABEL = "local.claude-max-proxy"
