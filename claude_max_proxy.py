@@ -611,7 +611,7 @@ def tool_use_of(call: Any, where: str, names: Dict[str, str], field: Optional[st
     arguments = function.get("arguments", "{}")
     try:
         parsed = json.loads(arguments or "{}") if isinstance(arguments, str) else None
-    except ValueError:
+    except (ValueError, RecursionError):
         parsed = None
     if not isinstance(parsed, dict):
         raise invalid(field + "arguments", "`arguments` must be a JSON object in a string")
@@ -1570,7 +1570,10 @@ RESPONSES_PARAM_NAMES = {
     "response_format": "text.format",
     "response_format.json_schema.schema": "text.format.schema",
 }
-# Item types of the Responses API that stand for OpenAI's hosted tools: nothing here runs them.
+# Where each chat message (or tool call) of a translated body came from, for error params:
+# {chat prefix: (Responses param, {chat field suffix: Responses field suffix})}.
+Origins = Dict[str, Tuple[str, Dict[str, str]]]
+# Why a hosted tool (web_search, file_search, computer_use_preview...) is refused: nothing runs it.
 BUILTIN_TOOL_HINT = ("only `function` tools are supported: the proxy has no hosted tools "
                      "(web search, file search, computer use, code interpreter...)")
 
@@ -1596,9 +1599,8 @@ def responses_message_of(item: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def chat_messages_from_items(items: List[Any], first: int = 0, where: str = "input"
-                             ) -> Tuple[List[Dict[str, Any]], Dict[str, Tuple[str, Dict[str, str]]]]:
-    """Responses input (or output) items -> chat messages, and for each message (or tool call) the
-    Responses param it came from with its field renames: {chat prefix: (param, {suffix: suffix})}.
+                             ) -> Tuple[List[Dict[str, Any]], Origins]:
+    """Responses input (or output) items -> chat messages, and where each one came from.
 
     `first` is the index the first message will have in the chat body's `messages`."""
     messages, origins = [], {}
@@ -1651,8 +1653,8 @@ def chat_tools_from_responses(tools: Any) -> Any:
                 key: tool[key] for key in ("name", "description", "parameters") if key in tool}}
         elif not isinstance(tool, dict) or tool.get("type") != "function":
             kind = tool.get("type") if isinstance(tool, dict) else None
-            raise invalid("tools[%d]" % i, "tools of type %r are not supported: %s" % (kind, BUILTIN_TOOL_HINT),
-                          "unsupported_tool")
+            raise invalid("tools[%d]" % i, "tools of type %r are not supported: %s"
+                          % (kind, BUILTIN_TOOL_HINT), "unsupported_tool")
         out.append(tool)
     return out
 
@@ -1682,7 +1684,7 @@ def chat_response_format_from_responses(text: Any) -> Optional[Dict[str, Any]]:
 
 
 def responses_translation(body: Any, previous_messages: List[Dict[str, Any]]
-                          ) -> Tuple[Dict[str, Any], List[Dict[str, Any]], Dict[str, Tuple[str, Dict[str, str]]]]:
+                          ) -> Tuple[Dict[str, Any], List[Dict[str, Any]], Origins]:
     """(chat body, the conversation without instructions, error-param origins) for a Responses body."""
     if not isinstance(body, dict):
         raise invalid(None, "the request body must be a JSON object", "invalid_type")
@@ -1703,7 +1705,8 @@ def responses_translation(body: Any, previous_messages: List[Dict[str, Any]]
     if instructions is not None and not isinstance(instructions, str):
         raise invalid("instructions", "`instructions` must be a string", "invalid_type")
     head = [{"role": "system", "content": instructions}] if instructions else []
-    origins = {"messages[%d]" % i: ("previous_response_id", {}) for i in range(len(head), len(head) + len(previous_messages))}
+    origins = {"messages[%d]" % i: ("previous_response_id", {})
+               for i in range(len(head), len(head) + len(previous_messages))}
     if head:
         origins["messages[0]"] = ("instructions", {".content": ""})
     new, item_origins = chat_messages_from_items(items, len(head) + len(previous_messages))
@@ -1725,12 +1728,13 @@ def responses_translation(body: Any, previous_messages: List[Dict[str, Any]]
     return chat, conversation, origins
 
 
-def chat_body_from_responses(body: Any, previous_messages: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+def chat_body_from_responses(body: Any, previous_messages: Optional[List[Dict[str, Any]]] = None
+                             ) -> Dict[str, Any]:
     """A Responses request (plus the stored conversation it continues) -> a chat-completions body."""
     return responses_translation(body, previous_messages or [])[0]
 
 
-def responses_error(error: ApiError, origins: Dict[str, Tuple[str, Dict[str, str]]]) -> ApiError:
+def responses_error(error: ApiError, origins: Origins) -> ApiError:
     """A chat-translation error re-aimed at the Responses parameter the client sent."""
     param = error.param
     if not param:
@@ -1791,11 +1795,13 @@ def responses_usage(usage: Dict[str, Any]) -> Dict[str, Any]:
 class ResponsesRenderer:
     """How a turn looks in the Responses API: a `response` object, or its typed SSE events.
 
-    One state machine serves both, so the streamed events and the whole object always agree; the
-    final object stays in `self.response` (for previous_response_id)."""
+    One state machine serves both, so the streamed events and the whole object always agree. A
+    finished response goes to `keep` (previous_response_id's store) before it is sent, so a client
+    may continue it the moment it has it."""
 
-    def __init__(self, call: CliCall, body: Dict[str, Any]):
-        self.call, self.body = call, body
+    def __init__(self, call: CliCall, body: Dict[str, Any],
+                 keep: Optional[Callable[[Dict[str, Any]], Any]] = None):
+        self.call, self.keep = call, keep
         self.response_id = "resp_" + uuid.uuid4().hex
         self.created_at = int(time.time())
         self.model = call.requested_model
@@ -1806,6 +1812,7 @@ class ResponsesRenderer:
         self.indexes = {}       # item id -> its output_index
         self.started = False
         self.response = None    # type: Optional[Dict[str, Any]]
+        self.settings = self._settings_of(body)
 
     # -- the interface the HTTP layer uses (same as ChatRenderer) ---------------------------------
 
@@ -1850,7 +1857,9 @@ class ResponsesRenderer:
             if event[1] in ("length", "content_filter"):
                 status = "incomplete"
                 details = {"reason": "max_output_tokens" if event[1] == "length" else "content_filter"}
-            self.response = self._snapshot(status, usage=responses_usage(event[2]), incomplete_details=details)
+            self.response = self._snapshot(status, responses_usage(event[2]), incomplete_details=details)
+            if self.keep is not None:
+                self.keep(self.response)
             out.append(self._event("response." + status, response=self.response))
         return out
 
@@ -1922,26 +1931,32 @@ class ResponsesRenderer:
     def _snapshot(self, status: str, usage: Optional[Dict[str, Any]] = None,
                   error: Optional[Dict[str, Any]] = None,
                   incomplete_details: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        body = self.body
         output = json.loads(json.dumps(self.output))
         text = "".join(part["text"] for item in output if item["type"] == "message"
                        for part in item["content"] if part["type"] == "output_text")
+        response = {"id": self.response_id, "object": "response", "created_at": self.created_at,
+                    "status": status, "error": error, "incomplete_details": incomplete_details,
+                    "model": self.model, "output": output, "output_text": text, "usage": usage}
+        response.update(self.settings)
+        return response
+
+    def _settings_of(self, body: Dict[str, Any]) -> Dict[str, Any]:
+        """The request settings a response echoes, made safe to encode (ignored fields such as
+        `user` and `metadata` are not checked for lone surrogates)."""
         text_config = body.get("text") if isinstance(body.get("text"), dict) else {}
-        return {
-            "id": self.response_id, "object": "response", "created_at": self.created_at,
-            "status": status, "error": error, "incomplete_details": incomplete_details,
+        reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
+        settings = {
             "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
-            "model": self.model, "output": output, "output_text": text,
             "parallel_tool_calls": self.call.parallel_tool_calls,
             "previous_response_id": body.get("previous_response_id"),
-            "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None},
+            "reasoning": {"effort": reasoning.get("effort"), "summary": None},
             "store": body.get("store") is not False,
             "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
             "text": dict(text_config, format=text_config.get("format") or {"type": "text"}),
             "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
-            "truncation": "disabled", "usage": usage, "user": body.get("user"),
-            "metadata": body.get("metadata") or {},
+            "truncation": "disabled", "user": body.get("user"), "metadata": body.get("metadata") or {},
         }
+        return json.loads(json.dumps(settings, ensure_ascii=False).encode("utf-8", "replace"))
 
 
 class ResponseStore:
@@ -1959,7 +1974,10 @@ class ResponseStore:
 
     def put(self, response: Dict[str, Any], messages: List[Dict[str, Any]]) -> bool:
         """Keep a response; False when it alone is over the byte bound (it is then not kept)."""
-        size = len(json.dumps(response)) + len(json.dumps(messages))
+        try:
+            size = len(json.dumps(response)) + len(json.dumps(messages))
+        except (ValueError, RecursionError):
+            return False
         with self.lock:
             self._drop(response["id"])
             if size > self.max_bytes or self.max_items <= 0:
@@ -2000,6 +2018,7 @@ def previous_messages_for(body: Any, store: ResponseStore) -> List[Dict[str, Any
         return []
     if not isinstance(previous, str):
         raise invalid("previous_response_id", "`previous_response_id` must be a string", "invalid_type")
+    check_encodable(previous, "previous_response_id")
     found = store.get(previous)
     if found is None:
         raise ApiError(404, "Previous response with id '%s' not found (responses are kept in memory "
@@ -2187,6 +2206,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.status = self.status or 499
             self.close_connection = True
+        except RecursionError:  # a JSON value nested deeper than anything real: a client error
+            self._send_error(invalid(None, "the request is nested too deeply", "invalid_json"))
         except Exception as exc:  # the server must survive anything a request does
             self._send_error(ApiError(500, "internal error: %s" % type(exc).__name__, "server_error",
                                       "internal_error"))
@@ -2399,11 +2420,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         body = self._read_json()
         store = self.server.responses
         call, conversation = responses_call_for(body, previous_messages_for(body, store), self.server.config)
-        renderer = ResponsesRenderer(call, body)
-        self._serve_call(call, renderer)
-        response = renderer.response
-        if response is not None and response["status"] != "failed" and body.get("store") is not False:
+
+        def keep(response: Dict[str, Any]) -> None:
             store.put(response, conversation + responses_output_messages(response["output"]))
+
+        self._serve_call(call, ResponsesRenderer(call, body, None if body.get("store") is False else keep))
 
     def _stored_response(self, response_id: str) -> None:
         found = self.server.responses.get(response_id)
