@@ -62,7 +62,7 @@ MODELS = collections.OrderedDict([
     ("claude-haiku-4", "haiku"),
 ])
 CLI_ALIASES = ("opus", "sonnet", "haiku")
-FULL_MODEL_ID = re.compile(r"^claude-[a-z0-9][a-z0-9.\-]*$")
+FULL_MODEL_ID = re.compile(r"^claude-[a-z0-9][a-z0-9.\-]{0,100}$")
 MODELS_CREATED = 1747699200  # 2025-05-20, a stable "created" for /v1/models
 
 # Neutral stand-in when the client sends no system message: never Claude Code's agent prompt.
@@ -357,8 +357,8 @@ def resolve_model(name: Optional[str], default: str) -> Tuple[str, str]:
         return lowered, lowered
     if FULL_MODEL_ID.match(lowered):
         return lowered, lowered
-    raise ApiError(404, "The model `%s` does not exist. Known models: %s, or any full claude-* "
-                   "model ID." % (name, ", ".join(list(MODELS) + list(CLI_ALIASES))),
+    raise ApiError(404, "The model %s does not exist. Known models: %s, or any full claude-* "
+                   "model ID." % (json.dumps(name[:200]), ", ".join(list(MODELS) + list(CLI_ALIASES))),
                    "invalid_request_error", "model_not_found", "model")
 
 
@@ -2057,25 +2057,25 @@ class Slots:
         else:
             return
         with self.lock:
-            if self.busy < self.size:
-                self.busy += 1
-                return
             if self.waiting >= self.queue:
                 raise ApiError(429, "too many requests in flight (%d running, %d waiting); retry "
                                "shortly" % (self.busy, self.waiting), "rate_limit_error",
                                "rate_limit_exceeded", headers={"Retry-After": "1"})
             self.waiting += 1
-            try:
-                while self.busy >= self.size:
+        try:
+            while not self.try_acquire():
+                if self.evict_idle():  # a process that went idle meanwhile gives way too
+                    continue
+                with self.lock:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise ApiError(429, "no free slot within %.0f s" % timeout, "rate_limit_error",
                                        "rate_limit_exceeded", headers={"Retry-After": "2"})
                     self.lock.wait(min(left, 0.5))
-                    if client_gone():
-                        raise ClientGone()
-                self.busy += 1
-            finally:
+                if client_gone():
+                    raise ClientGone()
+        finally:
+            with self.lock:
                 self.waiting -= 1
 
     def release(self) -> None:
@@ -2144,6 +2144,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- entry points ---------------------------------------------------------------------------
 
+    def setup(self):
+        super().setup()
+        # Headers and body go out as separate writes: without this, Nagle holds the second ~40 ms.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def do_GET(self):
         self._dispatch("GET")
 
@@ -2174,6 +2179,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.headers_sent = getattr(self, "headers_sent", False)
         self.sent_bytes = getattr(self, "sent_bytes", 0)
         self.close_connection = True
+        words = (getattr(self, "requestline", "") or "").split()
+        if len(words) >= 3 or (words and words[-1].upper().startswith("HTTP/")):
+            self.request_version = "HTTP/1.1"  # answer with a status line, even to a bad version
         if not hasattr(self, "headers") or self.headers is None:
             self.headers = {}
         self._send_error(ApiError(code, message or "bad request", "invalid_request_error", "bad_request"))
@@ -2307,17 +2315,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if kind != "application/json":
             raise ApiError(415, "Content-Type must be application/json", "invalid_request_error",
                            "unsupported_media_type")
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            raise ApiError(411, "send the body with a Content-Length", "invalid_request_error",
-                           "length_required")
-        length = self.headers.get("Content-Length")
-        try:
-            size = int(length)
-        except (TypeError, ValueError):
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise ApiError(411, "send the body with a Content-Length, without Transfer-Encoding",
+                           "invalid_request_error", "length_required")
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
             raise ApiError(411, "a Content-Length header is required", "invalid_request_error",
                            "length_required")
-        if size < 0:
-            raise invalid(None, "bad Content-Length")
+        if len(lengths) > 1 or not re.match(r"^[0-9]{1,15}$", lengths[0].strip()):
+            raise invalid(None, "the Content-Length header is malformed", "bad_content_length")
+        size = int(lengths[0])
         if size > self.server.config.max_body_bytes:
             self.close_connection = True
             raise ApiError(413, "request body of %d bytes is over the %d-byte limit"
@@ -2350,7 +2357,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise invalid(None, "the JSON body is nested too deeply", "invalid_json")
 
     def _send_json(self, status: int, obj: Any, headers: Optional[Dict[str, str]] = None) -> None:
-        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        # A lone surrogate echoed back from a request must not cost the client its answer.
+        data = json.dumps(obj, ensure_ascii=False).encode("utf-8", "replace")
         self.status = status
         self.send_response(status)
         self._common_headers()
