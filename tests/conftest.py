@@ -186,6 +186,33 @@ def sse_payloads(raw):
     return out
 
 
+# ---- reading what the fake upstream received ----------------------------------------------------
+
+def marker():
+    """A unique tag for a prompt, to find the upstream requests it caused."""
+    return "@@id:%s@@" % uuid.uuid4().hex
+
+
+def upstream_texts(body):
+    """(role, text) for every message the upstream received, skipping the CLI's system rows."""
+    out = []
+    for message in body["messages"]:
+        if message["role"] == "system":
+            continue
+        content = message["content"]
+        text = content if isinstance(content, str) else "".join(
+            b.get("text", "") for b in content if b.get("type") == "text")
+        out.append((message["role"], text))
+    return out
+
+
+def only_request(upstream, mark):
+    bodies = upstream.messages_requests(mark)
+    assert len(bodies) == 1, "expected exactly one upstream model call, got %d" % len(bodies)
+    return bodies[0]
+
+
+
 @pytest.fixture
 def start_proxy():
     """start_proxy(args, env) -> Proxy; each one stopped, and checked for leaks, at teardown."""

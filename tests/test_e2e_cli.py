@@ -12,32 +12,9 @@ import uuid
 
 import pytest
 
-from conftest import sse_payloads
+from conftest import marker, only_request, sse_payloads, upstream_texts
 
 TEXT = "Hello from the fake upstream."
-
-
-def marker():
-    return "@@id:%s@@" % uuid.uuid4().hex
-
-
-def upstream_texts(body):
-    """(role, text) for every message the upstream received, skipping the CLI's system rows."""
-    out = []
-    for message in body["messages"]:
-        if message["role"] == "system":
-            continue
-        content = message["content"]
-        text = content if isinstance(content, str) else "".join(
-            b.get("text", "") for b in content if b.get("type") == "text")
-        out.append((message["role"], text))
-    return out
-
-
-def only_request(upstream, mark):
-    bodies = upstream.messages_requests(mark)
-    assert len(bodies) == 1, "expected exactly one upstream model call, got %d" % len(bodies)
-    return bodies[0]
 
 
 def chat(proxy, messages, **extra):

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 import claude_max_proxy as cmp
-from conftest import sse_payloads
+from conftest import marker, only_request, sse_payloads, upstream_texts
 
 TEXT = "Hello from the fake upstream."
 PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
@@ -460,29 +460,6 @@ def test_previous_response_id_finds_the_stored_conversation_or_is_a_404():
 # ------------------------------------------------------------------------------------------------
 # End to end: the openai client -> proxy -> the real CLI -> the fake upstream
 # ------------------------------------------------------------------------------------------------
-
-def marker():
-    return "@@id:%s@@" % uuid.uuid4().hex
-
-
-def only_request(upstream, mark):
-    bodies = upstream.messages_requests(mark)
-    assert len(bodies) == 1, "expected exactly one upstream model call, got %d" % len(bodies)
-    return bodies[0]
-
-
-def upstream_texts(body):
-    """(role, text) of the turns the upstream received, the CLI's own system rows skipped."""
-    out = []
-    for message in body["messages"]:
-        if message["role"] == "system":
-            continue
-        content = message["content"]
-        text = content if isinstance(content, str) else "".join(
-            b.get("text", "") for b in content if b.get("type") == "text")
-        out.append((message["role"], text))
-    return out
-
 
 def tool_prompt(mark, args):
     return "weather? @@scenario:tool_use@@ @@args:%s@@ %s" % (json.dumps(args), mark)
