@@ -925,6 +925,21 @@ class CliRun:
             self.proc.stdin.write(stdin_line_for(blocks))
             self.proc.stdin.flush()
 
+    def initialize(self, timeout: float) -> bool:
+        """Have a warm process finish loading now (the SDK's handshake), not at its first turn."""
+        request_id = "warm-" + uuid.uuid4().hex
+        self.send({"type": "control_request", "request_id": request_id, "request": {"subtype": "initialize"}})
+        try:
+            for event in self.events(time.monotonic() + timeout, timeout):
+                if event.get("type") == "control_request":
+                    self.on_control_request(event)
+                elif event.get("type") == "control_response" and \
+                        (event.get("response") or {}).get("request_id") == request_id:
+                    return (event.get("response") or {}).get("subtype") == "success"
+        except ApiError:
+            pass
+        return False
+
     def wait_for_result(self, timeout: float) -> bool:
         """After a turn's last message, read on to the CLI's `result`: True if it ended cleanly."""
         try:
@@ -2118,6 +2133,10 @@ class ProxyServer(ThreadingHTTPServer):
             try:
                 run = CliRun(call, self.config, self.claude.resolve()).start(send_prompt=False)
             except (ApiError, OSError):
+                self.slots.release()
+                return
+            if not run.initialize(60.0):  # filed as warm only once it can answer at once
+                run.close()
                 self.slots.release()
                 return
             self.idle.park(key, run)
