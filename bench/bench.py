@@ -1170,8 +1170,8 @@ def text_report(result):
         "spawn (the proxy's own argv from `cli_args_for`) → first `content_block_delta` text event.",
         "- Turns 2–5 are compared with the cold CLI's *first-turn* TTFT: a CLI resumed cold from a "
         "session of the same history is the proxy's own warm-off path, reported on its own row.",
-        "- /health counts a process as warm as soon as it is spawned, not once it has loaded (the CLI "
-        "prints nothing before its first turn); the 'loaded' row waits for its CPU to go quiet.",
+        "- /health lists a process as warm once it has answered the CLI's initialize handshake; the "
+        "'loaded' row also waits for its CPU to go quiet for 1 s.",
         "- MB = 10^6 bytes. Leftover processes after the proxies stopped: %d." % result["leftover_processes"],
     ]
     return "\n".join(lines) + "\n"
