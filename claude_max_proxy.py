@@ -12,8 +12,14 @@ The path of a request:
   4. Event translation (pure): CLI events -> ``TurnEvent``s -> OpenAI chunks or a completion.
   5. HTTP layer again: headers wait for the first token, then SSE; errors in OpenAI's envelope.
 
+Client functions are offered to the model through an MCP server the proxy answers itself over the
+CLI's control channel; a tool call is caught at the CLI's permission question. Processes are
+reused: a warm one waits for a first turn, and the one that answered waits for the conversation's
+next turn (``IdleRuns``), so later turns neither start a CLI nor replay history.
+
 Sections, top to bottom: constants and tables, configuration, errors, request translation,
-CLI runner, event translation, HTTP layer, commands, main().
+CLI runner (``CliRun``, ``IdleRuns``), event translation, the Responses API, HTTP layer, the
+serve command, doctor and service commands, main().
 """
 
 import argparse
