@@ -186,6 +186,18 @@ def sse_payloads(raw):
     return out
 
 
+def wait_until(predicate, timeout=5.0, what="a condition"):
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail("waited %.1f s for %s" % (timeout, what))
+        time.sleep(0.02)  # bounded polling for a state change, not a guess at timing
+
+
 # ---- reading what the fake upstream received ----------------------------------------------------
 
 def marker():

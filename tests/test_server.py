@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from conftest import FAKE_CLAUDE, ROOT, sse_payloads
+from conftest import FAKE_CLAUDE, ROOT, sse_payloads, wait_until
 import fake_claude
 import claude_max_proxy
 
@@ -38,18 +38,6 @@ def chat_body(mode=None, text="hi", **extra):
 
 def stream_body(mode=None, **extra):
     return chat_body(mode, stream=True, **extra)
-
-
-def wait_until(predicate, timeout=5.0, what="a condition"):
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail("waited %.1f s for %s" % (timeout, what))
-        time.sleep(0.02)
 
 
 def process_state(pid):

@@ -24,7 +24,7 @@ import zipfile
 
 import pytest
 
-from conftest import FAKE_CLAUDE, MODULE, ROOT, http_request
+from conftest import FAKE_CLAUDE, MODULE, ROOT, http_request, wait_until
 import claude_max_proxy as cmp
 import real_cli
 
@@ -170,17 +170,6 @@ def assert_runs_this_program(argv, program=MODULE):
 def flag(argv, name):
     assert name in argv, "%s missing from %s" % (name, argv)
     return argv[argv.index(name) + 1]
-
-
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail("waited %.0f s for %s" % (timeout, what))
-        time.sleep(0.05)
 
 
 def report_lines(stdout):
