@@ -2169,6 +2169,30 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- entry points ---------------------------------------------------------------------------
 
+    unread_body = False
+
+    def finish(self):
+        super().finish()
+        if self.unread_body:
+            self._drain_input()
+
+    def _drain_input(self) -> None:
+        """A lingering close: read what the client still sends, so it can read our error.
+
+        Closing with unread input makes the kernel reset the connection, and a client still
+        uploading would see a broken pipe instead of the 413/411/401 it was sent."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(0.5)
+            deadline, drained = time.monotonic() + 2.0, 0
+            while time.monotonic() < deadline and drained < 64 * 1024 * 1024:
+                data = self.connection.recv(1 << 16)
+                if not data:
+                    break
+                drained += len(data)
+        except OSError:
+            pass
+
     def setup(self):
         super().setup()
         # Headers and body go out as separate writes: without this, Nagle holds the second ~40 ms.
@@ -2235,6 +2259,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                        or self.headers.get("Transfer-Encoding")):
                 # An unread body would be parsed as the next request: end the connection instead.
                 self.close_connection = True
+                self.unread_body = True
             self._send_error(exc)
         except (BrokenPipeError, ConnectionResetError):
             self.status = self.status or 499
@@ -2352,6 +2377,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         size = int(lengths[0])
         if size > self.server.config.max_body_bytes:
             self.close_connection = True
+            self.unread_body = True
             raise ApiError(413, "request body of %d bytes is over the %d-byte limit"
                            % (size, self.server.config.max_body_bytes), "invalid_request_error",
                            "request_too_large")

@@ -470,8 +470,14 @@ def run_stream_json(argv, stdin, stdout):
         line = parse_line(raw)
         received.append(line)
         log_invocation("stdin", received)
+        if line.get("type") == "control_request" and (line.get("request") or {}).get("subtype") == "initialize":
+            # The SDK handshake, answered as the real CLI does once it has loaded.
+            transcript.write({"type": "control_response", "response": {
+                "subtype": "success", "request_id": line.get("request_id"), "response": {"commands": []}}})
+            transcript.flush()
+            continue
         if line.get("type") != "user":
-            continue  # control messages etc.: accepted and logged, nothing to answer
+            continue  # other control messages: accepted and logged, nothing to answer
         turn, arg = turn_for(mode_for(line))
         try:
             turn(transcript, arg, line)
