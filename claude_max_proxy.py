@@ -47,6 +47,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -175,6 +177,7 @@ class Config:
     max_parked: int = 4
     parked_ttl: float = 300.0
     warm: int = 1
+    allow_image_fetch: bool = False
 
 
 # (flag, type, help). Each flag's env var is CLAUDE_MAX_PROXY_<FLAG>, its field the flag in snake case.
@@ -204,6 +207,7 @@ OPTIONS = [
                           "tool results (default 4; 0 turns process reuse off)"),
     ("--parked-ttl", float, "seconds an idle process is kept before it is ended (default 300)"),
     ("--warm", int, "processes pre-started per kind of first turn (default 1; 0 = none)"),
+    ("--allow-image-fetch", bool, "download http(s) image URLs in prompts (off: they get a 400)"),
 ]
 
 
@@ -419,8 +423,8 @@ def image_block_of(part: Dict[str, Any], where: str) -> Dict[str, Any]:
         raise invalid(where + ".image_url", "`%s.image_url.url` must be a string" % where, "invalid_type")
     if re.match(r"^https?://", url, re.I):
         raise invalid(where + ".image_url", "remote image URLs are not fetched (the proxy does not go to "
-                      "the internet on a prompt's behalf): send the image as a data: URL",
-                      "unsupported_image_url")
+                      "the internet on a prompt's behalf unless started with --allow-image-fetch): send "
+                      "the image as a data: URL", "unsupported_image_url")
     match = re.match(r"^data:([\w/+.-]+);base64,(.*)$", url, re.S)
     if not match:
         raise invalid(where + ".image_url", "images must be data:<type>;base64,<data> URLs", "invalid_image_url")
@@ -2149,6 +2153,45 @@ class ProxyServer(ThreadingHTTPServer):
         threading.Thread(target=spawn, daemon=True).start()
 
 
+def fetched_image_url(url: str, where: str) -> str:
+    """Download an http(s) image (only with --allow-image-fetch) and return it as a data: URL."""
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "claude-max-proxy/" + __version__})
+        with urllib.request.urlopen(request, timeout=15) as response:
+            media_type = (response.headers.get_content_type() or "").lower()
+            data = response.read(MAX_IMAGE_BYTES * 3 // 4 + 1)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise invalid(where, "could not fetch the image at %s: %s" % (url[:200], exc), "image_fetch_failed")
+    if media_type == "image/jpg":
+        media_type = "image/jpeg"
+    if media_type not in IMAGE_TYPES:
+        raise invalid(where, "the image at %s is %s, not png, jpeg, gif or webp" % (url[:200], media_type or
+                      "of no declared type"), "unsupported_image_type")
+    if len(data) > MAX_IMAGE_BYTES * 3 // 4:
+        raise invalid(where, "the image at %s is over the 5 MB limit" % url[:200], "image_too_large")
+    return "data:%s;base64,%s" % (media_type, base64.b64encode(data).decode("ascii"))
+
+
+def with_fetched_images(body: Any) -> Any:
+    """The request with every http(s) image URL (chat `image_url`, Responses `input_image`)
+    replaced by the downloaded image as a data: URL; everything else as it was."""
+    def walk(value: Any, where: str) -> Any:
+        if isinstance(value, list):
+            return [walk(item, "%s[%d]" % (where, i)) for i, item in enumerate(value)]
+        if not isinstance(value, dict):
+            return value
+        out = {key: walk(item, "%s.%s" % (where, key) if where else key) for key, item in value.items()}
+        if value.get("type") in ("image_url", "input_image"):
+            url = value.get("image_url")
+            holder = url if isinstance(url, dict) else None
+            text = holder.get("url") if holder is not None else url
+            if isinstance(text, str) and re.match(r"^https?://", text, re.I):
+                fetched = fetched_image_url(text, where + ".image_url")
+                out["image_url"] = dict(holder, url=fetched) if holder is not None else fetched
+        return out
+    return walk(body, "")
+
+
 def client_gone_check(sock: socket.socket) -> Callable[[], bool]:
     """A cheap test for a client that hung up: its socket reads as EOF."""
     def gone() -> bool:
@@ -2472,11 +2515,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                   misses=self.server.reuse["misses"])}
 
     def _chat_completions(self) -> None:
-        call = cli_call_for(self._read_json(), self.server.config)
+        call = cli_call_for(self._read_request(), self.server.config)
         self._serve_call(call, ChatRenderer(call))
 
-    def _responses(self) -> None:
+    def _read_request(self) -> Any:
         body = self._read_json()
+        if self.server.config.allow_image_fetch:
+            body = with_fetched_images(body)
+        return body
+
+    def _responses(self) -> None:
+        body = self._read_request()
         store = self.server.responses
         call, conversation = responses_call_for(body, previous_messages_for(body, store), self.server.config)
 

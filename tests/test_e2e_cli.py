@@ -581,3 +581,42 @@ def test_unrelated_conversations_never_share_a_process(e2e_proxy, upstream):
         assert a not in json.dumps(body) and "alpha" not in json.dumps(body)
     for body in upstream.messages_requests(a):
         assert b not in json.dumps(body)
+
+
+def test_remote_image_is_fetched_only_when_the_user_allows_it(start_proxy, real_claude, e2e_env, upstream):
+    import base64
+    import http.server
+    import threading
+
+    png = base64.b64decode(PNG_1PX)
+
+    class Images(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Images)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = "http://127.0.0.1:%d/cat.png" % server.server_address[1]
+        proxy = start_proxy(["--claude", real_claude, "--allow-image-fetch"], e2e_env)
+        mark = marker()
+        content = [{"type": "text", "text": "what is this? " + mark},
+                   {"type": "image_url", "image_url": {"url": url}}]
+        status, _, raw = chat(proxy, [{"role": "user", "content": content}])
+        assert status == 200, raw
+        blocks = [b for m in only_request(upstream, mark)["messages"] if m["role"] == "user"
+                  for b in m["content"] if isinstance(b, dict) and b.get("type") == "image"]
+        assert blocks[0]["source"] == {"type": "base64", "media_type": "image/png", "data": PNG_1PX}
+        missing = [{"type": "image_url", "image_url": {"url": url}}]  # asked again once the server is gone
+    finally:
+        server.shutdown()
+        server.server_close()
+    status, _, raw = chat(proxy, [{"role": "user", "content": missing}])
+    assert status == 400 and json.loads(raw)["error"]["code"] == "image_fetch_failed"
