@@ -2585,6 +2585,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
             run.close()  # a tool call answered with text, or results for no call: start afresh
             server.slots.release()
             run = None
+        if run is not None and not results:
+            try:
+                run.send_user(call.prompt)
+            except (OSError, ValueError):  # it died just now: a cold start serves the turn
+                run.close()
+                server.slots.release()
+                run = None
         if run is None:
             server.reuse["misses"] += 1
             return None
@@ -2595,8 +2602,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
             run.tool_results.update(results)
             run.at_tool_call = False
             run.hand_over_results()
-        else:
-            run.send_user(call.prompt)
         return run
 
     def _park_if_reusable(self, call: CliCall, run: CliRun, translator: "TurnTranslator") -> Optional[CliRun]:
