@@ -178,6 +178,7 @@ class Config:
     parked_ttl: float = 300.0
     warm: int = 1
     allow_image_fetch: bool = False
+    client_timeout: float = 30.0
 
 
 # (flag, type, help). Each flag's env var is CLAUDE_MAX_PROXY_<FLAG>, its field the flag in snake case.
@@ -207,6 +208,8 @@ OPTIONS = [
                           "tool results (default 4; 0 turns process reuse off)"),
     ("--parked-ttl", float, "seconds an idle process is kept before it is ended (default 300)"),
     ("--warm", int, "processes pre-started per kind of first turn (default 1; 0 = none)"),
+    ("--client-timeout", float, "seconds a client may stall sending or reading before it is dropped "
+                                "and its CLI ended (default 30)"),
     ("--allow-image-fetch", bool, "download http(s) image URLs in prompts (off: they get a 400)"),
 ]
 
@@ -268,7 +271,7 @@ def config_from(args: Dict[str, Any], environ: Dict[str, str]) -> Config:
     if not 0 <= config.port <= 65535:
         raise ConfigError("--port must be 0-65535")
     for name in ("request_timeout", "idle_timeout", "max_body_bytes", "max_concurrency",
-                 "max_messages"):
+                 "max_messages", "client_timeout"):
         if getattr(config, name) <= 0:
             raise ConfigError("--%s must be positive" % name.replace("_", "-"))
     try:
@@ -2208,7 +2211,7 @@ def client_gone_check(sock: socket.socket) -> Callable[[], bool]:
 class ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "claude-max-proxy/" + __version__
-    timeout = 30  # a client silent this long mid-request (slow loris) is dropped
+    timeout = 30  # replaced by --client-timeout in setup()
 
     # -- entry points ---------------------------------------------------------------------------
 
@@ -2237,6 +2240,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             pass
 
     def setup(self):
+        # A client that stops sending (slow loris) or stops reading (a full socket buffer) is
+        # dropped after this long, and the CLI it was holding is ended.
+        self.timeout = self.server.config.client_timeout
         super().setup()
         # Headers and body go out as separate writes: without this, Nagle holds the second ~40 ms.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -2295,7 +2301,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             self._route(method)
         except ClientGone:
-            self.status = self.status or 499
+            self.status = 499  # logged as such even after a 200 went out: the answer did not arrive
             self.close_connection = True
         except ApiError as exc:
             if not self.body_read and (self.headers.get("Content-Length") not in (None, "0")
@@ -2305,7 +2311,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.unread_body = True
             self._send_error(exc)
         except (BrokenPipeError, ConnectionResetError):
-            self.status = self.status or 499
+            self.status = 499
             self.close_connection = True
         except RecursionError:  # a JSON value nested deeper than anything real: a client error
             self._send_error(invalid(None, "the request is nested too deeply", "invalid_json"))

@@ -843,3 +843,17 @@ def test_sigterm_ends_a_hung_request_after_the_grace_period(fake_proxy, trace):
         assert proxy.proc.wait(timeout=15) == 0
         wait_reaped(pid)
         wait_until(lambda: not proxy.tagged_pids(), 5, "no tagged processes left")
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_cli_ended(fake_proxy, trace):
+    proxy = fake_proxy(["--client-timeout", "1"], **trace.env)
+    # ~40 MB of SSE: far more than the socket buffers hold, so the proxy's writes must block.
+    sock = open_raw(proxy.port, stream_body("words:400000"))
+    try:
+        recv_until(sock, b"", b"w0 ")
+        pid = trace.runs()[0]["pid"]
+        # Read nothing more: the CLI must be ended once the proxy's writes stall past the timeout.
+        wait_reaped(pid, timeout=15)
+        assert proxy.wait_for_line(" 499 ", timeout=10)
+    finally:
+        sock.close()
