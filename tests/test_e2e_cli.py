@@ -620,3 +620,18 @@ def test_remote_image_is_fetched_only_when_the_user_allows_it(start_proxy, real_
         server.server_close()
     status, _, raw = chat(proxy, [{"role": "user", "content": missing}])
     assert status == 400 and json.loads(raw)["error"]["code"] == "image_fetch_failed"
+
+
+def test_no_cli_outlives_a_killed_proxy(start_proxy, real_claude, e2e_env):
+    """SIGKILL gives the proxy no chance to clean up: its CLIs must still go (stdin EOF)."""
+    import signal
+    proxy = start_proxy(["--claude", real_claude], e2e_env)
+    converse(proxy, "hello " + marker(), 2)  # leaves a parked process and a warm one behind
+    wait_for_warm(proxy)
+    assert len(proxy.tagged_pids()) >= 2
+    proxy.proc.send_signal(signal.SIGKILL)
+    proxy.proc.wait()
+    deadline = time.monotonic() + 15
+    while proxy.tagged_pids():
+        assert time.monotonic() < deadline, "CLI processes outlived the killed proxy"
+        time.sleep(0.05)
