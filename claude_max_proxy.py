@@ -47,8 +47,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -2158,6 +2156,9 @@ class ProxyServer(ThreadingHTTPServer):
 
 def fetched_image_url(url: str, where: str) -> str:
     """Download an http(s) image (only with --allow-image-fetch) and return it as a data: URL."""
+    # Imported here: urllib.request brings in ssl, megabytes the proxy otherwise never needs.
+    import urllib.error
+    import urllib.request
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "claude-max-proxy/" + __version__})
         with urllib.request.urlopen(request, timeout=15) as response:
