@@ -6,7 +6,7 @@ So that every machine runs the same CLI, it is pinned to one npm version and ins
 
     ensure_real_cli()   path of the pinned executable, installing it with npm if needed
     cli_env(...)        environment that points the CLI at the fake upstream, not the real API
-    python tests/real_cli.py    install ahead of time and print the path (test.sh, .ci/run)
+    python tests/real_cli.py    install ahead of time and print the path (tests/run.sh, .ci/run)
 
 CLAUDE_MAX_PROXY_TEST_CLI=/path/to/claude replaces the pinned install: it is used as given,
 never installed, and only has to answer `--version`.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the test suite from a fresh checkout with one command: ./test.sh [pytest args...]
+# Run the test suite from a fresh checkout with one command: tests/run.sh [pytest args...]
 #
 # Sets up what the tests need, each step skipped when already done:
 #   .cache/venv              virtualenv with the test-only packages (PYTHON picks the interpreter)
@@ -7,7 +7,7 @@
 # If the CLI cannot be installed the end-to-end tests skip, unless CLAUDE_MAX_PROXY_REQUIRE_E2E=1,
 # which makes that a failure here (as in CI).
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 venv=.cache/venv
 test_packages=(pytest openai hypothesis vermin)  # keep in step with pyproject.toml [test]

@@ -546,7 +546,7 @@ def vermin_command():
 def test_the_module_is_python_3_9_compatible_by_vermin(tmp_path):
     vermin = vermin_command()
     if vermin is None:
-        message = "VERMIN NOT INSTALLED (./test.sh installs it): Python 3.9 compatibility unchecked"
+        message = "VERMIN NOT INSTALLED (tests/run.sh installs it): Python 3.9 compatibility unchecked"
         sys.stderr.write("\n\n*** %s ***\n\n" % message)
         pytest.skip(message)
     checked = subprocess.run([vermin, "-t=3.9-", "--no-tips", "--violations", MODULE],
