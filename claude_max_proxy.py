@@ -2518,8 +2518,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
                            "usable": bool(claude.path and claude.version), "error": claude.probe_error},
                 "slots": {"busy": self.server.slots.busy, "waiting": self.server.slots.waiting,
                           "max": self.server.slots.size},
-                "processes": dict(self.server.idle.kinds(), hits=self.server.reuse["hits"],
-                                  misses=self.server.reuse["misses"])}
+                "processes": self._process_counts()}
+
+    def _process_counts(self) -> Dict[str, int]:
+        """CLI processes by state: answering a request (busy), waiting idle (warm, parked)."""
+        kinds = self.server.idle.kinds()
+        busy = max(0, self.server.slots.busy - kinds["warm"] - kinds["parked"])
+        return dict(kinds, busy=busy, hits=self.server.reuse["hits"], misses=self.server.reuse["misses"])
 
     def _chat_completions(self) -> None:
         call = cli_call_for(self._read_request(), self.server.config)

@@ -635,3 +635,14 @@ def test_no_cli_outlives_a_killed_proxy(start_proxy, real_claude, e2e_env):
     while proxy.tagged_pids():
         assert time.monotonic() < deadline, "CLI processes outlived the killed proxy"
         time.sleep(0.05)
+
+
+def test_health_counts_processes_by_state(start_proxy, real_claude, e2e_env):
+    proxy = start_proxy(["--claude", real_claude], e2e_env)
+    before = health(proxy)["processes"]
+    assert (before["busy"], before["warm"], before["parked"], before["hits"], before["misses"]) == (0, 0, 0, 0, 0)
+    converse(proxy, "count me " + marker(), 2)
+    wait_for_warm(proxy)
+    after = health(proxy)["processes"]
+    assert after["busy"] == 0 and after["warm"] == 1 and after["parked"] == 1
+    assert (after["hits"], after["misses"]) == (1, 1)
