@@ -46,6 +46,7 @@ sys.path.insert(0, TESTS)
 
 import claude_max_proxy as cmp  # noqa: E402
 import fake_upstream  # noqa: E402
+from procs import tagged_processes  # noqa: E402
 import real_cli  # noqa: E402
 
 MODULE = os.path.join(ROOT, "claude_max_proxy.py")
@@ -200,18 +201,7 @@ class Processes:
 
     def tagged(self):
         """PIDs of live (or unreaped) processes carrying this run's tag (Linux /proc)."""
-        needle = ("%s=%s" % (TAG_VAR, self.tag)).encode()
-        found = []
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open("/proc/%s/environ" % name, "rb") as handle:
-                    if needle in handle.read():
-                        found.append(int(name))
-            except OSError:
-                continue
-        return found
+        return tagged_processes(TAG_VAR, self.tag)
 
     def sweep(self, wait=5.0, count=True):
         """After a stop: wait (bounded) until two scans 0.2 s apart find no tagged process other

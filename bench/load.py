@@ -39,6 +39,9 @@ FAKE_CLAUDE = os.path.join(ROOT, "tests", "fake_claude.py")
 HELLO = "Hello from the fake CLI."  # what tests/fake_claude.py answers in its text/slow modes
 TAG_VAR = "CLAUDE_MAX_PROXY_BENCH_TAG"  # inherited by every process the proxy starts
 
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from procs import tagged_processes  # noqa: E402  (the /proc scan the tests use too)
+
 
 # ---- the proxy process ---------------------------------------------------------------------------
 
@@ -86,18 +89,7 @@ class ProxyProcess:
 
 def tagged_pids(tag, exclude=()):
     """Live (or unreaped) processes whose environment carries the tag."""
-    needle = ("%s=%s" % (TAG_VAR, tag)).encode()
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) in exclude:
-            continue
-        try:
-            with open("/proc/%s/environ" % name, "rb") as handle:
-                if needle in handle.read():
-                    found.append(int(name))
-        except OSError:
-            continue
-    return found
+    return tagged_processes(TAG_VAR, tag, exclude)
 
 
 def resources(proxy):

@@ -23,11 +23,13 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 import fake_upstream  # noqa: E402
+from procs import tagged_processes  # noqa: E402
 import real_cli  # noqa: E402
 
 MODULE = os.path.join(ROOT, "claude_max_proxy.py")
 FAKE_CLAUDE = os.path.join(HERE, "fake_claude.py")
 REQUIRE_E2E = os.environ.get("CLAUDE_MAX_PROXY_REQUIRE_E2E") == "1"
+TAG_VAR = "CLAUDE_MAX_PROXY_TEST_TAG"  # inherited by every process a test's proxy starts
 
 
 # ---- the fake Anthropic API and the real CLI ----------------------------------------------------
@@ -71,7 +73,7 @@ class Proxy:
     def __init__(self, args, env, cwd=None):
         self.tag = uuid.uuid4().hex
         env = dict(env)
-        env["CLAUDE_MAX_PROXY_TEST_TAG"] = self.tag
+        env[TAG_VAR] = self.tag
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.proc = subprocess.Popen(
             [sys.executable, MODULE, "--host", "127.0.0.1", "--port", "0"] + list(args),
@@ -128,7 +130,7 @@ class Proxy:
 
     def tagged_pids(self):
         """Live processes this proxy started (directly or not), the proxy itself excluded."""
-        return [pid for pid in tagged_processes(self.tag) if pid != self.proc.pid]
+        return tagged_processes(TAG_VAR, self.tag, exclude=(self.proc.pid,))
 
     # -- HTTP --------------------------------------------------------------------------------------
 
@@ -137,26 +139,6 @@ class Proxy:
 
     def chat(self, body, headers=None, timeout=60):
         return self.request("POST", "/v1/chat/completions", body, headers, timeout)
-
-
-def tagged_processes(tag):
-    """PIDs of live processes whose environment carries the tag (Linux /proc)."""
-    needle = ("CLAUDE_MAX_PROXY_TEST_TAG=%s" % tag).encode()
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/environ" % name, "rb") as handle:
-                if needle in handle.read():
-                    with open("/proc/%s/stat" % name) as stat:
-                        if stat.read().split(") ", 1)[1].startswith("Z"):
-                            found.append(int(name))  # a zombie still counts: nobody reaped it
-                            continue
-                    found.append(int(name))
-        except OSError:
-            continue
-    return found
 
 
 def http_request(port, method, path, body=None, headers=None, timeout=60):
