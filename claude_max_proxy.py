@@ -940,25 +940,30 @@ class CliRun:
         """Have a warm process finish loading now (the SDK's handshake), not at its first turn."""
         request_id = "warm-" + uuid.uuid4().hex
         self.send({"type": "control_request", "request_id": request_id, "request": {"subtype": "initialize"}})
-        try:
-            for event in self.events(time.monotonic() + timeout, timeout):
-                if event.get("type") == "control_request":
-                    self.on_control_request(event)
-                elif event.get("type") == "control_response" and \
-                        (event.get("response") or {}).get("request_id") == request_id:
-                    return (event.get("response") or {}).get("subtype") == "success"
-        except ApiError:
-            pass
-        return False
+
+        def answered(event):
+            response = event.get("response") or {}
+            if event.get("type") == "control_response" and response.get("request_id") == request_id:
+                return response.get("subtype") == "success"
+            return None
+        return self._read_until(timeout, answered)
 
     def wait_for_result(self, timeout: float) -> bool:
         """After a turn's last message, read on to the CLI's `result`: True if it ended cleanly."""
+        return self._read_until(timeout, lambda event: not event.get("is_error")
+                                if event.get("type") == "result" else None)
+
+    def _read_until(self, timeout: float, outcome: Callable[[Dict[str, Any]], Optional[bool]]) -> bool:
+        """Read events (answering the CLI's questions) until `outcome` gives a verdict; False when
+        the process ends, misbehaves or stays silent for `timeout` seconds first."""
         try:
             for event in self.events(time.monotonic() + timeout, timeout):
                 if event.get("type") == "control_request":
                     self.on_control_request(event)
-                elif event.get("type") == "result":
-                    return not event.get("is_error")
+                    continue
+                verdict = outcome(event)
+                if verdict is not None:
+                    return verdict
         except ApiError:
             pass
         return False
