@@ -2579,12 +2579,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
         def park(translator):
             # Before the answer's last bytes: a client's next turn must find the process waiting.
-            if self._park_if_reusable(call, run, translator) is None:
-                parked.append(run)
+            parked.append(self._park_if_reusable(call, run, translator))
         try:
             translator = self._answer(call, run, gone, renderer, park)
-            if parked:
-                run = None
+            if any(parked):
+                run = None  # the idle registry owns it (and its slot) now
             return translator.events
         finally:
             if run is not None:
@@ -2621,24 +2620,24 @@ class ProxyHandler(BaseHTTPRequestHandler):
             run.hand_over_results()
         return run
 
-    def _park_if_reusable(self, call: CliCall, run: CliRun, translator: "TurnTranslator") -> Optional[CliRun]:
+    def _park_if_reusable(self, call: CliCall, run: CliRun, translator: "TurnTranslator") -> bool:
         """Keep the process for the conversation's next turn when it can continue it faithfully."""
         config = self.server.config
         finish = translator.events[-1] if translator.events and translator.events[-1][0] == "finish" else None
         if finish is None or config.max_parked <= 0 or run.proc.poll() is not None:
-            return run
+            return False
         tool_results_replayed = any(b["type"] == "tool_result" for b in call.prompt) and not self.reused_process
         if tool_results_replayed:
-            return run  # that process saw the replay's extra lines; later turns should not
+            return False  # that process saw the replay's extra lines; later turns should not
         turns = call.history + [{"role": "user", "content": call.prompt}, assistant_turn_from(translator.events, call)]
         if finish[1] == "tool_calls" and call.parallel_tool_calls:
             run.at_tool_call = True
         elif not (finish[1] == "stop" and translator.stop_reason == "end_turn" and not translator.cut
                   and turns[-1]["content"] and run.wait_for_result(10.0)):
-            return run
+            return False
         run.turns_done += 1
         self.server.idle.park(conversation_key(call, turns), run)
-        return None
+        return True
 
     def _answer(self, call: CliCall, run: CliRun, gone: Callable[[], bool], renderer: Any,
                 before_end: Callable[["TurnTranslator"], None] = lambda translator: None) -> "TurnTranslator":
