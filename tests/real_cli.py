@@ -39,10 +39,12 @@ INSTALL_TIMEOUT = 600
 VERSION_TIMEOUT = 60
 OUTPUT_TAIL_LINES = 25
 
-FAKE_API_KEY = "test-key-not-real"
+# The CLI is logged in as a subscriber is: an OAuth token, never an API key (rate-limit events
+# and the subscription's billing path exist only with OAuth).
+FAKE_OAUTH_TOKEN = "sk-ant-oat01-fake-token-for-tests"
 # Settings that would send the CLI to a real account or read a real user's configuration.
 FOREIGN_SETTINGS = (
-    "CLAUDE_CODE_OAUTH_TOKEN",
+    "ANTHROPIC_API_KEY",
     "ANTHROPIC_AUTH_TOKEN",
     "CLAUDE_CONFIG_DIR",
     "CLAUDE_CODE_USE_BEDROCK",
@@ -221,7 +223,7 @@ def cli_env(home, upstream_url, base_env=None):
         "HOME": home,
         "XDG_CONFIG_HOME": os.path.join(home, ".config"),
         "ANTHROPIC_BASE_URL": upstream_url,
-        "ANTHROPIC_API_KEY": FAKE_API_KEY,
+        "CLAUDE_CODE_OAUTH_TOKEN": FAKE_OAUTH_TOKEN,
         "CLAUDE_CODE_MAX_RETRIES": "0",
     })
     return env
