@@ -635,10 +635,18 @@ def test_doctor_with_the_real_cli_and_no_login_fails_on_login(real_claude, tmp_p
     assert lines["port"][0] == "OK" and lines["service"][0] == "OK"
 
 
-def test_doctor_with_the_fake_upstream_reports_login_ok_and_warns_about_the_api_key(real_claude, e2e_env):
+def test_doctor_with_the_fake_upstream_reports_the_oauth_login_ok(real_claude, e2e_env):
     out, lines = doctor(e2e_env, "--claude", real_claude, "--port", str(free_port()))
     assert out.returncode == 0, out.stdout + out.stderr
-    assert lines["login"][0] == "OK" and "ANTHROPIC_API_KEY" in lines["login"][1]
+    assert lines["login"][0] == "OK" and "OAuth" in lines["login"][1]
+    assert lines["billing"][0] == "OK"
+    assert "FAIL" not in out.stdout
+
+
+def test_doctor_with_the_fake_upstream_warns_about_an_api_key(real_claude, e2e_env):
+    env = dict(e2e_env, ANTHROPIC_API_KEY="sk-ant-api-not-real")
+    out, lines = doctor(env, "--claude", real_claude, "--port", str(free_port()))
+    assert out.returncode == 0, out.stdout + out.stderr
     status, summary, fix = lines["billing"]
     assert status == "WARN" and "bills" in summary and "unset ANTHROPIC_API_KEY" in fix
     assert "FAIL" not in out.stdout
