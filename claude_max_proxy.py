@@ -3607,12 +3607,24 @@ def port_finding(host: str, port: int, health: Optional[Dict[str, Any]],
                            "CLI: %s" % (health.get("version"), where, claude["error"]),
                            "reinstall the service (install-service records claude's absolute path), "
                            "or start the proxy with --claude /path/to/claude")
-        return Finding("OK", "port", "claude-max-proxy %s is answering on %s (CLI %s)" % (
-            health.get("version"), where, claude.get("version") or "not probed yet"))
+        limits = "; %s" % limit_summary(health["limits"]) if "limits" in health else ""
+        return Finding("OK", "port", "claude-max-proxy %s is answering on %s (CLI %s%s)" % (
+            health.get("version"), where, claude.get("version") or "not probed yet", limits))
     if bind_error is None:
         return Finding("OK", "port", "%s is free" % where)
     return Finding("FAIL", "port", "%s is taken by another program (%s)" % (where, bind_error),
                    "stop that program, or choose another --port (for the service too)")
+
+
+def limit_summary(state: Optional[Dict[str, Any]]) -> str:
+    """The plan-limit state a running proxy reports in /health, in a few words (no model call)."""
+    if not state:
+        return "no plan limit reported yet"
+    used = state.get("utilization")
+    return "plan limit %s: %s%s, resets %s%s" % (
+        state.get("window") or "-", state.get("status"),
+        " at %d%%" % round(used * 100) if isinstance(used, (int, float)) else "",
+        utc_time(state["resets_at"]), ", extra usage in use" if state.get("overage_in_use") else "")
 
 
 def flag_value(argv: List[str], flag: str) -> Optional[str]:
@@ -3657,7 +3669,8 @@ def live_finding(status: Optional[int], body: bytes, elapsed: float, url: str) -
     message = error.get("message") if isinstance(error, dict) else body[:300].decode("utf-8", "replace")
     fixes = {401: "if the message is about the proxy's own key, give doctor --api-key-file; "
                   "otherwise log the CLI in (see the login line)",
-             429: "the subscription's usage limit is reached: wait for the reset the message names"}
+             429: "the subscription's usage limit is reached: wait for the reset the message names",
+             402: "extra usage (billing): see the README section \"Limits, extra usage and billing\""}
     return Finding("FAIL", "live", "HTTP %d from %s: %s" % (status, url, message),
                    fixes.get(status, "see the proxy's log for the request"))
 

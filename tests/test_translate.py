@@ -1908,6 +1908,15 @@ def test_metrics_text_is_read_back_by_the_prometheus_parser():
     assert [s.value for s in families["claude_max_proxy_ratelimit_utilization"].samples] == [0.92]
 
 
+def test_readme_lists_every_metric_and_has_the_section_errors_link_to():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(path, encoding="utf-8") as handle:
+        readme = handle.read()
+    assert [name for name in cmp.METRICS if "| `%s` |" % name not in readme] == []
+    assert "\n## Limits, extra usage and billing\n" in readme
+    assert "(#limits-extra-usage-and-billing)" in cmp.EXTRA_USAGE_HINT
+
+
 def test_endpoint_label_bounds_the_label_values():
     routes = ["/health", "/v1/models", "/v1/chat/completions"]
     assert cmp.endpoint_label("/v1/chat/completions", routes) == "/v1/chat/completions"
