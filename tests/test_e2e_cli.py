@@ -267,12 +267,16 @@ def test_limit_warning_is_a_normal_answer_with_the_state_in_headers_and_health(e
     assert status == 200 and "anthropic-ratelimit-unified-status" in headers
 
 
+# The event follows the answer's message: it is read whether the process is kept or ended.
+@pytest.mark.parametrize("stream, extra", [(False, []), (True, ["--max-parked", "0", "--warm", "0"])])
 def test_overage_in_use_shows_in_headers_and_no_overage_refuses_before_any_upstream_call(
-        start_proxy, real_claude, e2e_env, upstream):
-    proxy = start_proxy(["--claude", real_claude, "--no-overage"], e2e_env)
-    status, headers, raw = chat(proxy, [{"role": "user", "content": "@@scenario:overage_in_use=2400@@ " + marker()}])
+        start_proxy, real_claude, e2e_env, upstream, stream, extra):
+    proxy = start_proxy(["--claude", real_claude, "--no-overage"] + extra, e2e_env)
+    status, headers, raw = chat(proxy, [{"role": "user", "content": "@@scenario:overage_in_use=2400@@ " + marker()}],
+                                stream=stream)
     assert status == 200, raw
-    assert headers["anthropic-ratelimit-unified-overage-in-use"] == "true"
+    if not stream:  # a stream's headers leave before its model call ends
+        assert headers["anthropic-ratelimit-unified-overage-in-use"] == "true"
     assert health(proxy)["limits"]["overage_in_use"] is True
     for stream in (False, True):
         mark = marker()
