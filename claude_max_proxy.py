@@ -17,6 +17,10 @@ CLI's control channel; a tool call is caught at the CLI's permission question. P
 reused: a warm one waits for a first turn, and the one that answered waits for the conversation's
 next turn (``IdleRuns``), so later turns neither start a CLI nor replay history.
 
+Every ``rate_limit_event`` and ``result`` a CLI prints is observed by the server: ``Limits`` keeps
+the plan's latest limit state (headers on every answer, /health, ``--no-overage``), ``Metrics``
+counts for GET /metrics. Limit and billing errors map through ``RESULT_ERRORS``/``UPSTREAM_ERRORS``.
+
 Sections, top to bottom: constants and tables, configuration, errors, request translation,
 CLI runner (``CliRun``, ``IdleRuns``), event translation, the Responses API, HTTP layer, the
 serve command, doctor and service commands, main().
