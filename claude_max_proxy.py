@@ -17,6 +17,10 @@ CLI's control channel; a tool call is caught at the CLI's permission question. P
 reused: a warm one waits for a first turn, and the one that answered waits for the conversation's
 next turn (``IdleRuns``), so later turns neither start a CLI nor replay history.
 
+Every ``rate_limit_event`` and ``result`` a CLI prints is observed by the server: ``Limits`` keeps
+the plan's latest limit state (headers on every answer, /health, ``--no-overage``), ``Metrics``
+counts for GET /metrics. Limit and billing errors map through ``RESULT_ERRORS``/``UPSTREAM_ERRORS``.
+
 Sections, top to bottom: constants and tables, configuration, errors, request translation,
 CLI runner (``CliRun``, ``IdleRuns``), event translation, the Responses API, HTTP layer, the
 serve command, doctor and service commands, main().
@@ -128,6 +132,24 @@ UPSTREAM_ERRORS = {
     429: (429, "rate_limit_error", "rate_limit_exceeded"),
     529: (503, "server_error", "overloaded"),
 }
+# CLI result fields that say more than the upstream status alone, checked in order before
+# UPSTREAM_ERRORS: (field, pattern, (HTTP status, type, code)). Billing refusals are a 402 that no
+# OpenAI client retries (they retry 408, 409, 429 and 5xx): retrying cannot change the answer.
+RESULT_ERRORS = [
+    ("terminal_reason", r"^prompt_too_long$", (400, "invalid_request_error", "context_length_exceeded")),
+    ("api_error", r"^usage_limit_reached$", (429, "rate_limit_error", "rate_limit_exceeded")),
+    # Anthropic's billing classifier has no structured code: its text is all there is.
+    ("result", r"\bextra usage\b", (402, "billing_error", "extra_usage_required")),
+]
+EXTRA_USAGE_HINT = (
+    "Anthropic answers this way when it counts a request as coming from a third-party app, which "
+    "draws from extra usage instead of your plan limits; users see it triggered by another agent's "
+    "identity in the system prompt and by certain tool sets. The proxy does not retry or alter "
+    "requests to get around it. See the README, \"Limits, extra usage and billing\" "
+    "(#limits-extra-usage-and-billing).")
+# The Retry-After for an upstream 429 that is not the usage limit: the CLI does not pass on
+# Anthropic's own value, and these clear within seconds.
+UPSTREAM_RETRY_AFTER = 5
 LOGIN_HINT = ("The Claude CLI is not authenticated: run `claude auth login` (or `claude setup-token` "
               "and set CLAUDE_CODE_OAUTH_TOKEN for a service).")
 # Client functions reach the model as tools of an MCP server the proxy itself answers (over the
@@ -177,6 +199,7 @@ class Config:
     warm: int = 1
     allow_image_fetch: bool = False
     client_timeout: float = 30.0
+    no_overage: bool = False
 
 
 # (flag, type, help). Each flag's env var is CLAUDE_MAX_PROXY_<FLAG>, its field the flag in snake case.
@@ -209,6 +232,8 @@ OPTIONS = [
     ("--client-timeout", float, "seconds a client may stall sending or reading before it is dropped "
                                 "and its CLI ended (default 30)"),
     ("--allow-image-fetch", bool, "download http(s) image URLs in prompts (off: they get a 400)"),
+    ("--no-overage", bool, "refuse requests (402) once the CLI reports that extra usage (overage) "
+                           "pays for them, until the plan limit resets"),
 ]
 
 
@@ -856,8 +881,12 @@ class CliRun:
     """One claude process answering one turn: always ended and reaped by close()."""
 
     def __init__(self, call: CliCall, config: Config, claude_path: str,
-                 environ: Optional[Dict[str, str]] = None):
+                 environ: Optional[Dict[str, str]] = None,
+                 observe: Callable[[Dict[str, Any]], None] = lambda event: None):
         self.call, self.config, self.claude_path = call, config, claude_path
+        # Sees every `rate_limit_event` and `result`, whichever reader meets it (limits, metrics).
+        self.observe = observe
+        self.result_seen = False
         self.environ = dict(os.environ if environ is None else environ)
         self.proc = None          # type: Optional[subprocess.Popen]
         self.session_file = None  # type: Optional[str]
@@ -932,6 +961,7 @@ class CliRun:
 
     def send_user(self, blocks: List[Dict[str, Any]]) -> None:
         """Start the next turn of a waiting process."""
+        self.result_seen = False
         with self.stdin_lock:
             self.proc.stdin.write(stdin_line_for(blocks))
             self.proc.stdin.flush()
@@ -1065,6 +1095,9 @@ class CliRun:
         if not isinstance(event, dict):
             self.garbage_lines += 1
             return None
+        if event.get("type") in ("rate_limit_event", "result"):
+            self.result_seen = self.result_seen or event["type"] == "result"
+            self.observe(event)
         return event
 
     def exit_code(self, timeout: float = 5.0) -> Optional[int]:
@@ -1253,8 +1286,12 @@ class ClaudeInstall:
 TurnEvent = Tuple[Any, ...]
 
 
-def error_from_result(result: Dict[str, Any]) -> ApiError:
-    """A CLI `result` with is_error -> the HTTP error it stands for (structured status first)."""
+def error_from_result(result: Dict[str, Any], rate_limit: Optional[Dict[str, Any]] = None,
+                      now: Optional[float] = None) -> ApiError:
+    """A CLI `result` with is_error -> the HTTP error it stands for (structured fields first).
+
+    `rate_limit` is the turn's `rate_limit_info`: it holds the reset time a usage limit's text lacks."""
+    now = time.time() if now is None else now
     status = result.get("api_error_status")
     text = str(result.get("result") or (result.get("errors") or ["the Claude CLI reported an error"])[0])
     # Without a structured status, the CLI's own wording is all there is to go on.
@@ -1263,17 +1300,94 @@ def error_from_result(result: Dict[str, Any]) -> ApiError:
     if status is None and re.search(r"usage limit|rate limit", text, re.I):
         status = 429
     headers = {}
-    if isinstance(status, int) and status in UPSTREAM_ERRORS:
+    special = [mapped for field, pattern, mapped in RESULT_ERRORS
+               if re.search(pattern, str(result.get(field) or ""), re.I)]
+    if special:
+        http_status, kind, code = special[0]
+    elif isinstance(status, int) and status in UPSTREAM_ERRORS:
         http_status, kind, code = UPSTREAM_ERRORS[status]
     else:
         http_status, kind, code = 502, "server_error", "upstream_error"
     if http_status == 401:
         text = "%s. %s" % (text.rstrip(". "), LOGIN_HINT)
+    if code == "extra_usage_required":
+        text = "%s. %s" % (text.rstrip(". "), EXTRA_USAGE_HINT)
     if http_status == 429:
-        reset = re.search(r"\|(\d{10})\b", text)
-        if reset:
-            headers["Retry-After"] = str(max(1, int(reset.group(1)) - int(time.time())))
+        legacy = re.search(r"\|(\d{10})\b", text)
+        reset = (rate_limit or {}).get("resetsAt") if result.get("api_error") == "usage_limit_reached" else None
+        reset = int(legacy.group(1)) if legacy else reset
+        if isinstance(reset, (int, float)):
+            headers["Retry-After"] = str(max(1, int(reset - now)))
+            text = "%s (the limit resets at %s)" % (text, utc_time(reset))
+        elif result.get("api_error") != "usage_limit_reached":
+            headers["Retry-After"] = str(UPSTREAM_RETRY_AFTER)
     return ApiError(http_status, text, kind, code, headers=headers)
+
+
+def utc_time(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# Anthropic's names for the limit windows in its `anthropic-ratelimit-unified-<short>-*` headers.
+WINDOW_SHORT_NAMES = {"five_hour": "5h", "seven_day": "7d"}
+UNIFIED_HEADER = "anthropic-ratelimit-unified-"
+
+
+def limit_state_from(info: Any, now: float) -> Optional[Dict[str, Any]]:
+    """A CLI `rate_limit_info` -> the limit state the proxy reports; None when it names no reset
+    time (the upstream sent no limit headers, so it says nothing about the plan's windows)."""
+    if not isinstance(info, dict) or not isinstance(info.get("resetsAt"), (int, float)):
+        return None
+    window = str(info.get("rateLimitType") or "")
+    windows = {name: {"utilization": w.get("utilization"), "resets_at": w.get("resetsAt"),
+                      "status": w.get("status")}
+               for name, w in (info.get("unifiedWindows") or {}).items() if isinstance(w, dict)}
+    utilization = info.get("utilization", (windows.get(window) or {}).get("utilization"))
+    return {"status": str(info.get("status") or "allowed"), "window": window or None,
+            "utilization": utilization, "resets_at": int(info["resetsAt"]),
+            "surpassed_threshold": info.get("surpassedThreshold"),
+            "overage_status": info.get("overageStatus"),
+            "overage_in_use": bool(info.get("isUsingOverage") or info.get("overageInUse")),
+            "overage_resets_at": info.get("overageResetsAt"),
+            "overage_disabled_reason": info.get("overageDisabledReason"),
+            "windows": windows, "updated_at": int(now)}
+
+
+def ratelimit_headers_for(state: Optional[Dict[str, Any]]) -> Dict[str, str]:
+    """The limit state as the `anthropic-ratelimit-unified-*` headers Anthropic itself sends."""
+    if state is None:
+        return {}
+    fields = [("status", state["status"]), ("reset", state["resets_at"]),
+              ("representative-claim", state["window"]), ("overage-status", state["overage_status"]),
+              ("overage-in-use", "true" if state["overage_in_use"] else "false"),
+              ("overage-reset", state["overage_resets_at"]),
+              ("overage-disabled-reason", state["overage_disabled_reason"])]
+    windows = dict(state["windows"])
+    if state["window"] and state["utilization"] is not None:
+        windows.setdefault(state["window"], {"utilization": state["utilization"],
+                                             "resets_at": state["resets_at"], "status": None})
+    for name, window in sorted(windows.items()):
+        short = WINDOW_SHORT_NAMES.get(name)
+        if short:
+            fields += [(short + "-utilization", window["utilization"]), (short + "-reset", window["resets_at"]),
+                       (short + "-status", window["status"])]
+    if state["surpassed_threshold"] is not None and WINDOW_SHORT_NAMES.get(state["window"]):
+        fields.append((WINDOW_SHORT_NAMES[state["window"]] + "-surpassed-threshold", state["surpassed_threshold"]))
+    return {UNIFIED_HEADER + name: str(value) for name, value in fields if value is not None}
+
+
+def overage_refusal(state: Optional[Dict[str, Any]], now: float) -> Optional[ApiError]:
+    """With --no-overage: the error for a request that extra usage would pay for, until the reset."""
+    if state is None or now >= state["resets_at"]:
+        return None
+    would_pay = state["status"] == "rejected" and state["overage_status"] in ("allowed", "allowed_warning")
+    if not (state["overage_in_use"] or would_pay):
+        return None
+    return ApiError(402, "Refused by --no-overage: your %s limit is used up and requests are now paid "
+                    "from extra usage (overage). Requests resume when the limit resets at %s; restart "
+                    "without --no-overage to spend extra usage." % (state["window"] or "plan", utc_time(state["resets_at"])),
+                    "billing_error", "extra_usage_refused",
+                    headers={"Retry-After": str(max(1, int(state["resets_at"] - now)))})
 
 
 def usage_from(usage: Dict[str, Any]) -> Dict[str, Any]:
@@ -1311,6 +1425,7 @@ class TurnTranslator:
         self.held_text = ""      # in JSON mode, text is kept until we know it is the answer
         self.cut = False         # ended early by a stop string (the model was still writing)
         self.events = []         # type: List[TurnEvent]  # what the turn produced, for its caller
+        self.rate_limit = None   # type: Optional[Dict[str, Any]]  # the turn's rate_limit_info
 
     def feed(self, event: Dict[str, Any]) -> List[TurnEvent]:
         if self.finished:
@@ -1320,6 +1435,8 @@ class TurnTranslator:
             return self._stream_event(event.get("event") or {})
         if kind == "result":
             return self._result(event)
+        if kind == "rate_limit_event":
+            self.rate_limit = event.get("rate_limit_info") or self.rate_limit
         return []
 
     def _stream_event(self, event: Dict[str, Any]) -> List[TurnEvent]:
@@ -1417,7 +1534,7 @@ class TurnTranslator:
     def _result(self, result: Dict[str, Any]) -> List[TurnEvent]:
         if result.get("is_error"):
             self.finished = True
-            raise error_from_result(result)
+            raise error_from_result(result, self.rate_limit)
         self.usage = result.get("usage") or self.usage
         out = []
         structured = result.get("structured_output")
@@ -2115,6 +2232,114 @@ class Slots:
             self.lock.notify()
 
 
+class Limits:
+    """The latest limit state the CLI reported, shared by every request. It is kept from what
+    answers already bring; no model call is ever made to refresh it."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.state = None  # type: Optional[Dict[str, Any]]
+
+    def record(self, info: Any, now: float) -> None:
+        state = limit_state_from(info, now)
+        if state is not None:
+            with self.lock:
+                self.state = state
+
+    def current(self, now: float) -> Optional[Dict[str, Any]]:
+        """The state, or None when nothing is known or its window has reset since."""
+        with self.lock:
+            state = self.state
+        return state if state is not None and now < state["resets_at"] else None
+
+
+# GET /metrics: every metric with its type and help (Prometheus text format 0.0.4).
+METRICS = collections.OrderedDict([
+    ("claude_max_proxy_requests_total", ("counter", "HTTP requests answered, by endpoint and status")),
+    ("claude_max_proxy_request_duration_seconds", ("histogram", "Seconds from request to the end of the answer")),
+    ("claude_max_proxy_time_to_first_token_seconds", ("histogram", "Seconds from request to the first streamed token")),
+    ("claude_max_proxy_cli_processes", ("gauge", "CLI processes by state: busy (answering), warm, parked")),
+    ("claude_max_proxy_requests_waiting", ("gauge", "Requests waiting for a free slot")),
+    ("claude_max_proxy_process_reuse_total", ("counter", "Turns served by a waiting CLI process (hit) or a new one (miss)")),
+    ("claude_max_proxy_upstream_calls_total", ("counter", "Model calls the CLI reported (one per CLI result), by upstream status")),
+    ("claude_max_proxy_ratelimit_status", ("gauge", "1 for the latest reported limit status and window")),
+    ("claude_max_proxy_ratelimit_utilization", ("gauge", "Fraction of each limit window used")),
+    ("claude_max_proxy_ratelimit_reset_timestamp_seconds", ("gauge", "When each limit window resets (Unix time)")),
+    ("claude_max_proxy_overage_in_use", ("gauge", "1 while extra usage (overage) pays for requests")),
+])
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+Labels = Tuple[Tuple[str, str], ...]
+
+
+class Metrics:
+    """Counters and histograms since start-up, for GET /metrics."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counters = collections.Counter()  # type: Dict[Tuple[str, Labels], float]
+        self.histograms = {}  # type: Dict[Tuple[str, Labels], List[float]]  # bucket counts, sum
+
+    def count(self, name: str, labels: Dict[str, str]) -> None:
+        with self.lock:
+            self.counters[(name, tuple(sorted(labels.items())))] += 1
+
+    def observe(self, name: str, labels: Dict[str, str], value: float) -> None:
+        with self.lock:
+            counts = self.histograms.setdefault((name, tuple(sorted(labels.items()))),
+                                                [0.0] * (len(LATENCY_BUCKETS) + 2))
+            counts[next((i for i, bound in enumerate(LATENCY_BUCKETS) if value <= bound), len(LATENCY_BUCKETS))] += 1
+            counts[-1] += value
+
+    def samples(self) -> Dict[str, List[Tuple[Dict[str, str], Any]]]:
+        """{name: [(labels, value)]}; a histogram's value is (cumulative bucket counts, sum, count)."""
+        out = collections.defaultdict(list)  # type: Dict[str, List[Tuple[Dict[str, str], Any]]]
+        with self.lock:
+            for (name, labels), value in sorted(self.counters.items()):
+                out[name].append((dict(labels), value))
+            for (name, labels), counts in sorted(self.histograms.items()):
+                cumulative = [sum(counts[:i + 1]) for i in range(len(LATENCY_BUCKETS) + 1)]
+                out[name].append((dict(labels), (cumulative, counts[-1], cumulative[-1])))
+        return out
+
+
+def limit_samples(state: Optional[Dict[str, Any]]) -> Dict[str, List[Tuple[Dict[str, str], Any]]]:
+    """The limit state as /metrics gauges (none while nothing is known)."""
+    if state is None:
+        return {}
+    windows = dict(state["windows"])
+    if state["window"]:
+        windows.setdefault(state["window"], {"utilization": state["utilization"], "resets_at": state["resets_at"]})
+    return {
+        "claude_max_proxy_ratelimit_status": [({"status": state["status"], "window": state["window"] or ""}, 1)],
+        "claude_max_proxy_ratelimit_utilization": [({"window": name}, w["utilization"])
+                                                   for name, w in sorted(windows.items()) if w.get("utilization") is not None],
+        "claude_max_proxy_ratelimit_reset_timestamp_seconds": [({"window": name}, w["resets_at"])
+                                                               for name, w in sorted(windows.items()) if w.get("resets_at")],
+        "claude_max_proxy_overage_in_use": [({}, 1 if state["overage_in_use"] else 0)],
+    }
+
+
+def metrics_text(samples: Dict[str, List[Tuple[Dict[str, str], Any]]]) -> str:
+    """Samples by metric name -> the Prometheus text exposition format."""
+    def line(name: str, labels: Dict[str, str], value: float) -> str:
+        pairs = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n"))
+                         for k, v in labels.items())
+        return "%s%s %s" % (name, "{%s}" % pairs if pairs else "", repr(float(value)))
+
+    lines = []
+    for name, (kind, text) in METRICS.items():
+        lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
+        for labels, value in samples.get(name, []):
+            if kind != "histogram":
+                lines.append(line(name, labels, value))
+                continue
+            cumulative, total, count = value
+            for bound, n in zip(LATENCY_BUCKETS + (float("inf"),), cumulative):
+                lines.append(line(name + "_bucket", dict(labels, le="+Inf" if bound == float("inf") else repr(bound)), n))
+            lines += [line(name + "_sum", labels, total), line(name + "_count", labels, count)]
+    return "\n".join(lines) + "\n"
+
+
 class ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -2132,6 +2357,8 @@ class ProxyServer(ThreadingHTTPServer):
                              self.slots.release)
         self.slots.evict_idle = self.idle.evict_oldest
         self.reuse = {"hits": 0, "misses": 0}
+        self.limits = Limits()
+        self.metrics = Metrics()
         self.started = time.time()
         self.inflight = 0
         self.inflight_lock = threading.Condition()
@@ -2147,7 +2374,8 @@ class ProxyServer(ThreadingHTTPServer):
 
         def spawn():
             try:
-                run = CliRun(call, self.config, self.claude.resolve()).start(send_prompt=False)
+                run = CliRun(call, self.config, self.claude.resolve(),
+                             observe=self.observe_cli_event).start(send_prompt=False)
             except (ApiError, OSError):
                 self.slots.release()
                 return
@@ -2157,6 +2385,14 @@ class ProxyServer(ThreadingHTTPServer):
                 return
             self.idle.park(key, run)
         threading.Thread(target=spawn, daemon=True).start()
+
+    def observe_cli_event(self, event: Dict[str, Any]) -> None:
+        """A CLI's `rate_limit_event` updates the limit state; its `result` counts a model call."""
+        if event["type"] == "rate_limit_event":
+            self.limits.record(event.get("rate_limit_info"), time.time())
+            return
+        status = event.get("api_error_status") or ("error" if event.get("is_error") else 200)
+        self.metrics.count("claude_max_proxy_upstream_calls_total", {"status": str(status)})
 
 
 def fetched_image_url(url: str, where: str) -> str:
@@ -2199,6 +2435,16 @@ def with_fetched_images(body: Any) -> Any:
                 out["image_url"] = dict(holder, url=fetched) if holder is not None else fetched
         return out
     return walk(body, "")
+
+
+def endpoint_label(path: str, routes: List[str]) -> str:
+    """A request path -> its route for /metrics (`/v1/models/{id}`); unknown paths are one label."""
+    for route in routes:
+        if path == route:
+            return route
+        if path.startswith(route + "/"):
+            return route + "/{id}"
+    return "other"
 
 
 def client_gone_check(sock: socket.socket) -> Callable[[], bool]:
@@ -2301,6 +2547,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.body_read = False
         self.reused_process = False
         self.log_prompt = None
+        self.endpoint = "other"  # the matched route, for /metrics
         server = self.server
         with server.inflight_lock:
             server.inflight += 1
@@ -2330,19 +2577,22 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 server.inflight -= 1
                 server.inflight_lock.notify_all()
             self._access_log(method)
+            self._count_request()
 
     def _route(self, method: str) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
-        self._guard(method, path)
-        if method == "OPTIONS":
-            return self._preflight()
         routes = [
             ("/health", ("GET", "HEAD"), lambda: self._send_json(200, self._health())),
             ("/v1/models", ("GET",), lambda: self._send_json(200, {
                 "object": "list", "data": [model_object(m) for m in list(MODELS) + list(CLI_ALIASES)]})),
             ("/v1/chat/completions", ("POST",), self._chat_completions),
             ("/v1/responses", ("POST",), self._responses),
+            ("/metrics", ("GET",), self._metrics),
         ]
+        self.endpoint = endpoint_label(path, [route for route, _, _ in routes])
+        self._guard(method, path)
+        if method == "OPTIONS":
+            return self._preflight()
         for route, methods, action in routes:
             if path == route:
                 if method not in methods:
@@ -2411,6 +2661,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if origin and origin in self.server.config.allowed_origins:
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Vary", "Origin")
+        # Every answer carries the latest known plan-limit state, as Anthropic's own headers do.
+        if not self.server.config.api_keys or self._authorized():
+            for key, value in ratelimit_headers_for(self.server.limits.current(time.time())).items():
+                self.send_header(key, value)
 
     # -- bodies ---------------------------------------------------------------------------------
 
@@ -2465,12 +2719,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _send_json(self, status: int, obj: Any, headers: Optional[Dict[str, str]] = None) -> None:
         # A lone surrogate echoed back from a request must not cost the client its answer.
         data = json.dumps(obj, ensure_ascii=False).encode("utf-8", "replace")
+        self._send_body(status, data, "application/json", headers)
+
+    def _send_body(self, status: int, data: bytes, content_type: str,
+                   headers: Optional[Dict[str, str]] = None) -> None:
         self.status = status
         self.send_response(status)
         self._common_headers()
         for key, value in (headers or {}).items():
             self.send_header(key, value)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         if self.close_connection:
             self.send_header("Connection", "close")
@@ -2523,7 +2781,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
                            "usable": bool(claude.path and claude.version), "error": claude.probe_error},
                 "slots": {"busy": self.server.slots.busy, "waiting": self.server.slots.waiting,
                           "max": self.server.slots.size},
-                "processes": self._process_counts()}
+                "processes": self._process_counts(),
+                "limits": self.server.limits.current(time.time())}
+
+    def _metrics(self) -> None:
+        server = self.server
+        samples = server.metrics.samples()
+        counts = self._process_counts()
+        samples["claude_max_proxy_cli_processes"] = [({"state": state}, counts[state])
+                                                     for state in ("busy", "warm", "parked")]
+        samples["claude_max_proxy_requests_waiting"] = [({}, server.slots.waiting)]
+        samples["claude_max_proxy_process_reuse_total"] = [({"result": "hit"}, server.reuse["hits"]),
+                                                           ({"result": "miss"}, server.reuse["misses"])]
+        samples.update(limit_samples(server.limits.current(time.time())))
+        self._send_body(200, metrics_text(samples).encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
 
     def _process_counts(self) -> Dict[str, int]:
         """CLI processes by state: answering a request (busy), waiting idle (warm, parked)."""
@@ -2564,6 +2835,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.log_model = call.requested_model
         if config.log_prompts:
             self.log_prompt = json.dumps(call.prompt, ensure_ascii=False)[:500]
+        now = time.time()
+        refusal = overage_refusal(server.limits.current(now), now) if config.no_overage else None
+        if refusal is not None:
+            raise refusal  # before any process or model call: nothing is spent
         gone = client_gone_check(self.connection)
         claude_path = server.claude.resolve()
         results = tool_results_in(call.prompt)
@@ -2571,7 +2846,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if run is None:
             server.slots.acquire(config.queue_timeout, gone)
             try:
-                run = CliRun(call, config, claude_path).start()
+                run = CliRun(call, config, claude_path, observe=server.observe_cli_event).start()
             except BaseException:
                 server.slots.release()
                 raise
@@ -2580,6 +2855,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         def park(translator):
             # Before the answer's last bytes: a client's next turn must find the process waiting.
             parked.append(self._park_if_reusable(call, run, translator))
+            if not parked[-1] and translator.stop_reason == "end_turn" and not translator.cut \
+                    and not run.result_seen:
+                run.wait_for_result(2.0)  # a 200's rate_limit_event follows its message
         try:
             translator = self._answer(call, run, gone, renderer, park)
             if any(parked):
@@ -2688,7 +2966,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self._end_sse()
         return translator
 
-    # -- access log -----------------------------------------------------------------------------
+    # -- access log and metrics -----------------------------------------------------------------
+
+    def _count_request(self) -> None:
+        metrics, labels = self.server.metrics, {"endpoint": self.endpoint}
+        metrics.count("claude_max_proxy_requests_total", dict(labels, status=str(self.status)))
+        metrics.observe("claude_max_proxy_request_duration_seconds", labels, time.monotonic() - self.started)
+        if self.first_token_at is not None:
+            metrics.observe("claude_max_proxy_time_to_first_token_seconds", labels,
+                            self.first_token_at - self.started)
 
     def _access_log(self, method: str) -> None:
         elapsed = time.monotonic() - self.started
@@ -3325,12 +3611,24 @@ def port_finding(host: str, port: int, health: Optional[Dict[str, Any]],
                            "CLI: %s" % (health.get("version"), where, claude["error"]),
                            "reinstall the service (install-service records claude's absolute path), "
                            "or start the proxy with --claude /path/to/claude")
-        return Finding("OK", "port", "claude-max-proxy %s is answering on %s (CLI %s)" % (
-            health.get("version"), where, claude.get("version") or "not probed yet"))
+        limits = "; %s" % limit_summary(health["limits"]) if "limits" in health else ""
+        return Finding("OK", "port", "claude-max-proxy %s is answering on %s (CLI %s%s)" % (
+            health.get("version"), where, claude.get("version") or "not probed yet", limits))
     if bind_error is None:
         return Finding("OK", "port", "%s is free" % where)
     return Finding("FAIL", "port", "%s is taken by another program (%s)" % (where, bind_error),
                    "stop that program, or choose another --port (for the service too)")
+
+
+def limit_summary(state: Optional[Dict[str, Any]]) -> str:
+    """The plan-limit state a running proxy reports in /health, in a few words (no model call)."""
+    if not state:
+        return "no plan limit reported yet"
+    used = state.get("utilization")
+    return "plan limit %s: %s%s, resets %s%s" % (
+        state.get("window") or "-", state.get("status"),
+        " at %d%%" % round(used * 100) if isinstance(used, (int, float)) else "",
+        utc_time(state["resets_at"]), ", extra usage in use" if state.get("overage_in_use") else "")
 
 
 def flag_value(argv: List[str], flag: str) -> Optional[str]:
@@ -3375,7 +3673,8 @@ def live_finding(status: Optional[int], body: bytes, elapsed: float, url: str) -
     message = error.get("message") if isinstance(error, dict) else body[:300].decode("utf-8", "replace")
     fixes = {401: "if the message is about the proxy's own key, give doctor --api-key-file; "
                   "otherwise log the CLI in (see the login line)",
-             429: "the subscription's usage limit is reached: wait for the reset the message names"}
+             429: "the subscription's usage limit is reached: wait for the reset the message names",
+             402: "extra usage (billing): see the README section \"Limits, extra usage and billing\""}
     return Finding("FAIL", "live", "HTTP %d from %s: %s" % (status, url, message),
                    fixes.get(status, "see the proxy's log for the request"))
 

@@ -18,6 +18,16 @@ Scenarios:
   max_tokens  stop with stop_reason max_tokens
   401 403 429 500 529   the matching HTTP error (429 with retry-after: 7)
   drop        start the stream, then close the connection mid-message
+
+Subscription limits, with the `anthropic-ratelimit-unified-*` headers Anthropic sends to an OAuth
+login (the CLI turns them into a `rate_limit_event`); =N sets the window's reset N seconds ahead
+(default 3600):
+  limit_rejected=N   429: the 5-hour limit is reached, no extra usage
+  limit_warning=N    200: answer normally, 5-hour window at 92% (surpassed the 0.9 threshold)
+  overage_in_use=N   200: answer normally, the 5-hour limit is reached and extra usage pays
+  extra_usage_400    400: "Third-party apps now draw from your extra usage..." (billing classifier)
+  out_of_extra_usage 400: "You're out of extra usage..."
+  prompt_too_long    400: the prompt exceeds the context window
 """
 
 import json
@@ -35,6 +45,38 @@ ERRORS = {
     500: ("api_error", "Internal server error"),
     529: ("overloaded_error", "Overloaded"),
 }
+UNIFIED = "anthropic-ratelimit-unified-"
+# Classifier and context errors: (status, Anthropic error type, message), as users report them.
+REFUSALS = {
+    "extra_usage_400": (400, "invalid_request_error",
+                        "Third-party apps now draw from your extra usage, not your plan limits. "
+                        "Add extra usage to keep going."),
+    "out_of_extra_usage": (400, "invalid_request_error",
+                           "You're out of extra usage. Add more at claude.ai/settings/usage."),
+    "prompt_too_long": (400, "invalid_request_error", "prompt is too long: 210000 tokens > 200000 maximum"),
+}
+
+
+def unified_headers(scenario, reset_in):
+    """The subscription-limit headers for a limit scenario, with the window resetting in `reset_in` s."""
+    reset = str(int(time.time()) + reset_in)
+    week = str(int(time.time()) + 6 * 86400)
+    base = [(UNIFIED + "reset", reset), (UNIFIED + "5h-reset", reset), (UNIFIED + "7d-reset", week),
+            (UNIFIED + "representative-claim", "five_hour"), (UNIFIED + "7d-utilization", "0.41"),
+            (UNIFIED + "7d-status", "allowed")]
+    if scenario == "limit_rejected":
+        return base + [(UNIFIED + "status", "rejected"), (UNIFIED + "5h-utilization", "1.0"),
+                       (UNIFIED + "5h-status", "rejected"), (UNIFIED + "overage-status", "rejected"),
+                       (UNIFIED + "overage-disabled-reason", "out_of_credits")]
+    if scenario == "limit_warning":
+        return base + [(UNIFIED + "status", "allowed_warning"), (UNIFIED + "5h-utilization", "0.92"),
+                       (UNIFIED + "5h-surpassed-threshold", "0.9"), (UNIFIED + "5h-status", "allowed_warning"),
+                       (UNIFIED + "overage-status", "allowed")]
+    if scenario == "overage_in_use":
+        return base + [(UNIFIED + "status", "rejected"), (UNIFIED + "5h-utilization", "1.0"),
+                       (UNIFIED + "5h-status", "rejected"), (UNIFIED + "overage-status", "allowed"),
+                       (UNIFIED + "overage-in-use", "true"), (UNIFIED + "overage-reset", week)]
+    return [(UNIFIED + "status", "allowed"), (UNIFIED + "reset", reset), (UNIFIED + "5h-utilization", "0.1")]
 
 
 def text_of(content):
@@ -163,6 +205,16 @@ class Handler(BaseHTTPRequestHandler):
         name, _, arg = scenario.partition("=")
         if name.isdigit() and int(name) in ERRORS:
             return self.reply_error(int(name))
+        if name in REFUSALS:
+            status, kind, message = REFUSALS[name]
+            return self.reply_json(status, {"type": "error", "error": {"type": kind, "message": message}},
+                                   [("request-id", "req_fake_%s" % name)])
+        if name == "limit_rejected":
+            headers = unified_headers(name, int(arg or 3600)) + [("request-id", "req_fake_limit")]
+            return self.reply_json(429, {"type": "error", "error": {
+                "type": "rate_limit_error", "message": "This request would exceed your account's rate limit."}},
+                headers)
+        limit_headers = unified_headers(name, int(arg or 3600) if name in ("limit_warning", "overage_in_use") else 3600)
         results = tool_results_after_last_call(body)
         model = body.get("model", "claude-fake")
         if name == "tool_use" and results:
@@ -202,7 +254,7 @@ class Handler(BaseHTTPRequestHandler):
             return self.stream(body, model, [("hang",)])
         if name == "drop":
             return self.stream(body, model, [("words", "partial answer then"), ("drop",)])
-        return self.stream(body, model, [("words", "Hello from the fake upstream.")])
+        return self.stream(body, model, [("words", "Hello from the fake upstream.")], headers=limit_headers)
 
     def reply_json(self, status, obj, headers=()):
         data = json.dumps(obj).encode()
@@ -220,11 +272,13 @@ class Handler(BaseHTTPRequestHandler):
         headers.append(("request-id", "req_fake_%d" % status))
         self.reply_json(status, {"type": "error", "error": {"type": kind, "message": message}}, headers)
 
-    def stream(self, body, model, blocks, stop_reason="end_turn", delay=0.0):
+    def stream(self, body, model, blocks, stop_reason="end_turn", delay=0.0, headers=()):
         input_tokens = max(1, len(json.dumps(body.get("messages"))) // 4)
         if not body.get("stream"):
             return self.reply_whole(model, blocks, stop_reason, input_tokens)
         self.send_response(200)
+        for key, value in headers:
+            self.send_header(key, value)
         self.send_header("content-type", "text/event-stream")
         self.send_header("cache-control", "no-cache")
         self.send_header("connection", "close")

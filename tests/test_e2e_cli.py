@@ -212,6 +212,141 @@ def test_dropped_upstream_connection_is_an_error_not_an_answer(e2e_proxy):
     assert status == 502 and json.loads(raw)["error"]["type"] == "server_error"
 
 
+# ---- plan limits, extra usage and billing ------------------------------------------------------
+# The fake upstream sends Anthropic's `anthropic-ratelimit-unified-*` headers; the CLI, logged in
+# with an OAuth token, turns them into `rate_limit_event`s.
+
+def limits_of(headers):
+    return {k: v for k, v in headers.items() if "ratelimit" in k}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_limit_is_a_429_whose_retry_after_is_the_time_to_the_reset(e2e_proxy, upstream, stream):
+    mark = marker()
+    before = time.time()
+    status, headers, raw = chat(e2e_proxy, [{"role": "user", "content": "@@scenario:limit_rejected=1800@@ " + mark}],
+                                stream=stream)
+    assert status == 429, raw
+    assert headers["content-type"] == "application/json"  # never an error inside a 200 stream
+    error = json.loads(raw)["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    reset = before + 1800
+    assert abs(int(headers["retry-after"]) - (reset - time.time())) <= 60
+    assert time.strftime("%Y-%m-%dT%H:%M", time.gmtime(reset)) in error["message"]  # absolute UTC time
+    assert limits_of(headers)["anthropic-ratelimit-unified-status"] == "rejected"
+    assert abs(int(headers["anthropic-ratelimit-unified-reset"]) - reset) <= 60
+    assert len(upstream.messages_requests(mark)) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_plain_upstream_429_gets_a_short_retry_after(e2e_proxy, stream):
+    status, headers, raw = chat(e2e_proxy, [{"role": "user", "content": "@@scenario:429@@ " + marker()}],
+                                stream=stream)
+    assert status == 429, raw
+    assert json.loads(raw)["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(headers["retry-after"]) <= 60
+    # Not the plan's limit: no limit state is claimed from it.
+    assert "anthropic-ratelimit-unified-status" not in headers
+
+
+def test_limit_warning_is_a_normal_answer_with_the_state_in_headers_and_health(e2e_proxy):
+    mark = marker()
+    status, headers, raw = chat(e2e_proxy, [{"role": "user", "content": "@@scenario:limit_warning=3000@@ " + mark}])
+    assert status == 200, raw
+    assert json.loads(raw)["choices"][0]["message"]["content"] == TEXT
+    limits = limits_of(headers)
+    assert limits["anthropic-ratelimit-unified-status"] == "allowed_warning"
+    assert limits["anthropic-ratelimit-unified-representative-claim"] == "five_hour"
+    assert float(limits["anthropic-ratelimit-unified-5h-utilization"]) == 0.92
+    assert limits["anthropic-ratelimit-unified-overage-in-use"] == "false"
+    state = health(e2e_proxy)["limits"]
+    assert (state["status"], state["window"], state["utilization"]) == ("allowed_warning", "five_hour", 0.92)
+    assert abs(state["resets_at"] - (time.time() + 3000)) <= 60
+    # A streamed answer's headers go out before its own event: they carry the state known then.
+    status, headers, _ = chat(e2e_proxy, [{"role": "user", "content": "hi " + marker()}], stream=True)
+    assert status == 200 and "anthropic-ratelimit-unified-status" in headers
+
+
+# The event follows the answer's message: it is read whether the process is kept or ended.
+@pytest.mark.parametrize("stream, extra", [(False, []), (True, ["--max-parked", "0", "--warm", "0"])])
+def test_overage_in_use_shows_in_headers_and_no_overage_refuses_before_any_upstream_call(
+        start_proxy, real_claude, e2e_env, upstream, stream, extra):
+    proxy = start_proxy(["--claude", real_claude, "--no-overage"] + extra, e2e_env)
+    status, headers, raw = chat(proxy, [{"role": "user", "content": "@@scenario:overage_in_use=2400@@ " + marker()}],
+                                stream=stream)
+    assert status == 200, raw
+    if not stream:  # a stream's headers leave before its model call ends
+        assert headers["anthropic-ratelimit-unified-overage-in-use"] == "true"
+    assert health(proxy)["limits"]["overage_in_use"] is True
+    for stream in (False, True):
+        mark = marker()
+        status, headers, raw = chat(proxy, [{"role": "user", "content": "hi " + mark}], stream=stream)
+        assert status == 402, raw
+        error = json.loads(raw)["error"]
+        assert (error["type"], error["code"]) == ("billing_error", "extra_usage_refused")
+        assert "overage" in error["message"] and "extra usage" in error["message"]
+        assert abs(int(headers["retry-after"]) - 2400) <= 60
+        assert upstream.messages_requests(mark) == []
+
+
+def test_overage_in_use_without_no_overage_keeps_answering(e2e_proxy):
+    status, headers, _ = chat(e2e_proxy, [{"role": "user", "content": "@@scenario:overage_in_use@@ " + marker()}])
+    assert status == 200 and headers["anthropic-ratelimit-unified-overage-in-use"] == "true"
+    assert chat(e2e_proxy, [{"role": "user", "content": "hi " + marker()}])[0] == 200
+
+
+@pytest.mark.parametrize("scenario", ["extra_usage_400", "out_of_extra_usage"])
+def test_billing_classifier_is_a_402_that_clients_do_not_retry(e2e_proxy, upstream, scenario):
+    openai = pytest.importorskip("openai")
+    mark = marker()
+    client = openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=2)
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.chat.completions.create(model="claude-sonnet-4", messages=[
+            {"role": "user", "content": "@@scenario:%s@@ %s" % (scenario, mark)}])
+    assert raised.value.status_code == 402
+    error = raised.value.body
+    assert (error["type"], error["code"]) == ("billing_error", "extra_usage_required")
+    assert "extra usage" in error["message"] and "#limits-extra-usage-and-billing" in error["message"]
+    # One request reached the proxy and one CLI ran; the CLI itself sends such a request 3 times.
+    assert e2e_proxy.wait_for_line(raised.value.response.headers["x-request-id"]) is not None
+    assert len([l for l in e2e_proxy.access_lines() if " 402 " in l]) == 1
+    assert len(upstream.messages_requests(mark)) == 3
+    assert chat(e2e_proxy, [{"role": "user", "content": "hi " + marker()}])[0] == 200
+
+
+def test_prompt_too_long_is_context_length_exceeded(e2e_proxy):
+    status, _, raw = chat(e2e_proxy, [{"role": "user", "content": "@@scenario:prompt_too_long@@ " + marker()}])
+    assert status == 400, raw
+    error = json.loads(raw)["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "context_length_exceeded")
+    assert "Prompt is too long" in error["message"]
+
+
+def test_metrics_parse_as_prometheus_text(start_proxy, real_claude, e2e_env):
+    parser = pytest.importorskip("prometheus_client.parser")
+    proxy = start_proxy(["--claude", real_claude, "--api-key", "k1"], e2e_env)
+    key = {"Authorization": "Bearer k1"}
+    assert proxy.request("GET", "/metrics")[0] == 401
+    body = {"model": "claude-sonnet-4", "messages": [{"role": "user", "content": "@@scenario:limit_warning@@ " + marker()}]}
+    assert proxy.chat(body, key)[0] == 200
+    assert proxy.chat(dict(body, stream=True), key)[0] == 200
+    assert proxy.chat(dict(body, messages=[{"role": "user", "content": "@@scenario:429@@ " + marker()}]), key)[0] == 429
+    status, headers, raw = proxy.request("GET", "/metrics", headers=key)
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in parser.text_string_to_metric_families(raw.decode())}
+    requests = {(s.labels["endpoint"], s.labels["status"]): s.value for s in families["claude_max_proxy_requests"].samples}
+    assert requests[("/v1/chat/completions", "200")] == 2 and requests[("/v1/chat/completions", "429")] == 1
+    assert requests[("/metrics", "401")] == 1
+    states = {s.labels["state"] for s in families["claude_max_proxy_cli_processes"].samples}
+    assert states == {"busy", "warm", "parked"}
+    ttft = [s for s in families["claude_max_proxy_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
+    assert [s.value for s in ttft] == [1.0]
+    calls = {s.labels["status"]: s.value for s in families["claude_max_proxy_upstream_calls"].samples}
+    assert calls["429"] == 1 and calls["200"] >= 1
+    utilization = {s.labels["window"]: s.value for s in families["claude_max_proxy_ratelimit_utilization"].samples}
+    assert utilization["five_hour"] == 0.92
+
+
 # ---- processes -------------------------------------------------------------------------------
 
 def test_client_disconnect_ends_the_cli(start_proxy, real_claude, e2e_env, upstream):

@@ -608,6 +608,19 @@ def test_login_finding_when_auth_status_says_nothing_useful():
     assert finding.status == "WARN" and "--live" in finding.fix
 
 
+@pytest.mark.parametrize("state, words", [
+    (None, "no plan limit reported yet"),
+    ({"status": "allowed_warning", "window": "five_hour", "utilization": 0.92, "resets_at": 1795951600,
+      "overage_in_use": False}, "plan limit five_hour: allowed_warning at 92%, resets 2026-11-29T11:26:40Z"),
+    ({"status": "rejected", "window": "five_hour", "utilization": None, "resets_at": 1795951600,
+      "overage_in_use": True}, "rejected, resets 2026-11-29T11:26:40Z, extra usage in use"),
+])
+def test_doctor_port_line_shows_the_running_proxys_limit_state(state, words):
+    health = {"version": "1", "claude": {"version": "2.1.332"}, "limits": state}
+    finding = cmp.port_finding("127.0.0.1", 3456, health, None)
+    assert finding.status == "OK" and words in finding.summary
+
+
 def test_doctor_exit_code_is_one_only_when_something_fails():
     ok, warn, fail = (cmp.Finding(s, "x", "y", "z") for s in ("OK", "WARN", "FAIL"))
     assert cmp.doctor_report([ok, warn])[1] == 0

@@ -1755,8 +1755,173 @@ def test_error_from_result_without_text_uses_errors_or_a_default():
     assert error.status == 502 and error.message
 
 
-def test_rate_limit_without_reset_time_has_no_retry_after():
-    assert cmp.error_from_result(error_result(429, "rate limited")).headers == {}
+def test_rate_limit_without_reset_time_gets_the_proxys_short_retry_after():
+    error = cmp.error_from_result(error_result(429, "API Error: Server is temporarily limiting requests"))
+    assert error.headers == {"Retry-After": str(cmp.UPSTREAM_RETRY_AFTER)}
+
+
+NOW = 1795948000.0
+LIMIT_INFO = {"status": "rejected", "resetsAt": 1795951600, "rateLimitType": "five_hour",
+              "overageStatus": "rejected", "overageDisabledReason": "out_of_credits", "isUsingOverage": False,
+              "unifiedWindows": {"five_hour": {"utilization": 1, "resetsAt": 1795951600, "status": "rejected"},
+                                 "seven_day": {"utilization": 0.41, "resetsAt": 1796467080, "status": "allowed"}}}
+
+
+def cli_error(status, text, **fields):
+    return dict(error_result(status, text), terminal_reason="api_error", api_error_type="x", **fields)
+
+
+# (what the CLI reported, rate_limit_info of the turn) -> (HTTP status, type, code, Retry-After, words)
+# The rows are the CLI 2.1.332 results measured against tests/fake_upstream.py.
+@pytest.mark.parametrize("result, rate_limit, expected", [
+    (cli_error(429, "You've hit your 5-hour limit · resets 11am (UTC)", api_error="usage_limit_reached"),
+     LIMIT_INFO, (429, "rate_limit_error", "rate_limit_exceeded", "3600", "2026-11-29T11:26:40Z")),
+    (cli_error(429, "You've hit your 5-hour limit · resets 11am (UTC)", api_error="usage_limit_reached"),
+     None, (429, "rate_limit_error", "rate_limit_exceeded", None, "5-hour limit")),
+    (cli_error(429, "API Error: Server is temporarily limiting requests (not your usage limit)"),
+     {"status": "rejected", "isUsingOverage": False},
+     (429, "rate_limit_error", "rate_limit_exceeded", "5", "not your usage limit")),
+    (cli_error(400, "API Error: 400 Third-party apps now draw from your extra usage, not your plan limits."),
+     None, (402, "billing_error", "extra_usage_required", None, "#limits-extra-usage-and-billing")),
+    (cli_error(400, "API Error: 400 You're out of extra usage. Add more at claude.ai/settings/usage."),
+     None, (402, "billing_error", "extra_usage_required", None, "system prompt")),
+    (dict(cli_error(400, "Prompt is too long · the request is ~210000 tokens (limit 200000)"),
+          terminal_reason="prompt_too_long"),
+     None, (400, "invalid_request_error", "context_length_exceeded", None, "Prompt is too long")),
+    (cli_error(400, "API Error: 400 messages: text content blocks must be non-empty"),
+     None, (400, "invalid_request_error", "upstream_invalid_request", None, "non-empty")),
+])
+def test_error_mapping_of_limits_billing_and_context(result, rate_limit, expected):
+    error = cmp.error_from_result(result, rate_limit, now=NOW)
+    status, kind, code, retry_after, words = expected
+    assert (error.status, error.type, error.code) == (status, kind, code)
+    assert error.headers.get("Retry-After") == retry_after
+    assert words in error.message
+    assert error.status < 500 and (error.status == 429) == (kind == "rate_limit_error")
+
+
+def test_turn_translator_takes_the_reset_from_the_turns_rate_limit_event():
+    translator = cmp.TurnTranslator()
+    reset = int(time.time()) + 1800
+    translator.feed({"type": "rate_limit_event", "rate_limit_info": dict(LIMIT_INFO, resetsAt=reset)})
+    with pytest.raises(cmp.ApiError) as raised:
+        translator.feed(cli_error(429, "You've hit your 5-hour limit", api_error="usage_limit_reached"))
+    assert 1740 <= int(raised.value.headers["Retry-After"]) <= 1800
+
+
+# ================================================================================================
+# limit state: rate_limit_info -> state -> headers, /metrics gauges, the --no-overage refusal
+# ================================================================================================
+
+WARNING_INFO = {"status": "allowed_warning", "resetsAt": 1795951600, "rateLimitType": "five_hour",
+                "utilization": 0.92, "overageStatus": "allowed", "isUsingOverage": False, "surpassedThreshold": 0.9,
+                "unifiedWindows": {"five_hour": {"utilization": 0.92, "resetsAt": 1795951600,
+                                                 "status": "allowed_warning", "surpassedThreshold": 0.9}}}
+OVERAGE_INFO = {"status": "rejected", "resetsAt": 1795951600, "rateLimitType": "five_hour",
+                "overageStatus": "allowed", "overageResetsAt": 1796467088, "isUsingOverage": True,
+                "overageInUse": True}
+
+
+def test_limit_state_without_a_reset_time_is_no_state():
+    assert cmp.limit_state_from({"status": "rejected", "isUsingOverage": False}, NOW) is None
+    assert cmp.limit_state_from(None, NOW) is None
+
+
+def test_warning_state_becomes_anthropics_unified_headers():
+    state = cmp.limit_state_from(WARNING_INFO, NOW)
+    assert (state["status"], state["window"], state["utilization"]) == ("allowed_warning", "five_hour", 0.92)
+    headers = cmp.ratelimit_headers_for(state)
+    assert headers == {
+        "anthropic-ratelimit-unified-status": "allowed_warning",
+        "anthropic-ratelimit-unified-reset": "1795951600",
+        "anthropic-ratelimit-unified-representative-claim": "five_hour",
+        "anthropic-ratelimit-unified-overage-status": "allowed",
+        "anthropic-ratelimit-unified-overage-in-use": "false",
+        "anthropic-ratelimit-unified-5h-utilization": "0.92",
+        "anthropic-ratelimit-unified-5h-reset": "1795951600",
+        "anthropic-ratelimit-unified-5h-status": "allowed_warning",
+        "anthropic-ratelimit-unified-5h-surpassed-threshold": "0.9",
+    }
+    assert cmp.ratelimit_headers_for(None) == {}
+
+
+def test_overage_state_headers_and_gauges():
+    state = cmp.limit_state_from(OVERAGE_INFO, NOW)
+    headers = cmp.ratelimit_headers_for(state)
+    assert headers["anthropic-ratelimit-unified-overage-in-use"] == "true"
+    assert headers["anthropic-ratelimit-unified-overage-reset"] == "1796467088"
+    gauges = cmp.limit_samples(state)
+    assert gauges["claude_max_proxy_overage_in_use"] == [({}, 1)]
+    assert gauges["claude_max_proxy_ratelimit_status"] == [({"status": "rejected", "window": "five_hour"}, 1)]
+
+
+@pytest.mark.parametrize("info, now, refused", [
+    (OVERAGE_INFO, NOW, True),
+    (dict(OVERAGE_INFO, isUsingOverage=False, overageInUse=False), NOW, True),  # would be used next
+    (OVERAGE_INFO, 1795951600, False),  # the window has reset
+    (WARNING_INFO, NOW, False),
+    (LIMIT_INFO, NOW, False),  # limit reached without extra usage: the upstream says 429 itself
+])
+def test_no_overage_refuses_only_while_extra_usage_pays(info, now, refused):
+    error = cmp.overage_refusal(cmp.limit_state_from(info, NOW), now)
+    assert (error is not None) == refused
+    if refused:
+        assert (error.status, error.type, error.code) == (402, "billing_error", "extra_usage_refused")
+        assert "2026-11-29T11:26:40Z" in error.message and "extra usage" in error.message
+        assert error.headers == {"Retry-After": "3600"}
+
+
+def test_limits_forget_a_state_once_its_window_resets():
+    limits = cmp.Limits()
+    limits.record({"status": "allowed"}, NOW)
+    assert limits.current(NOW) is None
+    limits.record(WARNING_INFO, NOW)
+    assert limits.current(NOW)["status"] == "allowed_warning"
+    limits.record({"status": "rejected", "isUsingOverage": False}, NOW)  # no reset time: kept as is
+    assert limits.current(NOW)["status"] == "allowed_warning"
+    assert limits.current(1795951600) is None
+
+
+# ================================================================================================
+# /metrics text, read back by Prometheus' own parser
+# ================================================================================================
+
+def test_metrics_text_is_read_back_by_the_prometheus_parser():
+    parser = pytest.importorskip("prometheus_client.parser")
+    metrics = cmp.Metrics()
+    for status, seconds in (("200", 0.04), ("200", 3.0), ("429", 700.0)):
+        metrics.count("claude_max_proxy_requests_total", {"endpoint": "/v1/chat/completions", "status": status})
+        metrics.observe("claude_max_proxy_request_duration_seconds", {"endpoint": "/v1/chat/completions"}, seconds)
+    metrics.count("claude_max_proxy_requests_total", {"endpoint": 'we"ird\\path\n', "status": "404"})
+    samples = metrics.samples()
+    samples.update(cmp.limit_samples(cmp.limit_state_from(WARNING_INFO, NOW)))
+    families = {f.name: f for f in parser.text_string_to_metric_families(cmp.metrics_text(samples))}
+    assert set(families) == {name[:-len("_total")] if name.endswith("_total") else name for name in cmp.METRICS}
+    counts = {(s.labels["endpoint"], s.labels["status"]): s.value for s in families["claude_max_proxy_requests"].samples}
+    assert counts == {("/v1/chat/completions", "200"): 2, ("/v1/chat/completions", "429"): 1,
+                      ('we"ird\\path\n', "404"): 1}
+    buckets = {s.labels["le"]: s.value for s in families["claude_max_proxy_request_duration_seconds"].samples
+               if s.name.endswith("_bucket")}
+    assert (buckets["0.05"], buckets["5.0"], buckets["600.0"], buckets["+Inf"]) == (1, 2, 2, 3)
+    total = [s.value for s in families["claude_max_proxy_request_duration_seconds"].samples if s.name.endswith("_sum")]
+    assert total == [pytest.approx(703.04)]
+    assert [s.value for s in families["claude_max_proxy_ratelimit_utilization"].samples] == [0.92]
+
+
+def test_readme_lists_every_metric_and_has_the_section_errors_link_to():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(path, encoding="utf-8") as handle:
+        readme = handle.read()
+    assert [name for name in cmp.METRICS if "| `%s` |" % name not in readme] == []
+    assert "\n## Limits, extra usage and billing\n" in readme
+    assert "(#limits-extra-usage-and-billing)" in cmp.EXTRA_USAGE_HINT
+
+
+def test_endpoint_label_bounds_the_label_values():
+    routes = ["/health", "/v1/models", "/v1/chat/completions"]
+    assert cmp.endpoint_label("/v1/chat/completions", routes) == "/v1/chat/completions"
+    assert cmp.endpoint_label("/v1/models/claude-opus-4", routes) == "/v1/models/{id}"
+    assert cmp.endpoint_label("/anything/%s" % "x" * 50, routes) == "other"
 
 
 @pytest.mark.parametrize("status", [429, None])
