@@ -47,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -1446,7 +1447,7 @@ class ChatChunks:
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool):
         self.base = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                     "model": model, "system_fingerprint": None}
+                     "model": model}
         self.include_usage = include_usage
         self.started = False
 
@@ -1503,7 +1504,6 @@ def completion_from(events: List[TurnEvent], completion_id: str, created: int, m
     if reasoning:
         message["reasoning_content"] = reasoning
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
-            "system_fingerprint": None,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish[1]}],
             "usage": finish[2]}
 
@@ -1607,6 +1607,10 @@ Origins = Dict[str, Tuple[str, Dict[str, str]]]
 # Why a hosted tool (web_search, file_search, computer_use_preview...) is refused: nothing runs it.
 BUILTIN_TOOL_HINT = ("only `function` tools are supported: the proxy has no hosted tools "
                      "(web search, file search, computer use, code interpreter...)")
+# The `error.code` values a failed response may carry (the OpenAPI spec's ResponseErrorCode).
+RESPONSE_ERROR_CODES = ("server_error", "rate_limit_exceeded", "invalid_prompt", "invalid_image",
+                        "invalid_image_format", "invalid_base64_image", "invalid_image_url",
+                        "image_too_large", "unsupported_image_media_type")
 
 
 def responses_message_of(item: Dict[str, Any]) -> Dict[str, Any]:
@@ -1812,6 +1816,13 @@ def responses_output_messages(output: List[Dict[str, Any]]) -> List[Dict[str, An
     return chat_messages_from_items(output, where="output")[0]
 
 
+def response_error_code(error: ApiError) -> str:
+    """An ApiError -> the `error.code` a failed response may carry (the spec allows a fixed list)."""
+    if error.code in RESPONSE_ERROR_CODES:
+        return error.code
+    return "rate_limit_exceeded" if error.status == 429 else "server_error"
+
+
 def responses_usage(usage: Dict[str, Any]) -> Dict[str, Any]:
     """Chat usage -> Responses usage (cache writes are counted in the input, not apart, for now)."""
     details = usage.get("prompt_tokens_details") or {}
@@ -1896,7 +1907,7 @@ class ResponsesRenderer:
 
     def stream_error(self, error: ApiError) -> List[Tuple[Optional[str], Any]]:
         self.response = self._snapshot("failed", error={
-            "code": error.code or "server_error", "message": error.message})
+            "code": response_error_code(error), "message": error.message})
         return [self._event("response.failed", response=self.response)]
 
     def stream_end(self) -> List[Tuple[Optional[str], Any]]:
@@ -1934,7 +1945,7 @@ class ResponsesRenderer:
         out = []
         where = self._where(item)
         if item["type"] == "function_call":
-            out.append(self._event("response.function_call_arguments.done",
+            out.append(self._event("response.function_call_arguments.done", name=item["name"],
                                    arguments=item["arguments"], **where))
         else:
             part = item["content"][0]
@@ -1952,10 +1963,10 @@ class ResponsesRenderer:
     def _where(self, item: Dict[str, Any]) -> Dict[str, Any]:
         return {"item_id": item["id"], "output_index": self.indexes[item["id"]]}
 
-    def _event(self, name: str, **fields: Any) -> Tuple[str, Dict[str, Any]]:
-        payload = dict({"type": name, "sequence_number": self.sequence}, **fields)
+    def _event(self, event_type: str, **fields: Any) -> Tuple[str, Dict[str, Any]]:
+        payload = dict({"type": event_type, "sequence_number": self.sequence}, **fields)
         self.sequence += 1
-        return name, payload
+        return event_type, payload
 
     # -- the response object ---------------------------------------------------------------------
 
@@ -1967,7 +1978,9 @@ class ResponsesRenderer:
                        for part in item["content"] if part["type"] == "output_text")
         response = {"id": self.response_id, "object": "response", "created_at": self.created_at,
                     "status": status, "error": error, "incomplete_details": incomplete_details,
-                    "model": self.model, "output": output, "output_text": text, "usage": usage}
+                    "model": self.model, "output": output, "output_text": text}
+        if usage is not None:  # the spec's `usage` is an object, never null: absent until known
+            response["usage"] = usage
         response.update(self.settings)
         return response
 
@@ -1985,8 +1998,10 @@ class ResponsesRenderer:
             "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
             "text": dict(text_config, format=text_config.get("format") or {"type": "text"}),
             "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
-            "truncation": "disabled", "user": body.get("user"), "metadata": body.get("metadata") or {},
+            "truncation": "disabled", "metadata": body.get("metadata") or {},
         }
+        if isinstance(body.get("user"), str):  # an optional string in the spec: absent, not null
+            settings["user"] = body["user"]
         return json.loads(json.dumps(settings, ensure_ascii=False).encode("utf-8", "replace"))
 
 
@@ -2000,20 +2015,22 @@ class ResponseStore:
                  max_bytes: int = RESPONSE_STORE_BYTES, clock: Callable[[], float] = time.monotonic):
         self.max_items, self.ttl, self.max_bytes, self.clock = max_items, ttl, max_bytes, clock
         self.lock = threading.Lock()
-        self.entries = collections.OrderedDict()  # id -> (response, messages, size, expiry)
+        self.entries = collections.OrderedDict()  # id -> (response, messages, size, expiry, inputs)
         self.size = 0
 
-    def put(self, response: Dict[str, Any], messages: List[Dict[str, Any]]) -> bool:
-        """Keep a response; False when it alone is over the byte bound (it is then not kept)."""
+    def put(self, response: Dict[str, Any], messages: List[Dict[str, Any]],
+            inputs: Optional[List[Dict[str, Any]]] = None) -> bool:
+        """Keep a response (and its input items); False when it alone is over the byte bound."""
+        inputs = inputs or []
         try:
-            size = len(json.dumps(response)) + len(json.dumps(messages))
+            size = len(json.dumps(response)) + len(json.dumps(messages)) + len(json.dumps(inputs))
         except (ValueError, RecursionError):
             return False
         with self.lock:
             self._drop(response["id"])
             if size > self.max_bytes or self.max_items <= 0:
                 return False
-            self.entries[response["id"]] = (response, messages, size, self.clock() + self.ttl)
+            self.entries[response["id"]] = (response, messages, size, self.clock() + self.ttl, inputs)
             self.size += size
             while len(self.entries) > self.max_items or self.size > self.max_bytes:
                 self._drop(next(iter(self.entries)))
@@ -2025,6 +2042,28 @@ class ResponseStore:
             self._expire()
             entry = self.entries.get(response_id)
             return (entry[0], entry[1]) if entry else None
+
+    def entry(self, response_id: str) -> Optional[Tuple[Dict[str, Any], List[Dict[str, Any]],
+                                                       List[Dict[str, Any]]]]:
+        """(response, conversation messages, input items), or None."""
+        with self.lock:
+            self._expire()
+            entry = self.entries.get(response_id)
+            return (entry[0], entry[1], entry[4]) if entry else None
+
+    def item(self, item_id: str) -> Optional[Dict[str, Any]]:
+        """A stored output or input item by its id (what an `item_reference` names), or None."""
+        with self.lock:
+            self._expire()
+            for entry in reversed(self.entries.values()):
+                for item in entry[0].get("output", []) + entry[4]:
+                    if item.get("id") == item_id:
+                        return item
+            return None
+
+    def delete(self, response_id: str) -> None:
+        with self.lock:
+            self._drop(response_id)
 
     def _expire(self) -> None:
         now = self.clock()
@@ -2057,6 +2096,75 @@ def previous_messages_for(body: Any, store: ResponseStore) -> List[Dict[str, Any
                        % (previous, store.ttl, store.max_items), "invalid_request_error",
                        "previous_response_not_found", "previous_response_id")
     return found[1]
+
+
+def items_with_references_resolved(items: List[Any], lookup: Callable[[str], Optional[Dict[str, Any]]]
+                                   ) -> List[Any]:
+    """Responses input with each `item_reference` replaced by the stored item it names (the Vercel
+    AI SDK sends its earlier output back this way); an unknown id is a 404 naming the item."""
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and item.get("type") == "item_reference":
+            param = "input[%d].id" % i
+            item_id = item.get("id")
+            if not isinstance(item_id, str) or not item_id:
+                raise invalid(param, "`%s` must be a non-empty string" % param, "invalid_type")
+            item = lookup(item_id)
+            if item is None:
+                raise ApiError(404, "Item with id '%s' not found (items are kept with their response, "
+                               "in memory, while it can be continued; `store: false` ones not at all)"
+                               % item_id, "invalid_request_error", "item_not_found", param)
+        out.append(item)
+    return out
+
+
+ITEM_ID_PREFIXES = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_",
+                    "reasoning": "rs_"}
+
+
+def input_item_resources(items: Any) -> List[Dict[str, Any]]:
+    """A request's (validated) input as `GET /v1/responses/{id}/input_items` lists it: each item
+    typed, with an id and its content as parts."""
+    if isinstance(items, str):
+        items = [{"type": "message", "role": "user", "content": items}]
+    out = []
+    for item in items:
+        kind = item.get("type", "message")
+        resource = dict(item, type=kind)
+        resource.setdefault("id", ITEM_ID_PREFIXES.get(kind, "item_") + uuid.uuid4().hex)
+        if kind == "message":
+            assistant = item.get("role") == "assistant"
+            content = item.get("content")
+            if isinstance(content, str):
+                content = [{"type": "output_text" if assistant else "input_text", "text": content}]
+            if assistant:
+                content = [dict({"annotations": [], "logprobs": []}, **part) if part.get("type") == "output_text"
+                           else part for part in content]
+            resource["content"] = content
+        if kind in ("message", "function_call", "function_call_output"):
+            resource.setdefault("status", "completed")
+        out.append(resource)
+    return out
+
+
+def input_items_page(items: List[Dict[str, Any]], query: Dict[str, str]) -> Dict[str, Any]:
+    """One page of a stored response's input items, as OpenAI lists them (newest first by default)."""
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise invalid("order", "`order` must be asc or desc")
+    limit = query.get("limit", "20")
+    if not re.match(r"^[0-9]{1,3}$", limit) or not 1 <= int(limit) <= 100:
+        raise invalid("limit", "`limit` must be an integer from 1 to 100")
+    ordered = list(items) if order == "asc" else list(reversed(items))
+    after = query.get("after")
+    if after is not None:
+        ids = [item["id"] for item in ordered]
+        if after not in ids:
+            raise invalid("after", "`after` names no input item of this response: %r" % after)
+        ordered = ordered[ids.index(after) + 1:]
+    page = ordered[:int(limit)]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(ordered) > len(page)}
 
 
 # ================================================================================================
@@ -2345,24 +2453,44 @@ class ProxyHandler(BaseHTTPRequestHandler):
         ]
         for route, methods, action in routes:
             if path == route:
-                if method not in methods:
-                    raise ApiError(405, "method %s not allowed on %s" % (method, path),
-                                   "invalid_request_error", "method_not_allowed",
-                                   headers={"Allow": ", ".join(methods)})
+                self._check_method(method, path, methods)
                 return action()
         if path.startswith("/v1/models/"):
-            if method != "GET":
-                raise ApiError(405, "method %s not allowed on %s" % (method, path),
-                               "invalid_request_error", "method_not_allowed", headers={"Allow": "GET"})
+            self._check_method(method, path, ("GET",))
             name = path[len("/v1/models/"):]
             requested, _ = resolve_model(name, self.server.config.default_model)
             return self._send_json(200, model_object(requested))
         if path.startswith("/v1/responses/"):
-            if method != "GET":
-                raise ApiError(405, "method %s not allowed on %s" % (method, path),
-                               "invalid_request_error", "method_not_allowed", headers={"Allow": "GET"})
-            return self._stored_response(path[len("/v1/responses/"):])
+            return self._stored_response_route(method, path)
         raise ApiError(404, "no route for %s %s" % (method, path), "invalid_request_error", "not_found")
+
+    def _check_method(self, method: str, path: str, methods: Tuple[str, ...]) -> None:
+        """405 for a method the route lacks; HEAD is answered wherever GET is (headers only)."""
+        if method in methods or (method == "HEAD" and "GET" in methods):
+            return
+        allow = list(methods) + (["HEAD"] if "GET" in methods and "HEAD" not in methods else [])
+        raise ApiError(405, "method %s not allowed on %s" % (method, path), "invalid_request_error",
+                       "method_not_allowed", headers={"Allow": ", ".join(allow)})
+
+    def _stored_response_route(self, method: str, path: str) -> None:
+        """/v1/responses/{id}, its /input_items and /cancel: what the response store can answer."""
+        response_id, _, action = path[len("/v1/responses/"):].partition("/")
+        if action == "input_items":
+            self._check_method(method, path, ("GET",))
+            return self._send_json(200, input_items_page(self._stored(response_id)[2], self._query()))
+        if action == "cancel":
+            self._check_method(method, path, ("POST",))
+            self._stored(response_id)
+            raise invalid(None, "Only responses created with `background: true` can be cancelled; response "
+                          "'%s' was answered synchronously" % response_id, "response_not_cancellable")
+        if action:
+            raise ApiError(404, "no route for %s %s" % (method, path), "invalid_request_error", "not_found")
+        self._check_method(method, path, ("GET", "DELETE"))
+        if method == "DELETE":
+            self._stored(response_id)
+            self.server.responses.delete(response_id)
+            return self._send_json(200, {"id": response_id, "object": "response", "deleted": True})
+        self._send_json(200, self._stored(response_id)[0])
 
     # -- guards ---------------------------------------------------------------------------------
 
@@ -2544,19 +2672,26 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _responses(self) -> None:
         body = self._read_request()
         store = self.server.responses
+        if isinstance(body, dict) and isinstance(body.get("input"), list):
+            body = dict(body, input=items_with_references_resolved(body["input"], store.item))
         call, conversation = responses_call_for(body, previous_messages_for(body, store), self.server.config)
+        inputs = input_item_resources(body["input"])
 
         def keep(response: Dict[str, Any]) -> None:
-            store.put(response, conversation + responses_output_messages(response["output"]))
+            store.put(response, conversation + responses_output_messages(response["output"]), inputs)
 
         self._serve_call(call, ResponsesRenderer(call, body, None if body.get("store") is False else keep))
 
-    def _stored_response(self, response_id: str) -> None:
-        found = self.server.responses.get(response_id)
+    def _stored(self, response_id: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]], List[Dict[str, Any]]]:
+        found = self.server.responses.entry(response_id)
         if found is None:
             raise ApiError(404, "Response with id '%s' not found" % response_id, "invalid_request_error",
                            "not_found")
-        self._send_json(200, found[0])
+        return found
+
+    def _query(self) -> Dict[str, str]:
+        query = self.path.partition("?")[2]
+        return {key: values[-1] for key, values in urllib.parse.parse_qs(query).items()}
 
     def _serve_call(self, call: CliCall, renderer: Any) -> List[TurnEvent]:
         """Run one CLI turn for a call and answer with the renderer's shapes; returns its events."""

@@ -321,7 +321,10 @@ def test_an_error_mid_stream_ends_it_with_response_failed():
     payload = failed[0][1]
     assert payload["sequence_number"] == len(out)
     assert payload["response"]["status"] == "failed"
-    assert payload["response"]["error"] == {"code": "cli_failed", "message": "the Claude CLI exited"}
+    # The spec allows a fixed list of codes: anything else is a server_error (429 a rate limit).
+    assert payload["response"]["error"] == {"code": "server_error", "message": "the Claude CLI exited"}
+    limited = renderer().stream_error(cmp.ApiError(429, "slow down", "rate_limit_error", "usage_limit"))
+    assert limited[0][1]["response"]["error"]["code"] == "rate_limit_exceeded"
     assert payload["response"]["output"][0]["content"][0]["text"] == "partial"
     assert "error" not in payload  # a top-level `error` key makes the SDK raise instead of yield
 
@@ -455,6 +458,79 @@ def test_previous_response_id_finds_the_stored_conversation_or_is_a_404():
         with pytest.raises(cmp.ApiError) as info:
             cmp.previous_messages_for({"input": "x", "previous_response_id": bad}, store)
         assert info.value.status == 400 and info.value.param == "previous_response_id"
+
+
+STORED_MESSAGE = {"id": "msg_1", "type": "message", "status": "completed", "role": "assistant",
+                  "content": [{"type": "output_text", "text": "Hi Bob.", "annotations": [], "logprobs": []}]}
+STORED_CALL = {"id": "fc_1", "type": "function_call", "status": "completed", "call_id": "call_1",
+               "name": "get_weather", "arguments": "{}"}
+
+
+@pytest.mark.parametrize("items,resolved", [
+    ([{"type": "item_reference", "id": "msg_1"}], [STORED_MESSAGE]),
+    ([{"role": "user", "content": "a"}, {"type": "item_reference", "id": "fc_1"}, "kept as is"],
+     [{"role": "user", "content": "a"}, STORED_CALL, "kept as is"]),
+    ([{"type": "message", "role": "user", "content": "no reference"}],
+     [{"type": "message", "role": "user", "content": "no reference"}]),
+])
+def test_item_references_are_replaced_by_the_stored_items(items, resolved):
+    stored = {item["id"]: item for item in (STORED_MESSAGE, STORED_CALL)}
+    assert cmp.items_with_references_resolved(items, stored.get) == resolved
+
+
+@pytest.mark.parametrize("reference,status,param,code", [
+    ({"type": "item_reference", "id": "msg_gone"}, 404, "input[1].id", "item_not_found"),
+    ({"type": "item_reference"}, 400, "input[1].id", "invalid_type"),
+    ({"type": "item_reference", "id": 7}, 400, "input[1].id", "invalid_type"),
+])
+def test_a_bad_item_reference_names_its_param(reference, status, param, code):
+    with pytest.raises(cmp.ApiError) as info:
+        cmp.items_with_references_resolved([{"role": "user", "content": "a"}, reference], {}.get)
+    assert (info.value.status, info.value.param, info.value.code) == (status, param, code)
+
+
+def test_the_store_finds_output_and_input_items_by_id_and_forgets_deleted_responses():
+    store = cmp.ResponseStore(max_items=10, ttl=60)
+    inputs = cmp.input_item_resources([{"role": "user", "content": "hi", "id": "msg_in"}])
+    store.put(dict(response("resp_a"), output=[STORED_MESSAGE]), [], inputs)
+    assert store.item("msg_1") == STORED_MESSAGE and store.item("msg_in")["content"][0]["text"] == "hi"
+    assert store.entry("resp_a")[2] == inputs and store.item("msg_nope") is None
+    store.delete("resp_a")
+    assert store.item("msg_1") is None and store.entry("resp_a") is None and store.size == 0
+
+
+def test_input_items_are_typed_with_ids_and_content_parts():
+    items = cmp.input_item_resources([
+        {"role": "user", "content": "hi"}, {"type": "message", "role": "assistant", "content": "yo", "id": "msg_a"},
+        dict(STORED_CALL), {"type": "function_call_output", "call_id": "call_1", "output": "sun"}])
+    assert [item["type"] for item in items] == ["message", "message", "function_call", "function_call_output"]
+    assert items[0]["id"].startswith("msg_") and items[0]["content"] == [{"type": "input_text", "text": "hi"}]
+    assert items[1]["id"] == "msg_a" and items[1]["content"] == [
+        {"type": "output_text", "text": "yo", "annotations": [], "logprobs": []}]
+    assert items[3]["id"].startswith("fco_") and all(item["status"] == "completed" for item in items)
+    assert cmp.input_item_resources("just text")[0]["role"] == "user"
+
+
+@pytest.mark.parametrize("query,ids,has_more", [
+    ({}, ["d", "c", "b", "a"], False),
+    ({"order": "asc"}, ["a", "b", "c", "d"], False),
+    ({"order": "asc", "limit": "2"}, ["a", "b"], True),
+    ({"order": "asc", "after": "b"}, ["c", "d"], False),
+    ({"limit": "1", "after": "c"}, ["b"], True),
+    ({"after": "a"}, [], False),
+])
+def test_input_items_pages(query, ids, has_more):
+    page = cmp.input_items_page([{"id": x} for x in "abcd"], query)
+    assert [item["id"] for item in page["data"]] == ids and page["has_more"] is has_more
+    assert page["object"] == "list" and page["first_id"] == (ids[0] if ids else None)
+
+
+@pytest.mark.parametrize("query,param", [({"order": "up"}, "order"), ({"limit": "0"}, "limit"),
+                                         ({"limit": "x"}, "limit"), ({"after": "zz"}, "after")])
+def test_bad_input_items_queries_are_400s(query, param):
+    with pytest.raises(cmp.ApiError) as info:
+        cmp.input_items_page([{"id": "a"}], query)
+    assert info.value.status == 400 and info.value.param == param
 
 
 # ------------------------------------------------------------------------------------------------
@@ -612,8 +688,8 @@ def test_errors_use_the_chat_envelope_and_statuses(e2e_proxy):
     assert status == 429 and json.loads(raw)["error"]["type"] == "rate_limit_error"
     status, _, raw = e2e_proxy.request("POST", "/v1/responses", {"input": [{"role": "user", "content": 5}]})
     assert status == 400 and json.loads(raw)["error"]["param"] == "input[0].content"
-    status, headers, _ = e2e_proxy.request("DELETE", "/v1/responses/resp_x")
-    assert status == 405 and headers["allow"] == "GET"
+    status, headers, _ = e2e_proxy.request("PUT", "/v1/responses/resp_x")
+    assert status == 405 and headers["allow"] == "GET, DELETE, HEAD"
 
 
 def test_max_output_tokens_finish_is_incomplete_streamed_and_not(e2e_proxy, upstream):
@@ -686,3 +762,47 @@ def test_any_responses_body_is_a_call_or_an_api_error():
         renderer(body, call).whole(TEXT_TURN, "m")
 
     check()
+
+
+def ai_sdk_user(text):
+    return {"role": "user", "content": [{"type": "input_text", "text": text}]}
+
+
+def test_an_ai_sdk_second_turn_resolves_its_item_reference(e2e_proxy, upstream):
+    # The Vercel AI SDK's openai provider (store on) sends its earlier answer back by reference.
+    mark = marker()
+    status, _, raw = e2e_proxy.request("POST", "/v1/responses", {"model": "claude-sonnet-4",
+                                                                 "input": [ai_sdk_user("I am Bob. " + mark)]})
+    assert status == 200, raw
+    first = json.loads(raw)
+    second_input = [ai_sdk_user("I am Bob. " + mark), {"type": "item_reference", "id": first["output"][0]["id"]},
+                    ai_sdk_user("Who am I?")]
+    status, _, raw = e2e_proxy.request("POST", "/v1/responses", {"model": "claude-sonnet-4", "input": second_input})
+    assert status == 200, raw
+    assert json.loads(raw)["output_text"] == TEXT
+    bodies = upstream.messages_requests(mark)
+    assert len(bodies) == 2 and upstream_texts(bodies[1])[-3:] == [
+        ("user", "I am Bob. " + mark), ("assistant", TEXT), ("user", "Who am I?")]
+    status, _, raw = e2e_proxy.request("POST", "/v1/responses", {"input": [
+        ai_sdk_user("hi"), {"type": "item_reference", "id": "msg_unknown"}]})
+    error = json.loads(raw)["error"]
+    assert status == 404 and error["param"] == "input[1].id" and error["code"] == "item_not_found"
+
+
+def test_a_stored_response_lists_its_input_items_can_be_deleted_and_is_not_cancellable(e2e_proxy):
+    status, _, raw = e2e_proxy.request("POST", "/v1/responses", {"input": [
+        {"role": "developer", "content": "Be brief."}, ai_sdk_user("hi " + marker())]})
+    assert status == 200, raw
+    response_id = json.loads(raw)["id"]
+    status, _, raw = e2e_proxy.request("GET", "/v1/responses/%s/input_items?order=asc" % response_id)
+    page = json.loads(raw)
+    assert status == 200 and [item["role"] for item in page["data"]] == ["developer", "user"]
+    assert page["first_id"] == page["data"][0]["id"] and page["has_more"] is False
+    status, headers, raw = e2e_proxy.request("HEAD", "/v1/responses/" + response_id)
+    assert status == 200 and raw == b"" and int(headers["content-length"]) > 0
+    status, _, raw = e2e_proxy.request("POST", "/v1/responses/%s/cancel" % response_id)
+    assert status == 400 and json.loads(raw)["error"]["code"] == "response_not_cancellable"
+    status, _, raw = e2e_proxy.request("DELETE", "/v1/responses/" + response_id)
+    assert status == 200 and json.loads(raw) == {"id": response_id, "object": "response", "deleted": True}
+    for method, path in (("GET", ""), ("GET", "/input_items"), ("DELETE", ""), ("POST", "/cancel")):
+        assert e2e_proxy.request(method, "/v1/responses/" + response_id + path)[0] == 404

@@ -2041,7 +2041,6 @@ def test_completion_from():
                                      "chatcmpl-9", 123, "claude-opus-4")
     assert completion == {
         "id": "chatcmpl-9", "object": "chat.completion", "created": 123, "model": "claude-opus-4",
-        "system_fingerprint": None,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "ab", "refusal": None},
                      "logprobs": None, "finish_reason": "length"}],
         "usage": usage}
