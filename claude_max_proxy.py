@@ -97,7 +97,8 @@ PARAMETERS = collections.OrderedDict([
     ("user", ("ignored", "accepted")),
     ("metadata", ("ignored", "accepted")),
     ("tools", ("honored", "function tools, offered to the model with their JSON schemas")),
-    ("functions", ("honored", "legacy form of `tools`")),
+    ("functions", ("honored", "legacy form of `tools`, answered in its own shape: `message.function_call` "
+                              "(one call per turn) and `finish_reason: function_call`")),
     ("tool_choice", ("emulated", "`auto` honored; `none` hides the tools; `required` and a named "
                                  "function become an instruction in the system prompt")),
     ("function_call", ("emulated", "legacy form of `tool_choice`, same treatment")),
@@ -334,6 +335,7 @@ class CliCall:
     json_schema: Optional[Dict[str, Any]] = None
     effort: Optional[str] = None
     include_reasoning: bool = False
+    legacy_functions: bool = False   # asked with `functions`: answered with `function_call`
 
     def client_name(self, upstream_name: str) -> Optional[str]:
         """The client's name for a tool the model called, or None if it is not a client tool."""
@@ -737,14 +739,17 @@ def cli_call_for(body: Any, config: Config) -> CliCall:
     if include_reasoning is not None and not isinstance(include_reasoning, bool):
         raise invalid("include_reasoning", "`include_reasoning` must be a boolean", "invalid_type")
     stream_options = body.get("stream_options") or {}
+    # The legacy answer has room for one call (`message.function_call`): the turn ends at it.
+    legacy = body.get("tools") is None and body.get("functions") is not None
     return CliCall(
         model=model, requested_model=requested, system_prompt=system_prompt,
         history=turns[:-1], prompt=turns[-1]["content"],
         stream=bool(body.get("stream")), include_usage=bool(stream_options.get("include_usage")),
         max_output_tokens=max_output_tokens_of(body), stop=stop_strings_of(body),
-        tools=tools, parallel_tool_calls=parallel is not False,
+        tools=tools, parallel_tool_calls=parallel is not False and not legacy,
         json_schema=response_format_of(body), effort=effort_of(body),
-        include_reasoning=config.include_reasoning if include_reasoning is None else include_reasoning)
+        include_reasoning=config.include_reasoning if include_reasoning is None else include_reasoning,
+        legacy_functions=legacy)
 
 
 def cli_args_for(call: CliCall, claude_path: str, session_id: Optional[str],
@@ -1445,10 +1450,12 @@ class TurnTranslator:
 class ChatChunks:
     """TurnEvents -> chat.completion.chunk dicts for one streamed answer."""
 
-    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool):
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool,
+                 legacy_functions: bool = False):
         self.base = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                      "model": model}
         self.include_usage = include_usage
+        self.legacy_functions = legacy_functions
         self.started = False
 
     def _chunk(self, delta: Dict[str, Any], finish: Optional[str] = None) -> Dict[str, Any]:
@@ -1468,13 +1475,17 @@ class ChatChunks:
             out.append(self._chunk({"content": event[1]}))
         elif kind == "reasoning":
             out.append(self._chunk({"reasoning_content": event[1]}))
+        elif kind == "tool_call" and self.legacy_functions:
+            out.append(self._chunk({"function_call": {"name": event[3], "arguments": ""}}))
         elif kind == "tool_call":
             out.append(self._chunk({"tool_calls": [{"index": event[1], "id": event[2], "type": "function",
                                                     "function": {"name": event[3], "arguments": ""}}]}))
+        elif kind == "tool_args" and self.legacy_functions:
+            out.append(self._chunk({"function_call": {"arguments": event[2]}}))
         elif kind == "tool_args":
             out.append(self._chunk({"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]}))
         elif kind == "finish":
-            out.append(self._chunk({}, event[1]))
+            out.append(self._chunk({}, legacy_finish(event[1]) if self.legacy_functions else event[1]))
             if self.include_usage:
                 out.append(dict(self.base, choices=[], usage=event[2]))
         return out
@@ -1491,13 +1502,22 @@ def tool_calls_from(events: List[TurnEvent]) -> List[Dict[str, Any]]:
     return [calls[n] for n in sorted(calls)]
 
 
-def completion_from(events: List[TurnEvent], completion_id: str, created: int, model: str) -> Dict[str, Any]:
-    """The non-streamed chat.completion for a whole turn."""
+def legacy_finish(reason: str) -> str:
+    return "function_call" if reason == "tool_calls" else reason
+
+
+def completion_from(events: List[TurnEvent], completion_id: str, created: int, model: str,
+                    legacy_functions: bool = False) -> Dict[str, Any]:
+    """The non-streamed chat.completion for a whole turn (legacy `functions` get `function_call`)."""
     text = "".join(e[1] for e in events if e[0] == "text")
     finish = next((e for e in events if e[0] == "finish"), ("finish", "stop", usage_from({})))
     message = {"role": "assistant", "content": text, "refusal": None}
     calls = tool_calls_from(events)
-    if calls:
+    if calls and legacy_functions:
+        message["function_call"] = calls[0]["function"]
+        message["content"] = text or None
+        finish = (finish[0], legacy_finish(finish[1])) + tuple(finish[2:])
+    elif calls:
         message["tool_calls"] = calls
         message["content"] = text or None
     reasoning = "".join(e[1] for e in events if e[0] == "reasoning")
@@ -1520,11 +1540,12 @@ class ChatRenderer:
         self.chunks = None  # type: Optional[ChatChunks]
 
     def whole(self, events: List[TurnEvent], model: str) -> Dict[str, Any]:
-        return completion_from(events, self.completion_id, self.created, model)
+        return completion_from(events, self.completion_id, self.created, model, self.call.legacy_functions)
 
     def stream_events(self, event: TurnEvent, model: str) -> List[Tuple[Optional[str], Any]]:
         if self.chunks is None:
-            self.chunks = ChatChunks(self.completion_id, self.created, model, self.call.include_usage)
+            self.chunks = ChatChunks(self.completion_id, self.created, model, self.call.include_usage,
+                                     self.call.legacy_functions)
         return [(None, chunk) for chunk in self.chunks.chunks_for(event)]
 
     def stream_error(self, error: ApiError) -> List[Tuple[Optional[str], Any]]:

@@ -298,6 +298,30 @@ def test_tool_call_comes_back_with_the_clients_name_and_exact_arguments(e2e_prox
     assert not [t for t in sent["tools"] if t["name"] in ("Read", "Bash", "Write", "Edit")]
 
 
+def test_legacy_functions_get_function_call_answers_and_their_result_reaches_the_model(e2e_proxy, upstream):
+    mark, args = marker(), {"city": "Oslo"}
+    asked = [{"role": "user", "content": tool_prompt(mark, args)}]
+    status, _, raw = chat(e2e_proxy, asked, functions=[WEATHER["function"]])
+    assert status == 200, raw
+    choice = json.loads(raw)["choices"][0]
+    assert choice["finish_reason"] == "function_call" and "tool_calls" not in choice["message"]
+    call = choice["message"]["function_call"]
+    assert call["name"] == "get_weather" and json.loads(call["arguments"]) == args
+    status, _, raw = chat(e2e_proxy, [{"role": "user", "content": tool_prompt(marker(), args)}],
+                          functions=[WEATHER["function"]], stream=True)
+    chunks = streamed(raw)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert [d["function_call"]["name"] for d in deltas if "name" in d.get("function_call", {})] == ["get_weather"]
+    assert json.loads("".join(d["function_call"]["arguments"] for d in deltas if "function_call" in d)) == args
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "function_call"
+    assert not any("tool_calls" in d for d in deltas)
+    answer = asked + [{"role": "assistant", "content": None, "function_call": call},
+                      {"role": "function", "name": "get_weather", "content": "rain"}]
+    status, _, raw = chat(e2e_proxy, answer, functions=[WEATHER["function"]])
+    assert status == 200, raw
+    assert json.loads(raw)["choices"][0]["message"]["content"] == "tool said: rain"
+
+
 def test_streamed_tool_call_deltas_concatenate_to_the_arguments(e2e_proxy):
     mark, args = marker(), {"city": "Paris"}
     status, _, raw = chat(e2e_proxy, [{"role": "user", "content": tool_prompt(mark, args)}],

@@ -1188,8 +1188,8 @@ def test_legacy_functions_map_like_tools():
     modern = call_for(user("Weather?"),
                       assistant_calls(None, tool_call(call_id, "get_weather", '{"city": "Paris"}')),
                       tool_message(call_id, "18C"), tools=[WEATHER], tool_choice="auto")
-    assert legacy == modern
-    assert legacy.prompt == [tool_result(call_id, "18C")]
+    assert dataclasses.replace(legacy, legacy_functions=False, parallel_tool_calls=True) == modern
+    assert legacy.legacy_functions and legacy.prompt == [tool_result(call_id, "18C")]
 
 
 def test_legacy_function_results_answer_the_earlier_calls_in_order():
@@ -2033,6 +2033,34 @@ def test_chunks_for_an_empty_answer():
     chunks = chunks_for_events([finish_event()], False)
     assert [c["choices"][0]["delta"] for c in chunks] == [{"role": "assistant", "content": ""}, {}]
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+LEGACY_CALL = [("text", "Checking."), ("tool_call", 0, "toolu_1", "get_weather"), ("tool_args", 0, '{"city"'),
+               ("tool_args", 0, ': "Oslo"}'), ("finish", "tool_calls", cmp.usage_from({}))]
+
+
+def test_legacy_functions_get_a_legacy_answer_whole_and_streamed():
+    whole = cmp.completion_from(LEGACY_CALL, "c", 1, "m", legacy_functions=True)
+    assert whole["choices"][0]["message"] == {"role": "assistant", "content": "Checking.", "refusal": None,
+                                              "function_call": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    assert whole["choices"][0]["finish_reason"] == "function_call"
+    chunks = cmp.ChatChunks("c", 1, "m", False, legacy_functions=True)
+    deltas = [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"])
+              for event in LEGACY_CALL for c in chunks.chunks_for(event)]
+    assert deltas == [({"role": "assistant", "content": ""}, None), ({"content": "Checking."}, None),
+                      ({"function_call": {"name": "get_weather", "arguments": ""}}, None),
+                      ({"function_call": {"arguments": '{"city"'}}, None),
+                      ({"function_call": {"arguments": ': "Oslo"}'}}, None), ({}, "function_call")]
+
+
+@pytest.mark.parametrize("body,legacy,parallel", [
+    ({"functions": [WEATHER["function"]]}, True, False),
+    ({"tools": [WEATHER]}, False, True),
+    ({"tools": [WEATHER], "functions": [WEATHER["function"]]}, False, True),
+])
+def test_a_functions_request_is_a_legacy_call_that_ends_at_its_first_call(body, legacy, parallel):
+    call = cmp.cli_call_for(dict(body, messages=[{"role": "user", "content": "hi"}]), config())
+    assert (call.legacy_functions, call.parallel_tool_calls) == (legacy, parallel)
 
 
 def test_completion_from():
