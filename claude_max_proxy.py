@@ -110,6 +110,43 @@ PARAMETERS = collections.OrderedDict([
     ("service_tier", ("ignored", "accepted")),
 ])
 
+# /v1/completions (the legacy text API): the prompt is text to continue, not a chat, so Claude is
+# told so in the system prompt; with a `suffix` it fills the gap between the two (as editors'
+# autocomplete asks). Both prompts are the proxy's own, stated here and in the README.
+COMPLETION_SYSTEM_PROMPT = (
+    "You are a text completion engine. The user message is a text to continue. Reply with only its "
+    "continuation, starting exactly where the text stops, with no preamble, commentary or quotes.")
+FILL_IN_THE_MIDDLE_SYSTEM_PROMPT = (
+    "You are a fill-in-the-middle completion engine. The user message has the text before a gap "
+    "inside <prefix></prefix> and the text after the gap inside <suffix></suffix>. Reply with only "
+    "the text that belongs in the gap, with no preamble, commentary, quotes or tags.")
+
+# How each /v1/completions parameter is treated, like PARAMETERS for chat completions.
+COMPLETION_PARAMETERS = collections.OrderedDict([
+    ("model", ("honored", "as for chat completions")),
+    ("prompt", ("honored", "a string or a list of one string, continued under a completion system "
+                           "prompt; token-id lists and several prompts -> 400")),
+    ("suffix", ("emulated", "prompt and suffix are sent as `<prefix>`/`<suffix>` under a "
+                            "fill-in-the-middle system prompt; the answer is the gap")),
+    ("stream", ("honored", "`text_completion` chunks, then `data: [DONE]`")),
+    ("stream_options", ("honored", "`include_usage` adds a final usage chunk")),
+    ("max_tokens", ("honored", "-> `CLAUDE_CODE_MAX_OUTPUT_TOKENS`; omitted -> the model's default "
+                               "(OpenAI's default of 16 is not applied)")),
+    ("stop", ("emulated", "as for chat completions")),
+    ("echo", ("rejected", "`true` -> 400; only the new text comes back")),
+    ("n", ("rejected", "only `n: 1`")),
+    ("best_of", ("rejected", "only `best_of: 1`")),
+    ("logprobs", ("rejected", "any value but null -> 400")),
+    ("temperature", ("ignored", "accepted (0-2)")),
+    ("top_p", ("ignored", "accepted (0-1)")),
+    ("presence_penalty", ("ignored", "accepted (-2 to 2)")),
+    ("frequency_penalty", ("ignored", "accepted (-2 to 2)")),
+    ("seed", ("ignored", "accepted")),
+    ("logit_bias", ("ignored", "accepted")),
+    ("user", ("ignored", "accepted")),
+])
+
+
 def readme_tables() -> str:
     """The README's model and parameter tables, generated so they cannot drift from the code."""
     lines = ["| model ID you send | CLI `--model` |", "|---|---|"]
@@ -117,6 +154,14 @@ def readme_tables() -> str:
     lines += ["| `%s` | `%s` |" % (a, a) for a in CLI_ALIASES]
     lines += ["| any `claude-…` ID | passed as is |", "", "| parameter | support | how |", "|---|---|---|"]
     lines += ["| `%s` | %s | %s |" % (name, support, note) for name, (support, note) in PARAMETERS.items()]
+    return "\n".join(lines)
+
+
+def readme_completion_table() -> str:
+    """The README's /v1/completions parameter table, generated from COMPLETION_PARAMETERS."""
+    lines = ["| parameter | support | how |", "|---|---|---|"]
+    lines += ["| `%s` | %s | %s |" % (name, support, note)
+              for name, (support, note) in COMPLETION_PARAMETERS.items()]
     return "\n".join(lines)
 
 
@@ -750,6 +795,56 @@ def cli_call_for(body: Any, config: Config) -> CliCall:
         json_schema=response_format_of(body), effort=effort_of(body),
         include_reasoning=config.include_reasoning if include_reasoning is None else include_reasoning,
         legacy_functions=legacy)
+
+
+def prompt_text_of(prompt: Any) -> str:
+    """`prompt` of /v1/completions -> its text: a string or a list of one string."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        raise invalid("prompt", "one prompt per request: the Claude CLI gives one answer (send each "
+                      "prompt on its own)", "unsupported_value")
+    if isinstance(prompt, list):
+        raise invalid("prompt", "`prompt` must be text: token-id prompts are not supported (Claude "
+                      "has another tokenizer)", "unsupported_value")
+    if not isinstance(prompt, str):
+        raise invalid("prompt", "`prompt` must be a string or a list of strings", "invalid_type")
+    check_encodable(prompt, "prompt")
+    return prompt
+
+
+def completion_call_for(body: Any, config: Config) -> CliCall:
+    """Validate a /v1/completions body and decide the CLI turn that continues its prompt."""
+    if not isinstance(body, dict):
+        raise invalid(None, "the request body must be a JSON object", "invalid_type")
+    if "prompt" not in body:
+        raise invalid("prompt", "`prompt` is required", "missing_required_parameter")
+    requested, model = resolve_model(body.get("model"), config.default_model)
+    check_parameters(dict(body, logprobs=None))  # here `logprobs` is a count, refused below
+    best_of = body.get("best_of")
+    for name, refused in (("echo", body.get("echo") not in (None, False)),
+                          ("best_of", best_of is not None and (isinstance(best_of, bool) or best_of != 1)),
+                          ("logprobs", body.get("logprobs") is not None)):
+        if refused:
+            raise invalid(name, "`%s` is not supported: %s" % (name, COMPLETION_PARAMETERS[name][1]),
+                          "unsupported_value")
+    prompt = prompt_text_of(body["prompt"])
+    suffix = body.get("suffix")
+    if suffix is not None and not isinstance(suffix, str):
+        raise invalid("suffix", "`suffix` must be a string", "invalid_type")
+    if suffix:
+        check_encodable(suffix, "suffix")
+        system_prompt, text = FILL_IN_THE_MIDDLE_SYSTEM_PROMPT, "<prefix>%s</prefix><suffix>%s</suffix>" % (
+            prompt, suffix)
+    else:
+        system_prompt, text = COMPLETION_SYSTEM_PROMPT, prompt
+    if not text:
+        raise invalid("prompt", "`prompt` must not be empty")
+    stream_options = body.get("stream_options") or {}
+    return CliCall(model=model, requested_model=requested, system_prompt=system_prompt, history=[],
+                   prompt=[{"type": "text", "text": text}], stream=bool(body.get("stream")),
+                   include_usage=bool(stream_options.get("include_usage")),
+                   max_output_tokens=max_output_tokens_of(body), stop=stop_strings_of(body))
 
 
 def cli_args_for(call: CliCall, claude_path: str, session_id: Optional[str],
@@ -1547,6 +1642,41 @@ class ChatRenderer:
             self.chunks = ChatChunks(self.completion_id, self.created, model, self.call.include_usage,
                                      self.call.legacy_functions)
         return [(None, chunk) for chunk in self.chunks.chunks_for(event)]
+
+    def stream_error(self, error: ApiError) -> List[Tuple[Optional[str], Any]]:
+        return [(None, error.body())]
+
+    def stream_end(self) -> List[Tuple[Optional[str], Any]]:
+        return [(None, "[DONE]")]
+
+
+class CompletionRenderer:
+    """How a turn looks in the legacy completions API: a `text_completion`, or its chunks."""
+
+    def __init__(self, call: CliCall):
+        self.call = call
+        self.completion_id = "cmpl-" + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _object(self, model: str, text: str, finish: Optional[str]) -> Dict[str, Any]:
+        return {"id": self.completion_id, "object": "text_completion", "created": self.created,
+                "model": model, "choices": [{"text": text, "index": 0, "logprobs": None,
+                                             "finish_reason": finish}]}
+
+    def whole(self, events: List[TurnEvent], model: str) -> Dict[str, Any]:
+        text = "".join(e[1] for e in events if e[0] == "text")
+        finish = next((e for e in events if e[0] == "finish"), ("finish", "stop", usage_from({})))
+        return dict(self._object(model, text, finish[1]), usage=finish[2])
+
+    def stream_events(self, event: TurnEvent, model: str) -> List[Tuple[Optional[str], Any]]:
+        if event[0] == "text":
+            return [(None, self._object(model, event[1], None))]
+        if event[0] != "finish":
+            return []
+        out = [(None, self._object(model, "", event[1]))]
+        if self.call.include_usage:
+            out.append((None, dict(self._object(model, "", None), choices=[], usage=event[2])))
+        return out
 
     def stream_error(self, error: ApiError) -> List[Tuple[Optional[str], Any]]:
         return [(None, error.body())]
@@ -2471,6 +2601,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 "object": "list", "data": [model_object(m) for m in list(MODELS) + list(CLI_ALIASES)]})),
             ("/v1/chat/completions", ("POST",), self._chat_completions),
             ("/v1/responses", ("POST",), self._responses),
+            ("/v1/completions", ("POST",), self._completions),
         ]
         for route, methods, action in routes:
             if path == route:
@@ -2683,6 +2814,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _chat_completions(self) -> None:
         call = cli_call_for(self._read_request(), self.server.config)
         self._serve_call(call, ChatRenderer(call))
+
+    def _completions(self) -> None:
+        call = completion_call_for(self._read_request(), self.server.config)
+        self._serve_call(call, CompletionRenderer(call))
 
     def _read_request(self) -> Any:
         body = self._read_json()

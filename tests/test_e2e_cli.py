@@ -670,3 +670,37 @@ def test_health_counts_processes_by_state(start_proxy, real_claude, e2e_env):
     after = health(proxy)["processes"]
     assert after["busy"] == 0 and after["warm"] == 1 and after["parked"] == 1
     assert (after["hits"], after["misses"]) == (1, 1)
+
+
+# ---- /v1/completions ---------------------------------------------------------------------------
+
+def test_a_completion_continues_the_prompt_under_the_completion_system_prompt(e2e_proxy, upstream):
+    mark = marker()
+    prompt = "system: Be brief.\nuser: hi %s\nassistant: " % mark  # LlamaIndex OpenAILike's chat
+    status, _, raw = e2e_proxy.request("POST", "/v1/completions", {"model": "claude-sonnet-4", "prompt": prompt,
+                                                                   "stream": False, "temperature": 0.1})
+    assert status == 200, raw
+    body = json.loads(raw)
+    assert body["object"] == "text_completion" and body["choices"][0]["text"] == TEXT
+    assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] > 0
+    sent = only_request(upstream, mark)
+    assert upstream_texts(sent) == [("user", prompt)]
+    assert "text completion engine" in "\n".join(b["text"] for b in sent["system"])
+
+
+def test_a_continue_style_streamed_completion_fills_the_middle(e2e_proxy, upstream):
+    mark = marker()
+    status, headers, raw = e2e_proxy.request("POST", "/v1/completions", {
+        "model": "claude-sonnet-4", "prompt": "def add(a, b):  # %s\n    " % mark, "suffix": "\nprint(add(1, 2))",
+        "max_tokens": 200, "temperature": 0.01, "stop": ["\n\n\n"], "stream": True})
+    assert status == 200, raw
+    assert headers["content-type"].startswith("text/event-stream")
+    payloads = sse_payloads(raw)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert {c["object"] for c in chunks} == {"text_completion"}
+    assert "".join(c["choices"][0]["text"] for c in chunks) == TEXT and len(chunks) >= 3
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "stop"
+    sent = only_request(upstream, mark)
+    assert upstream_texts(sent)[-1][1].startswith("<prefix>def add(a, b):") and sent["max_tokens"] == 200
+    assert "fill-in-the-middle" in "\n".join(b["text"] for b in sent["system"])

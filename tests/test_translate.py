@@ -2657,3 +2657,73 @@ def test_readme_tables_match_the_code():
     with open(path, encoding="utf-8") as readme_file:
         readme = readme_file.read()
     assert cmp.readme_tables() in readme
+    assert cmp.readme_completion_table() in readme
+    assert cmp.COMPLETION_SYSTEM_PROMPT in readme and cmp.FILL_IN_THE_MIDDLE_SYSTEM_PROMPT in readme
+
+
+# ---- /v1/completions -----------------------------------------------------------------------------
+
+def completion_call(**body):
+    return cmp.completion_call_for(dict({"model": "claude-haiku-4"}, **body), config())
+
+
+@pytest.mark.parametrize("body,system,text", [
+    ({"prompt": "Once upon"}, cmp.COMPLETION_SYSTEM_PROMPT, "Once upon"),
+    ({"prompt": ["Once upon"]}, cmp.COMPLETION_SYSTEM_PROMPT, "Once upon"),
+    ({"prompt": "system: Be brief.\nuser: hi\nassistant: "}, cmp.COMPLETION_SYSTEM_PROMPT,
+     "system: Be brief.\nuser: hi\nassistant: "),
+    ({"prompt": "def add(a, b):\n    ", "suffix": "\n\nprint(add(1, 2))"}, cmp.FILL_IN_THE_MIDDLE_SYSTEM_PROMPT,
+     "<prefix>def add(a, b):\n    </prefix><suffix>\n\nprint(add(1, 2))</suffix>"),
+    ({"prompt": "x", "suffix": ""}, cmp.COMPLETION_SYSTEM_PROMPT, "x"),
+    ({"prompt": "", "suffix": "tail"}, cmp.FILL_IN_THE_MIDDLE_SYSTEM_PROMPT, "<prefix></prefix><suffix>tail</suffix>"),
+])
+def test_a_completion_prompt_is_one_user_turn_under_a_completion_system_prompt(body, system, text):
+    call = completion_call(**body)
+    assert (call.system_prompt, call.prompt, call.history, call.tools) == (system, [{"type": "text", "text": text}], [], ())
+    assert call.model == "haiku"
+
+
+def test_continue_autocomplete_parameters_reach_the_call():
+    call = completion_call(prompt="a", suffix="b", max_tokens=64, temperature=0.2, stop=["\n\n", "```"],
+                           stream=True, stream_options={"include_usage": True}, echo=False, n=1, best_of=1)
+    assert (call.max_output_tokens, call.stop, call.stream, call.include_usage) == (64, ("\n\n", "```"), True, True)
+
+
+@pytest.mark.parametrize("body,param,code", [
+    ({}, "prompt", "missing_required_parameter"),
+    ({"prompt": [1, 2, 3]}, "prompt", "unsupported_value"),
+    ({"prompt": [[1, 2]]}, "prompt", "unsupported_value"),
+    ({"prompt": ["a", "b"]}, "prompt", "unsupported_value"),
+    ({"prompt": 5}, "prompt", "invalid_type"),
+    ({"prompt": ""}, "prompt", "invalid_value"),
+    ({"prompt": "\ud800"}, "prompt", "invalid_value"),
+    ({"prompt": "a", "suffix": 3}, "suffix", "invalid_type"),
+    ({"prompt": "a", "echo": True}, "echo", "unsupported_value"),
+    ({"prompt": "a", "best_of": 2}, "best_of", "unsupported_value"),
+    ({"prompt": "a", "best_of": True}, "best_of", "unsupported_value"),
+    ({"prompt": "a", "logprobs": 0}, "logprobs", "unsupported_value"),
+    ({"prompt": "a", "n": 2}, "n", "unsupported_value"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens", "invalid_value"),
+    ({"prompt": "a", "temperature": 3}, "temperature", "invalid_value"),
+    ({"prompt": "a", "model": "gpt-3.5-turbo-instruct"}, "model", "model_not_found"),
+])
+def test_bad_completion_requests_name_their_param(body, param, code):
+    with pytest.raises(cmp.ApiError) as info:
+        completion_call(**body)
+    assert (info.value.param, info.value.code) == (param, code)
+
+
+def test_completion_objects_whole_and_streamed():
+    usage = cmp.usage_from({"input_tokens": 5, "output_tokens": 2})
+    events = [("text", "Hel"), ("text", "lo"), ("finish", "length", usage)]
+    render = cmp.CompletionRenderer(completion_call(prompt="x", stream=True, stream_options={"include_usage": True}))
+    whole = render.whole(events, "claude-haiku-4-5")
+    assert whole["object"] == "text_completion" and whole["id"].startswith("cmpl-")
+    assert whole["choices"] == [{"text": "Hello", "index": 0, "logprobs": None, "finish_reason": "length"}]
+    assert whole["usage"] == usage and whole["model"] == "claude-haiku-4-5"
+    chunks = [payload for event in events for _, payload in render.stream_events(event, "m")] + \
+        [payload for _, payload in render.stream_end()]
+    assert [c["choices"][0]["text"] for c in chunks[:3]] == ["Hel", "lo", ""]
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:3]] == [None, None, "length"]
+    assert chunks[3]["choices"] == [] and chunks[3]["usage"] == usage and chunks[4] == "[DONE]"
+    assert {c["object"] for c in chunks[:4]} == {"text_completion"} and len({c["id"] for c in chunks[:4]}) == 1
