@@ -1758,6 +1758,12 @@ Origins = Dict[str, Tuple[str, Dict[str, str]]]
 # Why a hosted tool (web_search, file_search, computer_use_preview...) is refused: nothing runs it.
 BUILTIN_TOOL_HINT = ("only `function` tools are supported: the proxy has no hosted tools "
                      "(web search, file search, computer use, code interpreter...)")
+# A function inside a `namespace` tool (Codex groups tools so) reaches the model as one flat
+# function named <namespace>__<name>; its calls go back to the client as `namespace` and `name`.
+NAMESPACE_SEPARATOR = "__"
+# The `include` value that asks for reasoning items (Codex sends it with `reasoning.summary`).
+REASONING_INCLUDE = "reasoning.encrypted_content"
+REASONING_SUMMARIES = ("auto", "concise", "detailed")
 # The `error.code` values a failed response may carry (the OpenAPI spec's ResponseErrorCode).
 RESPONSE_ERROR_CODES = ("server_error", "rate_limit_exceeded", "invalid_prompt", "invalid_image",
                         "invalid_image_format", "invalid_base64_image", "invalid_image_url",
@@ -1802,8 +1808,11 @@ def chat_messages_from_items(items: List[Any], first: int = 0, where: str = "inp
             origins[at] = (param, {})
             merging = False
         elif kind == "function_call":
+            name = item.get("name")
+            if isinstance(item.get("namespace"), str) and isinstance(name, str):
+                name = item["namespace"] + NAMESPACE_SEPARATOR + name
             call = {"id": item.get("call_id"), "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+                    "function": {"name": name, "arguments": item.get("arguments")}}
             if merging:
                 at = "messages[%d]" % (first + len(messages) - 1)
             else:
@@ -1828,21 +1837,68 @@ def chat_messages_from_items(items: List[Any], first: int = 0, where: str = "inp
     return messages, origins
 
 
-def chat_tools_from_responses(tools: Any) -> Any:
-    """Responses function tools (flat) -> chat tools (nested under `function`)."""
+def hosted_tools_of(tools: Any) -> List[str]:
+    """The types of the tools only OpenAI's servers run (web_search, file_search...): they are left
+    out of what the model sees, and the answer says so, rather than failing the request."""
     if not isinstance(tools, list):
-        return tools  # the chat checks name the error
-    out = []
+        return []
+    return [tool["type"] for tool in tools if isinstance(tool, dict) and isinstance(tool.get("type"), str)
+            and tool["type"] not in ("function", "namespace")]
+
+
+def namespaced_tools_of(tools: Any) -> Dict[str, Tuple[str, str]]:
+    """Flat name -> (namespace, name) of each function inside a `namespace` tool."""
+    found = {}
+    for tool in tools if isinstance(tools, list) else []:
+        if isinstance(tool, dict) and tool.get("type") == "namespace" and isinstance(tool.get("name"), str):
+            for inner in tool.get("tools") if isinstance(tool.get("tools"), list) else []:
+                if isinstance(inner, dict) and isinstance(inner.get("name"), str):
+                    found[tool["name"] + NAMESPACE_SEPARATOR + inner["name"]] = (tool["name"], inner["name"])
+    return found
+
+
+def chat_tool_of(tool: Dict[str, Any], name: Any) -> Dict[str, Any]:
+    """A flat Responses function tool -> a chat tool (nested under `function`)."""
+    function = {key: tool[key] for key in ("description", "parameters") if key in tool}
+    return {"type": "function", "function": dict(function, name=name) if "name" in tool else function}
+
+
+def chat_tools_from_responses(tools: Any) -> Tuple[Any, Dict[str, str]]:
+    """Responses tools -> (chat tools, chat tool param -> the Responses param it came from).
+
+    Functions inside a `namespace` become flat functions; hosted tools are left out."""
+    if not isinstance(tools, list):
+        return tools, {}  # the chat checks name the error
+    out, origins = [], {}
     for i, tool in enumerate(tools):
-        if isinstance(tool, dict) and tool.get("type") == "function" and "function" not in tool:
-            tool = {"type": "function", "function": {
-                key: tool[key] for key in ("name", "description", "parameters") if key in tool}}
-        elif not isinstance(tool, dict) or tool.get("type") != "function":
-            kind = tool.get("type") if isinstance(tool, dict) else None
-            raise invalid("tools[%d]" % i, "tools of type %r are not supported: %s"
-                          % (kind, BUILTIN_TOOL_HINT), "unsupported_tool")
-        out.append(tool)
-    return out
+        where = "tools[%d]" % i
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind == "namespace":
+            inner = tool.get("tools")
+            if not isinstance(tool.get("name"), str) or not isinstance(inner, list):
+                raise invalid(where, "a `namespace` tool needs a `name` and a `tools` array", "invalid_type")
+            for j, function in enumerate(inner):
+                if not isinstance(function, dict) or function.get("type") != "function":
+                    raise invalid("%s.tools[%d]" % (where, j), "only function tools are supported inside "
+                                  "a namespace", "unsupported_tool")
+                origins["tools[%d]" % len(out)] = "%s.tools[%d]" % (where, j)
+                out.append(chat_tool_of(function, tool["name"] + NAMESPACE_SEPARATOR + str(function.get("name"))))
+            continue
+        if isinstance(kind, str) and kind != "function":
+            continue  # a hosted tool: see hosted_tools_of
+        if kind != "function":
+            raise invalid(where, "tools of type %r are not supported: %s" % (kind, BUILTIN_TOOL_HINT),
+                          "unsupported_tool")
+        origins["tools[%d]" % len(out)] = where
+        out.append(tool if "function" in tool else chat_tool_of(tool, tool.get("name")))
+    return out, origins
+
+
+def reasoning_requested(body: Dict[str, Any]) -> bool:
+    """The client asked for reasoning items (`reasoning.summary`, or their encrypted content)."""
+    reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
+    include = body.get("include") if isinstance(body.get("include"), list) else []
+    return reasoning.get("summary") is not None or REASONING_INCLUDE in include
 
 
 def chat_tool_choice_from_responses(choice: Any) -> Any:
@@ -1900,7 +1956,11 @@ def responses_translation(body: Any, previous_messages: List[Dict[str, Any]]
     conversation = list(previous_messages) + new
     chat = {key: body[key] for key in RESPONSES_SHARED_PARAMS if key in body}
     chat["messages"] = head + conversation
-    for name, value in (("tools", chat_tools_from_responses(body.get("tools"))),
+    tools, tool_origins = chat_tools_from_responses(body.get("tools"))
+    origins.update({chat_param: (param, {".function": ""}) for chat_param, param in tool_origins.items()})
+    if reasoning_requested(body) and "include_reasoning" not in chat:
+        chat["include_reasoning"] = True  # thinking, when the model gives it, becomes the reasoning item
+    for name, value in (("tools", tools),
                         ("tool_choice", chat_tool_choice_from_responses(body.get("tool_choice"))),
                         ("max_completion_tokens", body.get("max_output_tokens")),
                         ("response_format", chat_response_format_from_responses(body.get("text")))):
@@ -1930,7 +1990,7 @@ def responses_error(error: ApiError, origins: Origins) -> ApiError:
     if param in RESPONSES_PARAM_NAMES:
         old, new = param, RESPONSES_PARAM_NAMES[param]
     elif tool:
-        old, new = tool.group(0), tool.group(1)
+        old, new = tool.group(0), origins.get(tool.group(1), (tool.group(1), {}))[0]
     else:
         for prefix in sorted(origins, key=len, reverse=True):
             if param == prefix or param.startswith(prefix + ".") or param.startswith(prefix + "["):
@@ -2006,6 +2066,9 @@ class ResponsesRenderer:
         self.started = False
         self.response = None    # type: Optional[Dict[str, Any]]
         self.settings = self._settings_of(body)
+        self.namespaced = namespaced_tools_of(body.get("tools"))
+        # Codex waits for a reasoning item when it asked for one: an empty one if no thinking came.
+        self.reasoning_due = reasoning_requested(body)
 
     # -- the interface the HTTP layer uses (same as ChatRenderer) ---------------------------------
 
@@ -2024,6 +2087,11 @@ class ResponsesRenderer:
             out += [self._event("response.created", response=self._snapshot("in_progress")),
                     self._event("response.in_progress", response=self._snapshot("in_progress"))]
         kind = event[0]
+        if kind == "reasoning":
+            self.reasoning_due = False
+        elif self.reasoning_due:
+            self.reasoning_due = False
+            out += self._close() + self._empty_reasoning()
         if kind in ("text", "reasoning"):
             item_type = "message" if kind == "text" else "reasoning"
             if self.open is None or self.open["type"] != item_type:
@@ -2037,6 +2105,8 @@ class ResponsesRenderer:
             out += self._close()
             item = {"id": "fc_" + uuid.uuid4().hex, "type": "function_call", "status": "in_progress",
                     "call_id": event[2], "name": event[3], "arguments": ""}
+            if event[3] in self.namespaced:
+                item["namespace"], item["name"] = self.namespaced[event[3]]
             self.calls[event[1]] = item
             out += self._open(item)
         elif kind == "tool_args" and event[1] in self.calls:
@@ -2080,6 +2150,17 @@ class ResponsesRenderer:
         if item_type == "message":
             out.append(self._event("response.content_part.added", content_index=0, part=dict(part, text=""),
                                    **self._where(item)))
+        return out
+
+    def _empty_reasoning(self) -> List[Tuple[Optional[str], Any]]:
+        """A reasoning item with an empty summary, for a client that asked for one and got no thinking."""
+        item = {"id": "rs_" + uuid.uuid4().hex, "type": "reasoning", "status": "in_progress",
+                "summary": [], "content": []}
+        out = self._open(item)
+        self.open = None
+        item["status"] = "completed"
+        out.append(self._event("response.output_item.done", output_index=self.indexes[item["id"]],
+                               item=json.loads(json.dumps(item))))
         return out
 
     def _open(self, item: Dict[str, Any]) -> List[Tuple[Optional[str], Any]]:
@@ -2144,7 +2225,8 @@ class ResponsesRenderer:
             "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
             "parallel_tool_calls": self.call.parallel_tool_calls,
             "previous_response_id": body.get("previous_response_id"),
-            "reasoning": {"effort": reasoning.get("effort"), "summary": None},
+            "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")
+                          if reasoning.get("summary") in REASONING_SUMMARIES else None},
             "store": body.get("store") is not False,
             "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
             "text": dict(text_config, format=text_config.get("format") or {"type": "text"}),
@@ -2560,6 +2642,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.body_read = False
         self.reused_process = False
         self.log_prompt = None
+        self.dropped_tools = ""  # hosted tools left out of a Responses request, named in header and log
         server = self.server
         with server.inflight_lock:
             server.inflight += 1
@@ -2687,6 +2770,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _common_headers(self) -> None:
         self.send_header("x-request-id", self.request_id)
+        if getattr(self, "dropped_tools", ""):
+            self.send_header("x-claude-max-proxy-dropped-tools", self.dropped_tools)
         origin = self.headers.get("Origin")
         if origin and origin in self.server.config.allowed_origins:
             self.send_header("Access-Control-Allow-Origin", origin)
@@ -2831,6 +2916,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if isinstance(body, dict) and isinstance(body.get("input"), list):
             body = dict(body, input=items_with_references_resolved(body["input"], store.item))
         call, conversation = responses_call_for(body, previous_messages_for(body, store), self.server.config)
+        self.dropped_tools = ",".join(hosted_tools_of(body.get("tools")))
         inputs = input_item_resources(body["input"])
 
         def keep(response: Dict[str, Any]) -> None:
@@ -2988,6 +3074,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             time.strftime("%Y-%m-%dT%H:%M:%S"), self.request_id, method,
             self.path.split("?", 1)[0][:200], self.status, self.log_model, elapsed, ttft,
             self.sent_bytes, " reused=1" if self.reused_process else "")
+            + (" dropped_tools=%s" % self.dropped_tools if getattr(self, "dropped_tools", "") else "")
             + (" prompt=%s" % self.log_prompt if self.log_prompt else "") + "\n")
 
 

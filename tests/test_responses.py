@@ -89,7 +89,18 @@ def test_function_calls_merge_into_one_assistant_message_and_outputs_become_tool
      {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
     ({"tool_choice": "none"}, {"tool_choice": "none"}),
     ({"max_output_tokens": 99}, {"max_completion_tokens": 99}),
-    ({"reasoning": {"effort": "high", "summary": "auto"}}, {"reasoning_effort": "high"}),
+    ({"reasoning": {"effort": "high", "summary": "auto"}}, {"reasoning_effort": "high", "include_reasoning": True}),
+    ({"reasoning": {"effort": "low"}}, {"reasoning_effort": "low"}),
+    ({"reasoning": {"summary": "auto"}, "include_reasoning": False}, {"include_reasoning": False}),
+    ({"tools": [{"type": "web_search"}, WEATHER, {"type": "file_search", "vector_store_ids": ["v"]}]},
+     {"tools": [{"type": "function", "function": {
+         "name": "get_weather", "description": WEATHER["description"], "parameters": WEATHER["parameters"]}}]}),
+    ({"tools": [{"type": "namespace", "name": "agents", "description": "Sub-agents", "tools": [
+        {"type": "function", "name": "spawn", "parameters": {"type": "object"}}, dict(WEATHER, strict=False)]}]},
+     {"tools": [{"type": "function", "function": {"name": "agents__spawn", "parameters": {"type": "object"}}},
+                {"type": "function", "function": {"name": "agents__get_weather", "description": WEATHER["description"],
+                                                  "parameters": WEATHER["parameters"]}}]}),
+    ({"prompt_cache_key": "k", "client_metadata": {"a": "b"}}, {}),
     ({"text": {"format": {"type": "json_schema", "name": "place", "strict": True,
                           "schema": {"type": "object"}}}},
      {"response_format": {"type": "json_schema", "json_schema": {"name": "place", "strict": True,
@@ -100,7 +111,8 @@ def test_function_calls_merge_into_one_assistant_message_and_outputs_become_tool
       "parallel_tool_calls": False},
      {"stream": True, "temperature": 0.5, "top_p": 1, "store": False, "metadata": {"a": "b"}, "user": "u",
       "parallel_tool_calls": False}),
-    ({"stop": ["x"], "n": 2, "include": ["reasoning.encrypted_content"], "truncation": "auto"}, {}),
+    ({"stop": ["x"], "n": 2, "include": ["reasoning.encrypted_content"], "truncation": "auto"},
+     {"include_reasoning": True}),
 ])
 def test_parameters_map_to_their_chat_equivalents(responses, chat):
     body = dict(responses, input="hi")
@@ -166,10 +178,15 @@ def test_the_cli_call_is_the_one_the_chat_body_gets():
     ({"input": "x", "instructions": 5}, 400, "instructions", "invalid_type"),
     ({"input": "x", "instructions": "\ud800"}, 400, "instructions", "invalid_value"),
     ({"input": "x", "model": "gpt-4o"}, 404, "model", "model_not_found"),
-    ({"input": "x", "tools": [{"type": "web_search"}]}, 400, "tools[0]", "unsupported_tool"),
-    ({"input": "x", "tools": [WEATHER, {"type": "file_search", "vector_store_ids": ["v"]}]}, 400, "tools[1]",
-     "unsupported_tool"),
-    ({"input": "x", "tools": [{"type": "computer_use_preview"}]}, 400, "tools[0]", "unsupported_tool"),
+    ({"input": "x", "tools": [5]}, 400, "tools[0]", "unsupported_tool"),
+    ({"input": "x", "tools": [{"name": "f"}]}, 400, "tools[0]", "unsupported_tool"),
+    ({"input": "x", "tools": [{"type": "web_search"}, dict(WEATHER, name="bad name")]}, 400, "tools[1].name",
+     "invalid_value"),
+    ({"input": "x", "tools": [{"type": "namespace", "name": "ns", "tools": [WEATHER, dict(WEATHER, name="w2", parameters=5)]}]},
+     400, "tools[0].tools[1].parameters", "invalid_type"),
+    ({"input": "x", "tools": [{"type": "namespace", "name": "ns", "tools": [{"type": "custom", "name": "c"}]}]},
+     400, "tools[0].tools[0]", "unsupported_tool"),
+    ({"input": "x", "tools": [{"type": "namespace", "name": "ns"}]}, 400, "tools[0]", "invalid_type"),
     ({"input": "x", "tools": [dict(WEATHER, name="bad name")]}, 400, "tools[0].name", "invalid_value"),
     ({"input": "x", "tools": [dict(WEATHER, parameters=[])]}, 400, "tools[0].parameters", "invalid_type"),
     ({"input": "x", "tool_choice": {"type": "web_search_preview"}}, 400, "tool_choice", "unsupported_tool"),
@@ -337,6 +354,50 @@ def test_reasoning_becomes_a_reasoning_item_before_the_message():
     assert [i["type"] for i in render.response["output"]] == ["reasoning", "message"]
     assert render.response["output"][0]["content"] == [{"type": "reasoning_text", "text": "Hmm."}]
     assert render.response["output_text"] == "Done."
+
+
+CODEX_REASONING = {"input": "hi", "reasoning": {"effort": "medium", "summary": "auto"},
+                   "include": ["reasoning.encrypted_content"], "store": False}
+
+
+@pytest.mark.parametrize("events,reasoning_texts", [
+    ([("text", "Done."), ("finish", "stop", USAGE)], []),
+    ([("tool_call", 0, "toolu_1", "get_weather"), ("tool_args", 0, "{}"), ("finish", "tool_calls", USAGE)], []),
+    ([("finish", "stop", USAGE)], []),
+    ([("reasoning", "Hmm."), ("text", "Done."), ("finish", "stop", USAGE)], [{"type": "reasoning_text", "text": "Hmm."}]),
+])
+def test_a_client_that_asks_for_reasoning_always_gets_a_reasoning_item_first(events, reasoning_texts):
+    body = dict(CODEX_REASONING, tools=[WEATHER])
+    render, out = streamed(events, body)
+    output = render.response["output"]
+    assert output[0]["type"] == "reasoning" and output[0]["summary"] == [] and output[0]["status"] == "completed"
+    assert output[0]["content"] == reasoning_texts and [i["type"] for i in output].count("reasoning") == 1
+    names = [name for name, _ in out]
+    assert names[2] == "response.output_item.added" and names.count("response.output_item.done") == len(output)
+    assert render.response["reasoning"] == {"effort": "medium", "summary": "auto"}
+    unasked = streamed(events, dict(body, include=[], reasoning={}))[0].response["output"]
+    assert ("reasoning" in [i["type"] for i in unasked]) == bool(reasoning_texts)
+
+
+def test_namespaced_functions_are_called_by_namespace_and_name_and_replay_flat():
+    spawn = {"type": "function", "name": "spawn_agent", "parameters": {"type": "object"}}
+    body = {"input": "hi", "tools": [{"type": "namespace", "name": "multi_agent_v1", "description": "d",
+                                      "tools": [spawn]}, {"type": "web_search"}, WEATHER]}
+    render, out = streamed([("tool_call", 0, "toolu_1", "multi_agent_v1__spawn_agent"), ("tool_args", 0, "{}"),
+                            ("tool_call", 1, "toolu_2", "get_weather"), ("tool_args", 1, "{}"),
+                            ("finish", "tool_calls", USAGE)], body)
+    calls = render.response["output"]
+    assert (calls[0]["namespace"], calls[0]["name"]) == ("multi_agent_v1", "spawn_agent")
+    assert "namespace" not in calls[1] and calls[1]["name"] == "get_weather"
+    [done] = [p for name, p in out if name == "response.function_call_arguments.done" and p["item_id"] == calls[0]["id"]]
+    assert done["name"] == "spawn_agent"
+    replay = cmp.responses_output_messages(calls)
+    assert [c["function"]["name"] for c in replay[0]["tool_calls"]] == ["multi_agent_v1__spawn_agent", "get_weather"]
+    call, _ = call_for(dict(body, input=[{"role": "user", "content": "hi"}] + calls + [
+        {"type": "function_call_output", "call_id": "toolu_1", "output": "ok"},
+        {"type": "function_call_output", "call_id": "toolu_2", "output": "ok"}]))
+    assert [t.name for t in call.tools] == ["multi_agent_v1__spawn_agent", "get_weather"]
+    assert cmp.hosted_tools_of(body["tools"]) == ["web_search"]
 
 
 def test_the_response_echoes_the_request_settings():
@@ -668,13 +729,17 @@ def test_unknown_or_unstored_previous_response_is_a_404(client):
         client.responses.retrieve(unstored.id)
 
 
-def test_builtin_tools_are_a_400_before_any_cli_call(client, upstream):
-    openai = pytest.importorskip("openai")
+def test_hosted_tools_are_left_out_and_the_answer_says_so(e2e_proxy, upstream):
     mark = marker()
-    with pytest.raises(openai.BadRequestError) as info:
-        client.responses.create(model="claude-sonnet-4", input="search " + mark, tools=[{"type": "web_search"}])
-    assert info.value.body["code"] == "unsupported_tool" and info.value.body["param"] == "tools[0]"
-    assert upstream.messages_requests(mark) == []
+    status, headers, raw = e2e_proxy.request("POST", "/v1/responses", {
+        "model": "claude-sonnet-4", "input": "search " + mark, "tools": [{"type": "web_search"}, WEATHER,
+                                                                         {"type": "file_search"}]})
+    assert status == 200, raw
+    assert headers["x-claude-max-proxy-dropped-tools"] == "web_search,file_search"
+    offered = [t["name"] for t in only_request(upstream, mark)["tools"]]
+    assert [name for name in offered if "web_search" in name or "file_search" in name] == []
+    assert [name for name in offered if name.endswith("get_weather")]
+    assert " dropped_tools=web_search,file_search" in e2e_proxy.wait_for_line(headers["x-request-id"])
 
 
 def test_errors_use_the_chat_envelope_and_statuses(e2e_proxy):
