@@ -4,6 +4,7 @@
 # Sets up what the tests need, each step skipped when already done:
 #   .cache/venv              virtualenv with the test-only packages (PYTHON picks the interpreter)
 #   .cache/claude-cli        the pinned Claude Code CLI for the end-to-end tests (tests/real_cli.py)
+#   .cache/codex-cli         the pinned OpenAI Codex CLI for its end-to-end test (tests/real_codex.py)
 # If the CLI cannot be installed the end-to-end tests skip, unless CLAUDE_MAX_PROXY_REQUIRE_E2E=1,
 # which makes that a failure here (as in CI).
 set -euo pipefail
@@ -29,6 +30,14 @@ if ! "$venv/bin/python" tests/real_cli.py >/dev/null; then
         exit 1
     fi
     echo "test.sh: warning: end-to-end tests will be skipped (real Claude Code CLI unavailable)" >&2
+fi
+
+if ! "$venv/bin/python" tests/real_codex.py >/dev/null; then
+    if [ "${CLAUDE_MAX_PROXY_REQUIRE_E2E:-}" = 1 ]; then
+        echo "test.sh: CLAUDE_MAX_PROXY_REQUIRE_E2E=1 but the pinned Codex CLI is unavailable" >&2
+        exit 1
+    fi
+    echo "test.sh: warning: the Codex end-to-end test will be skipped (Codex CLI unavailable)" >&2
 fi
 
 exec "$venv/bin/python" -m pytest "$@"

@@ -5,6 +5,7 @@ store, and end to end with the real `openai` client, the real CLI and tests/fake
 import json
 import os
 import re
+import subprocess
 import uuid
 
 import pytest
@@ -871,3 +872,50 @@ def test_a_stored_response_lists_its_input_items_can_be_deleted_and_is_not_cance
     assert status == 200 and json.loads(raw) == {"id": response_id, "object": "response", "deleted": True}
     for method, path in (("GET", ""), ("GET", "/input_items"), ("DELETE", ""), ("POST", "/cancel")):
         assert e2e_proxy.request(method, "/v1/responses/" + response_id + path)[0] == 404
+
+
+@pytest.fixture
+def codex(real_claude):
+    import real_cli
+    import real_codex
+    try:
+        return real_codex.ensure_codex()
+    except real_cli.RealCliUnavailable as exc:
+        if os.environ.get("CLAUDE_MAX_PROXY_REQUIRE_E2E") == "1":
+            pytest.fail("Codex CLI unavailable: %s" % exc)
+        pytest.skip("Codex CLI unavailable: %s" % exc)
+
+
+def codex_exec(codex, proxy, prompt, tmp_path):
+    """`codex exec` (read-only sandbox, no approvals) against the proxy; (exit code, stdout)."""
+    import real_codex
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir(exist_ok=True)
+    work.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(real_codex.codex_config(proxy.url + "/v1", "claude-sonnet-4"))
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "CODEX_HOME": str(home)}
+    done = subprocess.run([codex, "exec", "--skip-git-repo-check", "--sandbox", "read-only", "-C", str(work), prompt],
+                          env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    return done.returncode, done.stdout.decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace")
+
+
+def test_codex_exec_answers_a_prompt_and_runs_a_shell_tool_loop(codex, e2e_proxy, upstream, tmp_path):
+    mark = marker()
+    code, out, err = codex_exec(codex, e2e_proxy, "Say hi " + mark, tmp_path)
+    assert code == 0, err[-3000:]
+    assert out.strip() == TEXT
+    first = only_request(upstream, mark)
+    offered = [t["name"] for t in first["tools"]]
+    assert any(name.endswith("exec_command") for name in offered)
+    assert any("multi_agent_v1__" in name for name in offered)  # its namespace tool, flattened
+    mark = marker()
+    code, out, err = codex_exec(codex, e2e_proxy, 'Run it. @@scenario:tool_use@@ @@tool:exec_command@@ '
+                                '@@args:{"cmd":"echo hi-%s"}@@ %s' % (mark[-8:-2], mark), tmp_path)
+    assert code == 0, err[-3000:]
+    bodies = upstream.messages_requests(mark)
+    assert len(bodies) == 2
+    results = [b for m in bodies[1]["messages"] if m["role"] == "user" and isinstance(m["content"], list)
+               for b in m["content"] if b.get("type") == "tool_result"]
+    assert len(results) == 1 and "hi-%s" % mark[-8:-2] in json.dumps(results[0])
+    assert out.strip().startswith("tool said:") and "hi-%s" % mark[-8:-2] in out
+    assert e2e_proxy.wait_for_line(" dropped_tools=web_search") is not None  # Codex's hosted tool
