@@ -152,17 +152,18 @@ def readme_tables() -> str:
     lines = ["| model ID you send | CLI `--model` |", "|---|---|"]
     lines += ["| `%s` | `%s` |" % (k, v) for k, v in MODELS.items()]
     lines += ["| `%s` | `%s` |" % (a, a) for a in CLI_ALIASES]
-    lines += ["| any `claude-…` ID | passed as is |", "", "| parameter | support | how |", "|---|---|---|"]
-    lines += ["| `%s` | %s | %s |" % (name, support, note) for name, (support, note) in PARAMETERS.items()]
+    lines += ["| any `claude-…` ID | passed as is |", ""] + parameter_table(PARAMETERS)
     return "\n".join(lines)
+
+
+def parameter_table(parameters: Dict[str, Tuple[str, str]]) -> List[str]:
+    return ["| parameter | support | how |", "|---|---|---|"] + [
+        "| `%s` | %s | %s |" % (name, support, note) for name, (support, note) in parameters.items()]
 
 
 def readme_completion_table() -> str:
     """The README's /v1/completions parameter table, generated from COMPLETION_PARAMETERS."""
-    lines = ["| parameter | support | how |", "|---|---|---|"]
-    lines += ["| `%s` | %s | %s |" % (name, support, note)
-              for name, (support, note) in COMPLETION_PARAMETERS.items()]
-    return "\n".join(lines)
+    return "\n".join(parameter_table(COMPLETION_PARAMETERS))
 
 
 # Upstream HTTP status (as the CLI reports it in `api_error_status`) -> our OpenAI-shaped error.
