@@ -686,6 +686,11 @@ def test_a_completion_continues_the_prompt_under_the_completion_system_prompt(e2
     sent = only_request(upstream, mark)
     assert upstream_texts(sent) == [("user", prompt)]
     assert "text completion engine" in "\n".join(b["text"] for b in sent["system"])
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0)
+    assert client.completions.create(model="claude-sonnet-4", prompt="hi " + marker()).choices[0].text == TEXT
+    chunks = list(client.completions.create(model="claude-sonnet-4", prompt="hi " + marker(), stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == TEXT
 
 
 def test_a_continue_style_streamed_completion_fills_the_middle(e2e_proxy, upstream):

@@ -866,10 +866,16 @@ def test_a_stored_response_lists_its_input_items_can_be_deleted_and_is_not_cance
     assert page["first_id"] == page["data"][0]["id"] and page["has_more"] is False
     status, headers, raw = e2e_proxy.request("HEAD", "/v1/responses/" + response_id)
     assert status == 200 and raw == b"" and int(headers["content-length"]) > 0
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0)
+    assert [item.id for item in client.responses.input_items.list(response_id)] == [
+        item["id"] for item in reversed(page["data"])]
     status, _, raw = e2e_proxy.request("POST", "/v1/responses/%s/cancel" % response_id)
     assert status == 400 and json.loads(raw)["error"]["code"] == "response_not_cancellable"
     status, _, raw = e2e_proxy.request("DELETE", "/v1/responses/" + response_id)
     assert status == 200 and json.loads(raw) == {"id": response_id, "object": "response", "deleted": True}
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(response_id)
     for method, path in (("GET", ""), ("GET", "/input_items"), ("DELETE", ""), ("POST", "/cancel")):
         assert e2e_proxy.request(method, "/v1/responses/" + response_id + path)[0] == 404
 
