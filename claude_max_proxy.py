@@ -1840,7 +1840,8 @@ def chat_messages_from_items(items: List[Any], first: int = 0, where: str = "inp
 
 def hosted_tools_of(tools: Any) -> List[str]:
     """The types of the tools only OpenAI's servers run (web_search, file_search...): they are left
-    out of what the model sees, and the answer says so, rather than failing the request."""
+    out of what the model sees, and the answer says so, rather than failing the request. `custom`
+    (freeform-input) tools are not translated yet and are left out the same way."""
     if not isinstance(tools, list):
         return []
     return [tool["type"] for tool in tools if isinstance(tool, dict) and isinstance(tool.get("type"), str)
