@@ -1762,6 +1762,8 @@ BUILTIN_TOOL_HINT = ("only `function` tools are supported: the proxy has no host
 # A function inside a `namespace` tool (Codex groups tools so) reaches the model as one flat
 # function named <namespace>__<name>; its calls go back to the client as `namespace` and `name`.
 NAMESPACE_SEPARATOR = "__"
+# Tools the client runs; any other type is hosted (run by OpenAI's servers) and left out here.
+CLIENT_TOOL_TYPES = ("function", "namespace", "custom")
 # The `include` value that asks for reasoning items (Codex sends it with `reasoning.summary`).
 REASONING_INCLUDE = "reasoning.encrypted_content"
 REASONING_SUMMARIES = ("auto", "concise", "detailed")
@@ -1808,22 +1810,24 @@ def chat_messages_from_items(items: List[Any], first: int = 0, where: str = "inp
             messages.append(responses_message_of(item))
             origins[at] = (param, {})
             merging = False
-        elif kind == "function_call":
-            name = item.get("name")
+        elif kind in ("function_call", "custom_tool_call"):
+            name, arguments = item.get("name"), item.get("arguments")
             if isinstance(item.get("namespace"), str) and isinstance(name, str):
                 name = item["namespace"] + NAMESPACE_SEPARATOR + name
+            if kind == "custom_tool_call":  # its free-form input is the one argument of a function
+                arguments = json.dumps({"input": item["input"]}) if isinstance(item.get("input"), str) else None
             call = {"id": item.get("call_id"), "type": "function",
-                    "function": {"name": name, "arguments": item.get("arguments")}}
+                    "function": {"name": name, "arguments": arguments}}
             if merging:
                 at = "messages[%d]" % (first + len(messages) - 1)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": []})
             origins["%s.tool_calls[%d]" % (at, len(messages[-1]["tool_calls"]))] = (
-                param, {".function.arguments": ".arguments", ".function.name": ".name",
-                        ".id": ".call_id", ".function": ""})
+                param, {".function.arguments": ".arguments" if kind == "function_call" else ".input",
+                        ".function.name": ".name", ".id": ".call_id", ".function": ""})
             messages[-1]["tool_calls"].append(call)
             merging = True
-        elif kind == "function_call_output":
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             output = item.get("output")
             if isinstance(output, list):
                 output = responses_message_of({"content": output})["content"]
@@ -1840,12 +1844,11 @@ def chat_messages_from_items(items: List[Any], first: int = 0, where: str = "inp
 
 def hosted_tools_of(tools: Any) -> List[str]:
     """The types of the tools only OpenAI's servers run (web_search, file_search...): they are left
-    out of what the model sees, and the answer says so, rather than failing the request. `custom`
-    (freeform-input) tools are not translated yet and are left out the same way."""
+    out of what the model sees, and the answer says so, rather than failing the request."""
     if not isinstance(tools, list):
         return []
     return [tool["type"] for tool in tools if isinstance(tool, dict) and isinstance(tool.get("type"), str)
-            and tool["type"] not in ("function", "namespace")]
+            and tool["type"] not in CLIENT_TOOL_TYPES]
 
 
 def namespaced_tools_of(tools: Any) -> Dict[str, Tuple[str, str]]:
@@ -1857,6 +1860,24 @@ def namespaced_tools_of(tools: Any) -> Dict[str, Tuple[str, str]]:
                 if isinstance(inner, dict) and isinstance(inner.get("name"), str):
                     found[tool["name"] + NAMESPACE_SEPARATOR + inner["name"]] = (tool["name"], inner["name"])
     return found
+
+
+def custom_tools_of(tools: Any) -> Tuple[str, ...]:
+    """The names of the `custom` (free-form input) tools."""
+    return tuple(tool["name"] for tool in tools if isinstance(tool, dict) and tool.get("type") == "custom"
+                 and isinstance(tool.get("name"), str)) if isinstance(tools, list) else ()
+
+
+def chat_tool_of_custom(tool: Dict[str, Any]) -> Dict[str, Any]:
+    """A `custom` tool -> a function whose one string argument, `input`, is the free-form input;
+    a grammar the input must follow is stated in the description."""
+    description = tool.get("description") if isinstance(tool.get("description"), str) else ""
+    fmt = tool.get("format") if isinstance(tool.get("format"), dict) else {}
+    if fmt.get("type") == "grammar":
+        description += "\n\nThe `input` must follow this %s grammar:\n%s" % (fmt.get("syntax"), fmt.get("definition"))
+    return {"type": "function", "function": {
+        "name": tool.get("name"), "description": description.strip(),
+        "parameters": {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]}}}
 
 
 def chat_tool_of(tool: Dict[str, Any], name: Any) -> Dict[str, Any]:
@@ -1886,6 +1907,10 @@ def chat_tools_from_responses(tools: Any) -> Tuple[Any, Dict[str, str]]:
                 origins["tools[%d]" % len(out)] = "%s.tools[%d]" % (where, j)
                 out.append(chat_tool_of(function, tool["name"] + NAMESPACE_SEPARATOR + str(function.get("name"))))
             continue
+        if kind == "custom":
+            origins["tools[%d]" % len(out)] = where
+            out.append(chat_tool_of_custom(tool))
+            continue
         if isinstance(kind, str) and kind != "function":
             continue  # a hosted tool: see hosted_tools_of
         if kind != "function":
@@ -1902,7 +1927,7 @@ def offered_tools_of(tools: Any) -> List[Any]:
     if not isinstance(tools, list):
         return []
     return [dict({"strict": None, "parameters": None}, **tool) if tool.get("type") == "function" else tool
-            for tool in tools if isinstance(tool, dict) and tool.get("type") in ("function", "namespace")]
+            for tool in tools if isinstance(tool, dict) and tool.get("type") in CLIENT_TOOL_TYPES]
 
 
 def reasoning_requested(body: Dict[str, Any]) -> bool:
@@ -2038,6 +2063,15 @@ def responses_output_messages(output: List[Dict[str, Any]]) -> List[Dict[str, An
     return chat_messages_from_items(output, where="output")[0]
 
 
+def custom_input_of(arguments: str) -> str:
+    """A custom tool call's free-form input, from the arguments of the function that stands for it."""
+    try:
+        value = json.loads(arguments or "{}")
+    except ValueError:
+        return arguments
+    return value["input"] if isinstance(value, dict) and isinstance(value.get("input"), str) else arguments
+
+
 def response_error_code(error: ApiError) -> str:
     """An ApiError -> the `error.code` a failed response may carry (the spec allows a fixed list)."""
     if error.code in RESPONSE_ERROR_CODES:
@@ -2078,6 +2112,8 @@ class ResponsesRenderer:
         self.response = None    # type: Optional[Dict[str, Any]]
         self.settings = self._settings_of(body)
         self.namespaced = namespaced_tools_of(body.get("tools"))
+        self.custom = custom_tools_of(body.get("tools"))
+        self.custom_arguments = {}  # custom_tool_call item id -> the function arguments so far
         # Codex waits for a reasoning item when it asked for one: an empty one if no thinking came.
         self.reasoning_due = reasoning_requested(body)
 
@@ -2118,8 +2154,14 @@ class ResponsesRenderer:
                     "call_id": event[2], "name": event[3], "arguments": ""}
             if event[3] in self.namespaced:
                 item["namespace"], item["name"] = self.namespaced[event[3]]
+            if event[3] in self.custom:
+                item = {"id": "ctc_" + uuid.uuid4().hex, "type": "custom_tool_call", "status": "in_progress",
+                        "call_id": event[2], "name": event[3], "input": ""}
+                self.custom_arguments[item["id"]] = ""
             self.calls[event[1]] = item
             out += self._open(item)
+        elif kind == "tool_args" and event[1] in self.calls and self.calls[event[1]]["type"] == "custom_tool_call":
+            self.custom_arguments[self.calls[event[1]]["id"]] += event[2]  # its input is known when whole
         elif kind == "tool_args" and event[1] in self.calls:
             item = self.calls[event[1]]
             item["arguments"] += event[2]
@@ -2190,6 +2232,10 @@ class ResponsesRenderer:
         if item["type"] == "function_call":
             out.append(self._event("response.function_call_arguments.done", name=item["name"],
                                    arguments=item["arguments"], **where))
+        elif item["type"] == "custom_tool_call":
+            item["input"] = custom_input_of(self.custom_arguments[item["id"]])
+            out += [self._event("response.custom_tool_call_input.delta", delta=item["input"], **where),
+                    self._event("response.custom_tool_call_input.done", input=item["input"], **where)]
         else:
             part = item["content"][0]
             extra = {"logprobs": []} if part["type"] == "output_text" else {}
@@ -2363,7 +2409,7 @@ def items_with_references_resolved(items: List[Any], lookup: Callable[[str], Opt
 
 
 ITEM_ID_PREFIXES = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_",
-                    "reasoning": "rs_"}
+                    "custom_tool_call": "ctc_", "custom_tool_call_output": "ctco_", "reasoning": "rs_"}
 
 
 def input_item_resources(items: Any) -> List[Dict[str, Any]]:
@@ -2385,7 +2431,8 @@ def input_item_resources(items: Any) -> List[Dict[str, Any]]:
                 content = [dict({"annotations": [], "logprobs": []}, **part) if part.get("type") == "output_text"
                            else part for part in content]
             resource["content"] = content
-        if kind in ("message", "function_call", "function_call_output"):
+        if kind in ("message", "function_call", "function_call_output", "custom_tool_call",
+                    "custom_tool_call_output"):
             resource.setdefault("status", "completed")
         out.append(resource)
     return out

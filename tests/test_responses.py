@@ -401,6 +401,36 @@ def test_namespaced_functions_are_called_by_namespace_and_name_and_replay_flat()
     assert cmp.hosted_tools_of(body["tools"]) == ["web_search"]
 
 
+APPLY_PATCH = {"type": "custom", "name": "apply_patch", "description": "Edit files.",
+               "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}}
+CUSTOM_TURN = [("tool_call", 0, "toolu_1", "apply_patch"), ("tool_args", 0, '{"input": "*** Begin'),
+               ("tool_args", 0, ' Patch\\n"}'), ("finish", "tool_calls", USAGE)]
+
+
+def test_custom_tools_are_functions_of_one_string_and_their_calls_come_back_as_custom_calls():
+    chat = cmp.chat_body_from_responses({"input": "hi", "tools": [APPLY_PATCH]})
+    [tool] = chat["tools"]
+    assert tool["function"]["name"] == "apply_patch" and "start: /.+/" in tool["function"]["description"]
+    assert tool["function"]["parameters"]["properties"] == {"input": {"type": "string"}}
+    render, out = streamed(CUSTOM_TURN, {"input": "hi", "tools": [APPLY_PATCH]})
+    [call] = render.response["output"]
+    assert (call["type"], call["name"], call["input"], call["call_id"]) == (
+        "custom_tool_call", "apply_patch", "*** Begin Patch\n", "toolu_1")
+    names = [name for name, _ in out]
+    assert "response.function_call_arguments.delta" not in names
+    assert names.index("response.custom_tool_call_input.done") < names.index("response.output_item.done")
+    replay = cmp.responses_output_messages([call, {"type": "custom_tool_call_output", "call_id": "toolu_1",
+                                                   "output": "Done."}])
+    assert replay == [{"role": "assistant", "content": None, "tool_calls": [{"id": "toolu_1", "type": "function",
+                       "function": {"name": "apply_patch", "arguments": '{"input": "*** Begin Patch\\n"}'}}]},
+                      {"role": "tool", "tool_call_id": "toolu_1", "content": "Done."}]
+    assert cmp.hosted_tools_of([APPLY_PATCH, {"type": "web_search"}]) == ["web_search"]
+    error = error_of({"input": [{"role": "user", "content": "x"}, dict(call, input=5),
+                                {"type": "custom_tool_call_output", "call_id": "toolu_1", "output": "x"}],
+                      "tools": [APPLY_PATCH]})
+    assert error.param == "input[1].input"
+
+
 def test_the_response_echoes_the_request_settings():
     body = {"input": "hi", "instructions": "Be brief.", "tools": [WEATHER], "tool_choice": "required",
             "temperature": 0.2, "store": False, "metadata": {"k": "v"}, "previous_response_id": "resp_1",
@@ -945,6 +975,7 @@ def openapi():
     ([("reasoning", "Hmm."), ("text", "Done."), ("finish", "stop", USAGE)], None),
     ([("text", "Done."), ("finish", "stop", USAGE)], CODEX_REASONING),
     ([("text", "cut"), ("finish", "length", USAGE)], None),
+    (CUSTOM_TURN, {"input": "hi", "tools": [APPLY_PATCH]}),
     ([("tool_call", 0, "toolu_1", "ns__spawn"), ("tool_args", 0, "{}"), ("finish", "tool_calls", USAGE)],
      {"input": "hi", "tools": [{"type": "namespace", "name": "ns", "description": "d", "tools": [
          {"type": "function", "name": "spawn", "parameters": {"type": "object"}, "strict": False}]},
@@ -964,5 +995,7 @@ def test_a_failed_response_and_the_stored_items_conform_to_the_openai_spec(opena
     assert [f for _, payload in out for f in openapi.event_problems(payload)] == []
     inputs = cmp.input_item_resources([{"role": "developer", "content": "d"}, {"role": "user", "content": [
         {"type": "input_text", "text": "hi"}]}, STORED_MESSAGE, STORED_CALL,
+        {"type": "custom_tool_call", "call_id": "call_2", "name": "apply_patch", "input": "x"},
+        {"type": "custom_tool_call_output", "call_id": "call_2", "output": "ok"},
         {"type": "function_call_output", "call_id": "call_1", "output": "sun"}])
     assert openapi.problems(cmp.input_items_page(inputs, {}), "ResponseItemList", "input_items") == []
