@@ -172,6 +172,18 @@ def spec_checked(method, path, status, headers, raw):
     assert not failures, "the answer departs from the OpenAI spec:\n" + "\n".join(failures[:10])
 
 
+def spec_checked_http_client():
+    """An HTTP client for the openai SDK that checks every answer like http_request does."""
+    import openai
+
+    def check(response):
+        response.read()
+        spec_checked(response.request.method, response.request.url.raw_path.decode("ascii"),
+                     response.status_code, {k.lower(): v for k, v in response.headers.items()},
+                     response.content)
+    return openai.DefaultHttpxClient(event_hooks={"response": [check]})
+
+
 def pytest_terminal_summary(terminalreporter):
     if openapi_check.spec() is None:
         terminalreporter.write_line("openapi: answers NOT checked (install %s, pyyaml and jsonschema)"

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from conftest import marker, only_request, sse_payloads, upstream_texts
+from conftest import marker, only_request, spec_checked_http_client, sse_payloads, upstream_texts
 
 TEXT = "Hello from the fake upstream."
 
@@ -241,7 +241,8 @@ def test_client_disconnect_ends_the_cli(start_proxy, real_claude, e2e_env, upstr
 
 def test_openai_python_client_accepts_streamed_and_plain_answers(e2e_proxy):
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0,
+                           http_client=spec_checked_http_client())
     plain = client.chat.completions.create(model="claude-opus-4",
                                            messages=[{"role": "user", "content": "Say hi " + marker()}])
     assert plain.choices[0].message.content == TEXT
@@ -517,7 +518,8 @@ def test_reasoning_is_exposed_only_when_asked_and_effort_reaches_upstream(e2e_pr
 
 def test_openai_client_runs_a_complete_tool_loop(e2e_proxy):
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0,
+                           http_client=spec_checked_http_client())
     messages = [{"role": "user", "content": tool_prompt(marker(), {"city": "Lisbon"})}]
     first = client.chat.completions.create(model="claude-sonnet-4", messages=messages, tools=[WEATHER])
     assert first.choices[0].finish_reason == "tool_calls"
@@ -687,7 +689,8 @@ def test_a_completion_continues_the_prompt_under_the_completion_system_prompt(e2
     assert upstream_texts(sent) == [("user", prompt)]
     assert "text completion engine" in "\n".join(b["text"] for b in sent["system"])
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0,
+                           http_client=spec_checked_http_client())
     assert client.completions.create(model="claude-sonnet-4", prompt="hi " + marker()).choices[0].text == TEXT
     chunks = list(client.completions.create(model="claude-sonnet-4", prompt="hi " + marker(), stream=True))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == TEXT

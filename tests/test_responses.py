@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 import claude_max_proxy as cmp
-from conftest import marker, only_request, sse_payloads, upstream_texts
+from conftest import marker, only_request, spec_checked_http_client, sse_payloads, upstream_texts
 
 TEXT = "Hello from the fake upstream."
 PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
@@ -636,7 +636,8 @@ def tool_prompt(mark, args):
 @pytest.fixture
 def client(e2e_proxy):
     openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0,
+                         http_client=spec_checked_http_client())
 
 
 def test_openai_client_gets_the_same_text_streamed_and_not(client, upstream):
@@ -897,7 +898,8 @@ def test_a_stored_response_lists_its_input_items_can_be_deleted_and_is_not_cance
     status, headers, raw = e2e_proxy.request("HEAD", "/v1/responses/" + response_id)
     assert status == 200 and raw == b"" and int(headers["content-length"]) > 0
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0,
+                           http_client=spec_checked_http_client())
     assert [item.id for item in client.responses.input_items.list(response_id)] == [
         item["id"] for item in reversed(page["data"])]
     status, _, raw = e2e_proxy.request("POST", "/v1/responses/%s/cancel" % response_id)
