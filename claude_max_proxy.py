@@ -51,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -100,7 +101,8 @@ PARAMETERS = collections.OrderedDict([
     ("user", ("ignored", "accepted")),
     ("metadata", ("ignored", "accepted")),
     ("tools", ("honored", "function tools, offered to the model with their JSON schemas")),
-    ("functions", ("honored", "legacy form of `tools`")),
+    ("functions", ("honored", "legacy form of `tools`, answered in its own shape: `message.function_call` "
+                              "(one call per turn) and `finish_reason: function_call`")),
     ("tool_choice", ("emulated", "`auto` honored; `none` hides the tools; `required` and a named "
                                  "function become an instruction in the system prompt")),
     ("function_call", ("emulated", "legacy form of `tool_choice`, same treatment")),
@@ -112,14 +114,60 @@ PARAMETERS = collections.OrderedDict([
     ("service_tier", ("ignored", "accepted")),
 ])
 
+# /v1/completions (the legacy text API): the prompt is text to continue, not a chat, so Claude is
+# told so in the system prompt; with a `suffix` it fills the gap between the two (as editors'
+# autocomplete asks). Both prompts are the proxy's own, stated here and in the README.
+COMPLETION_SYSTEM_PROMPT = (
+    "You are a text completion engine. The user message is a text to continue. Reply with only its "
+    "continuation, starting exactly where the text stops, with no preamble, commentary or quotes.")
+FILL_IN_THE_MIDDLE_SYSTEM_PROMPT = (
+    "You are a fill-in-the-middle completion engine. The user message has the text before a gap "
+    "inside <prefix></prefix> and the text after the gap inside <suffix></suffix>. Reply with only "
+    "the text that belongs in the gap, with no preamble, commentary, quotes or tags.")
+
+# How each /v1/completions parameter is treated, like PARAMETERS for chat completions.
+COMPLETION_PARAMETERS = collections.OrderedDict([
+    ("model", ("honored", "as for chat completions")),
+    ("prompt", ("honored", "a string or a list of one string, continued under a completion system "
+                           "prompt; token-id lists and several prompts -> 400")),
+    ("suffix", ("emulated", "prompt and suffix are sent as `<prefix>`/`<suffix>` under a "
+                            "fill-in-the-middle system prompt; the answer is the gap")),
+    ("stream", ("honored", "`text_completion` chunks, then `data: [DONE]`")),
+    ("stream_options", ("honored", "`include_usage` adds a final usage chunk")),
+    ("max_tokens", ("honored", "-> `CLAUDE_CODE_MAX_OUTPUT_TOKENS`; omitted -> the model's default "
+                               "(OpenAI's default of 16 is not applied)")),
+    ("stop", ("emulated", "as for chat completions")),
+    ("echo", ("rejected", "`true` -> 400; only the new text comes back")),
+    ("n", ("rejected", "only `n: 1`")),
+    ("best_of", ("rejected", "only `best_of: 1`")),
+    ("logprobs", ("rejected", "any value but null -> 400")),
+    ("temperature", ("ignored", "accepted (0-2)")),
+    ("top_p", ("ignored", "accepted (0-1)")),
+    ("presence_penalty", ("ignored", "accepted (-2 to 2)")),
+    ("frequency_penalty", ("ignored", "accepted (-2 to 2)")),
+    ("seed", ("ignored", "accepted")),
+    ("logit_bias", ("ignored", "accepted")),
+    ("user", ("ignored", "accepted")),
+])
+
+
 def readme_tables() -> str:
     """The README's model and parameter tables, generated so they cannot drift from the code."""
     lines = ["| model ID you send | CLI `--model` |", "|---|---|"]
     lines += ["| `%s` | `%s` |" % (k, v) for k, v in MODELS.items()]
     lines += ["| `%s` | `%s` |" % (a, a) for a in CLI_ALIASES]
-    lines += ["| any `claude-…` ID | passed as is |", "", "| parameter | support | how |", "|---|---|---|"]
-    lines += ["| `%s` | %s | %s |" % (name, support, note) for name, (support, note) in PARAMETERS.items()]
+    lines += ["| any `claude-…` ID | passed as is |", ""] + parameter_table(PARAMETERS)
     return "\n".join(lines)
+
+
+def parameter_table(parameters: Dict[str, Tuple[str, str]]) -> List[str]:
+    return ["| parameter | support | how |", "|---|---|---|"] + [
+        "| `%s` | %s | %s |" % (name, support, note) for name, (support, note) in parameters.items()]
+
+
+def readme_completion_table() -> str:
+    """The README's /v1/completions parameter table, generated from COMPLETION_PARAMETERS."""
+    return "\n".join(parameter_table(COMPLETION_PARAMETERS))
 
 
 # Upstream HTTP status (as the CLI reports it in `api_error_status`) -> our OpenAI-shaped error.
@@ -358,6 +406,7 @@ class CliCall:
     json_schema: Optional[Dict[str, Any]] = None
     effort: Optional[str] = None
     include_reasoning: bool = False
+    legacy_functions: bool = False   # asked with `functions`: answered with `function_call`
 
     def client_name(self, upstream_name: str) -> Optional[str]:
         """The client's name for a tool the model called, or None if it is not a client tool."""
@@ -761,14 +810,67 @@ def cli_call_for(body: Any, config: Config) -> CliCall:
     if include_reasoning is not None and not isinstance(include_reasoning, bool):
         raise invalid("include_reasoning", "`include_reasoning` must be a boolean", "invalid_type")
     stream_options = body.get("stream_options") or {}
+    # The legacy answer has room for one call (`message.function_call`): the turn ends at it.
+    legacy = body.get("tools") is None and body.get("functions") is not None
     return CliCall(
         model=model, requested_model=requested, system_prompt=system_prompt,
         history=turns[:-1], prompt=turns[-1]["content"],
         stream=bool(body.get("stream")), include_usage=bool(stream_options.get("include_usage")),
         max_output_tokens=max_output_tokens_of(body), stop=stop_strings_of(body),
-        tools=tools, parallel_tool_calls=parallel is not False,
+        tools=tools, parallel_tool_calls=parallel is not False and not legacy,
         json_schema=response_format_of(body), effort=effort_of(body),
-        include_reasoning=config.include_reasoning if include_reasoning is None else include_reasoning)
+        include_reasoning=config.include_reasoning if include_reasoning is None else include_reasoning,
+        legacy_functions=legacy)
+
+
+def prompt_text_of(prompt: Any) -> str:
+    """`prompt` of /v1/completions -> its text: a string or a list of one string."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        raise invalid("prompt", "one prompt per request: the Claude CLI gives one answer (send each "
+                      "prompt on its own)", "unsupported_value")
+    if isinstance(prompt, list):
+        raise invalid("prompt", "`prompt` must be text: token-id prompts are not supported (Claude "
+                      "has another tokenizer)", "unsupported_value")
+    if not isinstance(prompt, str):
+        raise invalid("prompt", "`prompt` must be a string or a list of strings", "invalid_type")
+    check_encodable(prompt, "prompt")
+    return prompt
+
+
+def completion_call_for(body: Any, config: Config) -> CliCall:
+    """Validate a /v1/completions body and decide the CLI turn that continues its prompt."""
+    if not isinstance(body, dict):
+        raise invalid(None, "the request body must be a JSON object", "invalid_type")
+    if "prompt" not in body:
+        raise invalid("prompt", "`prompt` is required", "missing_required_parameter")
+    requested, model = resolve_model(body.get("model"), config.default_model)
+    check_parameters(dict(body, logprobs=None))  # here `logprobs` is a count, refused below
+    best_of = body.get("best_of")
+    for name, refused in (("echo", body.get("echo") not in (None, False)),
+                          ("best_of", best_of is not None and (isinstance(best_of, bool) or best_of != 1)),
+                          ("logprobs", body.get("logprobs") is not None)):
+        if refused:
+            raise invalid(name, "`%s` is not supported: %s" % (name, COMPLETION_PARAMETERS[name][1]),
+                          "unsupported_value")
+    prompt = prompt_text_of(body["prompt"])
+    suffix = body.get("suffix")
+    if suffix is not None and not isinstance(suffix, str):
+        raise invalid("suffix", "`suffix` must be a string", "invalid_type")
+    if suffix:
+        check_encodable(suffix, "suffix")
+        system_prompt, text = FILL_IN_THE_MIDDLE_SYSTEM_PROMPT, "<prefix>%s</prefix><suffix>%s</suffix>" % (
+            prompt, suffix)
+    else:
+        system_prompt, text = COMPLETION_SYSTEM_PROMPT, prompt
+    if not text:
+        raise invalid("prompt", "`prompt` must not be empty")
+    stream_options = body.get("stream_options") or {}
+    return CliCall(model=model, requested_model=requested, system_prompt=system_prompt, history=[],
+                   prompt=[{"type": "text", "text": text}], stream=bool(body.get("stream")),
+                   include_usage=bool(stream_options.get("include_usage")),
+                   max_output_tokens=max_output_tokens_of(body), stop=stop_strings_of(body))
 
 
 def cli_args_for(call: CliCall, claude_path: str, session_id: Optional[str],
@@ -1561,10 +1663,12 @@ class TurnTranslator:
 class ChatChunks:
     """TurnEvents -> chat.completion.chunk dicts for one streamed answer."""
 
-    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool):
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool,
+                 legacy_functions: bool = False):
         self.base = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                     "model": model, "system_fingerprint": None}
+                     "model": model}
         self.include_usage = include_usage
+        self.legacy_functions = legacy_functions
         self.started = False
 
     def _chunk(self, delta: Dict[str, Any], finish: Optional[str] = None) -> Dict[str, Any]:
@@ -1584,13 +1688,17 @@ class ChatChunks:
             out.append(self._chunk({"content": event[1]}))
         elif kind == "reasoning":
             out.append(self._chunk({"reasoning_content": event[1]}))
+        elif kind == "tool_call" and self.legacy_functions:
+            out.append(self._chunk({"function_call": {"name": event[3], "arguments": ""}}))
         elif kind == "tool_call":
             out.append(self._chunk({"tool_calls": [{"index": event[1], "id": event[2], "type": "function",
                                                     "function": {"name": event[3], "arguments": ""}}]}))
+        elif kind == "tool_args" and self.legacy_functions:
+            out.append(self._chunk({"function_call": {"arguments": event[2]}}))
         elif kind == "tool_args":
             out.append(self._chunk({"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]}))
         elif kind == "finish":
-            out.append(self._chunk({}, event[1]))
+            out.append(self._chunk({}, legacy_finish(event[1]) if self.legacy_functions else event[1]))
             if self.include_usage:
                 out.append(dict(self.base, choices=[], usage=event[2]))
         return out
@@ -1607,20 +1715,28 @@ def tool_calls_from(events: List[TurnEvent]) -> List[Dict[str, Any]]:
     return [calls[n] for n in sorted(calls)]
 
 
-def completion_from(events: List[TurnEvent], completion_id: str, created: int, model: str) -> Dict[str, Any]:
-    """The non-streamed chat.completion for a whole turn."""
+def legacy_finish(reason: str) -> str:
+    return "function_call" if reason == "tool_calls" else reason
+
+
+def completion_from(events: List[TurnEvent], completion_id: str, created: int, model: str,
+                    legacy_functions: bool = False) -> Dict[str, Any]:
+    """The non-streamed chat.completion for a whole turn (legacy `functions` get `function_call`)."""
     text = "".join(e[1] for e in events if e[0] == "text")
     finish = next((e for e in events if e[0] == "finish"), ("finish", "stop", usage_from({})))
     message = {"role": "assistant", "content": text, "refusal": None}
     calls = tool_calls_from(events)
-    if calls:
+    if calls and legacy_functions:
+        message["function_call"] = calls[0]["function"]
+        message["content"] = text or None
+        finish = (finish[0], legacy_finish(finish[1])) + tuple(finish[2:])
+    elif calls:
         message["tool_calls"] = calls
         message["content"] = text or None
     reasoning = "".join(e[1] for e in events if e[0] == "reasoning")
     if reasoning:
         message["reasoning_content"] = reasoning
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
-            "system_fingerprint": None,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish[1]}],
             "usage": finish[2]}
 
@@ -1637,12 +1753,48 @@ class ChatRenderer:
         self.chunks = None  # type: Optional[ChatChunks]
 
     def whole(self, events: List[TurnEvent], model: str) -> Dict[str, Any]:
-        return completion_from(events, self.completion_id, self.created, model)
+        return completion_from(events, self.completion_id, self.created, model, self.call.legacy_functions)
 
     def stream_events(self, event: TurnEvent, model: str) -> List[Tuple[Optional[str], Any]]:
         if self.chunks is None:
-            self.chunks = ChatChunks(self.completion_id, self.created, model, self.call.include_usage)
+            self.chunks = ChatChunks(self.completion_id, self.created, model, self.call.include_usage,
+                                     self.call.legacy_functions)
         return [(None, chunk) for chunk in self.chunks.chunks_for(event)]
+
+    def stream_error(self, error: ApiError) -> List[Tuple[Optional[str], Any]]:
+        return [(None, error.body())]
+
+    def stream_end(self) -> List[Tuple[Optional[str], Any]]:
+        return [(None, "[DONE]")]
+
+
+class CompletionRenderer:
+    """How a turn looks in the legacy completions API: a `text_completion`, or its chunks."""
+
+    def __init__(self, call: CliCall):
+        self.call = call
+        self.completion_id = "cmpl-" + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _object(self, model: str, text: str, finish: Optional[str]) -> Dict[str, Any]:
+        return {"id": self.completion_id, "object": "text_completion", "created": self.created,
+                "model": model, "choices": [{"text": text, "index": 0, "logprobs": None,
+                                             "finish_reason": finish}]}
+
+    def whole(self, events: List[TurnEvent], model: str) -> Dict[str, Any]:
+        text = "".join(e[1] for e in events if e[0] == "text")
+        finish = next((e for e in events if e[0] == "finish"), ("finish", "stop", usage_from({})))
+        return dict(self._object(model, text, finish[1]), usage=finish[2])
+
+    def stream_events(self, event: TurnEvent, model: str) -> List[Tuple[Optional[str], Any]]:
+        if event[0] == "text":
+            return [(None, self._object(model, event[1], None))]
+        if event[0] != "finish":
+            return []
+        out = [(None, self._object(model, "", event[1]))]
+        if self.call.include_usage:
+            out.append((None, dict(self._object(model, "", None), choices=[], usage=event[2])))
+        return out
 
     def stream_error(self, error: ApiError) -> List[Tuple[Optional[str], Any]]:
         return [(None, error.body())]
@@ -1724,6 +1876,18 @@ Origins = Dict[str, Tuple[str, Dict[str, str]]]
 # Why a hosted tool (web_search, file_search, computer_use_preview...) is refused: nothing runs it.
 BUILTIN_TOOL_HINT = ("only `function` tools are supported: the proxy has no hosted tools "
                      "(web search, file search, computer use, code interpreter...)")
+# A function inside a `namespace` tool (Codex groups tools so) reaches the model as one flat
+# function named <namespace>__<name>; its calls go back to the client as `namespace` and `name`.
+NAMESPACE_SEPARATOR = "__"
+# Tools the client runs; any other type is hosted (run by OpenAI's servers) and left out here.
+CLIENT_TOOL_TYPES = ("function", "namespace", "custom")
+# The `include` value that asks for reasoning items (Codex sends it with `reasoning.summary`).
+REASONING_INCLUDE = "reasoning.encrypted_content"
+REASONING_SUMMARIES = ("auto", "concise", "detailed")
+# The `error.code` values a failed response may carry (the OpenAPI spec's ResponseErrorCode).
+RESPONSE_ERROR_CODES = ("server_error", "rate_limit_exceeded", "invalid_prompt", "invalid_image",
+                        "invalid_image_format", "invalid_base64_image", "invalid_image_url",
+                        "image_too_large", "unsupported_image_media_type")
 
 
 def responses_message_of(item: Dict[str, Any]) -> Dict[str, Any]:
@@ -1763,19 +1927,24 @@ def chat_messages_from_items(items: List[Any], first: int = 0, where: str = "inp
             messages.append(responses_message_of(item))
             origins[at] = (param, {})
             merging = False
-        elif kind == "function_call":
+        elif kind in ("function_call", "custom_tool_call"):
+            name, arguments = item.get("name"), item.get("arguments")
+            if isinstance(item.get("namespace"), str) and isinstance(name, str):
+                name = item["namespace"] + NAMESPACE_SEPARATOR + name
+            if kind == "custom_tool_call":  # its free-form input is the one argument of a function
+                arguments = json.dumps({"input": item["input"]}) if isinstance(item.get("input"), str) else None
             call = {"id": item.get("call_id"), "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+                    "function": {"name": name, "arguments": arguments}}
             if merging:
                 at = "messages[%d]" % (first + len(messages) - 1)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": []})
             origins["%s.tool_calls[%d]" % (at, len(messages[-1]["tool_calls"]))] = (
-                param, {".function.arguments": ".arguments", ".function.name": ".name",
-                        ".id": ".call_id", ".function": ""})
+                param, {".function.arguments": ".arguments" if kind == "function_call" else ".input",
+                        ".function.name": ".name", ".id": ".call_id", ".function": ""})
             messages[-1]["tool_calls"].append(call)
             merging = True
-        elif kind == "function_call_output":
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             output = item.get("output")
             if isinstance(output, list):
                 output = responses_message_of({"content": output})["content"]
@@ -1790,21 +1959,99 @@ def chat_messages_from_items(items: List[Any], first: int = 0, where: str = "inp
     return messages, origins
 
 
-def chat_tools_from_responses(tools: Any) -> Any:
-    """Responses function tools (flat) -> chat tools (nested under `function`)."""
+def hosted_tools_of(tools: Any) -> List[str]:
+    """The types of the tools only OpenAI's servers run (web_search, file_search...): they are left
+    out of what the model sees, and the answer says so, rather than failing the request."""
     if not isinstance(tools, list):
-        return tools  # the chat checks name the error
-    out = []
+        return []
+    return [tool["type"] for tool in tools if isinstance(tool, dict) and isinstance(tool.get("type"), str)
+            and tool["type"] not in CLIENT_TOOL_TYPES]
+
+
+def namespaced_tools_of(tools: Any) -> Dict[str, Tuple[str, str]]:
+    """Flat name -> (namespace, name) of each function inside a `namespace` tool."""
+    found = {}
+    for tool in tools if isinstance(tools, list) else []:
+        if isinstance(tool, dict) and tool.get("type") == "namespace" and isinstance(tool.get("name"), str):
+            for inner in tool.get("tools") if isinstance(tool.get("tools"), list) else []:
+                if isinstance(inner, dict) and isinstance(inner.get("name"), str):
+                    found[tool["name"] + NAMESPACE_SEPARATOR + inner["name"]] = (tool["name"], inner["name"])
+    return found
+
+
+def custom_tools_of(tools: Any) -> Tuple[str, ...]:
+    """The names of the `custom` (free-form input) tools."""
+    return tuple(tool["name"] for tool in tools if isinstance(tool, dict) and tool.get("type") == "custom"
+                 and isinstance(tool.get("name"), str)) if isinstance(tools, list) else ()
+
+
+def chat_tool_of_custom(tool: Dict[str, Any]) -> Dict[str, Any]:
+    """A `custom` tool -> a function whose one string argument, `input`, is the free-form input;
+    a grammar the input must follow is stated in the description."""
+    description = tool.get("description") if isinstance(tool.get("description"), str) else ""
+    fmt = tool.get("format") if isinstance(tool.get("format"), dict) else {}
+    if fmt.get("type") == "grammar":
+        description += "\n\nThe `input` must follow this %s grammar:\n%s" % (fmt.get("syntax"), fmt.get("definition"))
+    return {"type": "function", "function": {
+        "name": tool.get("name"), "description": description.strip(),
+        "parameters": {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]}}}
+
+
+def chat_tool_of(tool: Dict[str, Any], name: Any) -> Dict[str, Any]:
+    """A flat Responses function tool -> a chat tool (nested under `function`)."""
+    function = {key: tool[key] for key in ("description", "parameters") if key in tool}
+    return {"type": "function", "function": dict(function, name=name) if "name" in tool else function}
+
+
+def chat_tools_from_responses(tools: Any) -> Tuple[Any, Dict[str, str]]:
+    """Responses tools -> (chat tools, chat tool param -> the Responses param it came from).
+
+    Functions inside a `namespace` become flat functions; hosted tools are left out."""
+    if not isinstance(tools, list):
+        return tools, {}  # the chat checks name the error
+    out, origins = [], {}
     for i, tool in enumerate(tools):
-        if isinstance(tool, dict) and tool.get("type") == "function" and "function" not in tool:
-            tool = {"type": "function", "function": {
-                key: tool[key] for key in ("name", "description", "parameters") if key in tool}}
-        elif not isinstance(tool, dict) or tool.get("type") != "function":
-            kind = tool.get("type") if isinstance(tool, dict) else None
-            raise invalid("tools[%d]" % i, "tools of type %r are not supported: %s"
-                          % (kind, BUILTIN_TOOL_HINT), "unsupported_tool")
-        out.append(tool)
-    return out
+        where = "tools[%d]" % i
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind == "namespace":
+            inner = tool.get("tools")
+            if not isinstance(tool.get("name"), str) or not isinstance(inner, list):
+                raise invalid(where, "a `namespace` tool needs a `name` and a `tools` array", "invalid_type")
+            for j, function in enumerate(inner):
+                if not isinstance(function, dict) or function.get("type") != "function":
+                    raise invalid("%s.tools[%d]" % (where, j), "only function tools are supported inside "
+                                  "a namespace", "unsupported_tool")
+                origins["tools[%d]" % len(out)] = "%s.tools[%d]" % (where, j)
+                out.append(chat_tool_of(function, tool["name"] + NAMESPACE_SEPARATOR + str(function.get("name"))))
+            continue
+        if kind == "custom":
+            origins["tools[%d]" % len(out)] = where
+            out.append(chat_tool_of_custom(tool))
+            continue
+        if isinstance(kind, str) and kind != "function":
+            continue  # a hosted tool: see hosted_tools_of
+        if kind != "function":
+            raise invalid(where, "tools of type %r are not supported: %s" % (kind, BUILTIN_TOOL_HINT),
+                          "unsupported_tool")
+        origins["tools[%d]" % len(out)] = where
+        out.append(tool if "function" in tool else chat_tool_of(tool, tool.get("name")))
+    return out, origins
+
+
+def offered_tools_of(tools: Any) -> List[Any]:
+    """The tools a response echoes: those the model was offered (hosted ones were left out), each
+    function with the fields the spec requires of it."""
+    if not isinstance(tools, list):
+        return []
+    return [dict({"strict": None, "parameters": None}, **tool) if tool.get("type") == "function" else tool
+            for tool in tools if isinstance(tool, dict) and tool.get("type") in CLIENT_TOOL_TYPES]
+
+
+def reasoning_requested(body: Dict[str, Any]) -> bool:
+    """The client asked for reasoning items (`reasoning.summary`, or their encrypted content)."""
+    reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
+    include = body.get("include") if isinstance(body.get("include"), list) else []
+    return reasoning.get("summary") is not None or REASONING_INCLUDE in include
 
 
 def chat_tool_choice_from_responses(choice: Any) -> Any:
@@ -1862,7 +2109,11 @@ def responses_translation(body: Any, previous_messages: List[Dict[str, Any]]
     conversation = list(previous_messages) + new
     chat = {key: body[key] for key in RESPONSES_SHARED_PARAMS if key in body}
     chat["messages"] = head + conversation
-    for name, value in (("tools", chat_tools_from_responses(body.get("tools"))),
+    tools, tool_origins = chat_tools_from_responses(body.get("tools"))
+    origins.update({chat_param: (param, {".function": ""}) for chat_param, param in tool_origins.items()})
+    if reasoning_requested(body) and "include_reasoning" not in chat:
+        chat["include_reasoning"] = True  # thinking, when the model gives it, becomes the reasoning item
+    for name, value in (("tools", tools),
                         ("tool_choice", chat_tool_choice_from_responses(body.get("tool_choice"))),
                         ("max_completion_tokens", body.get("max_output_tokens")),
                         ("response_format", chat_response_format_from_responses(body.get("text")))):
@@ -1892,7 +2143,7 @@ def responses_error(error: ApiError, origins: Origins) -> ApiError:
     if param in RESPONSES_PARAM_NAMES:
         old, new = param, RESPONSES_PARAM_NAMES[param]
     elif tool:
-        old, new = tool.group(0), tool.group(1)
+        old, new = tool.group(0), origins.get(tool.group(1), (tool.group(1), {}))[0]
     else:
         for prefix in sorted(origins, key=len, reverse=True):
             if param == prefix or param.startswith(prefix + ".") or param.startswith(prefix + "["):
@@ -1929,6 +2180,22 @@ def responses_output_messages(output: List[Dict[str, Any]]) -> List[Dict[str, An
     return chat_messages_from_items(output, where="output")[0]
 
 
+def custom_input_of(arguments: str) -> str:
+    """A custom tool call's free-form input, from the arguments of the function that stands for it."""
+    try:
+        value = json.loads(arguments or "{}")
+    except ValueError:
+        return arguments
+    return value["input"] if isinstance(value, dict) and isinstance(value.get("input"), str) else arguments
+
+
+def response_error_code(error: ApiError) -> str:
+    """An ApiError -> the `error.code` a failed response may carry (the spec allows a fixed list)."""
+    if error.code in RESPONSE_ERROR_CODES:
+        return error.code
+    return "rate_limit_exceeded" if error.status == 429 else "server_error"
+
+
 def responses_usage(usage: Dict[str, Any]) -> Dict[str, Any]:
     """Chat usage -> Responses usage (cache writes are counted in the input, not apart, for now)."""
     details = usage.get("prompt_tokens_details") or {}
@@ -1961,6 +2228,11 @@ class ResponsesRenderer:
         self.started = False
         self.response = None    # type: Optional[Dict[str, Any]]
         self.settings = self._settings_of(body)
+        self.namespaced = namespaced_tools_of(body.get("tools"))
+        self.custom = custom_tools_of(body.get("tools"))
+        self.custom_arguments = {}  # custom_tool_call item id -> the function arguments so far
+        # Codex waits for a reasoning item when it asked for one: an empty one if no thinking came.
+        self.reasoning_due = reasoning_requested(body)
 
     # -- the interface the HTTP layer uses (same as ChatRenderer) ---------------------------------
 
@@ -1979,6 +2251,11 @@ class ResponsesRenderer:
             out += [self._event("response.created", response=self._snapshot("in_progress")),
                     self._event("response.in_progress", response=self._snapshot("in_progress"))]
         kind = event[0]
+        if kind == "reasoning":
+            self.reasoning_due = False
+        elif self.reasoning_due:
+            self.reasoning_due = False
+            out += self._close() + self._empty_reasoning()
         if kind in ("text", "reasoning"):
             item_type = "message" if kind == "text" else "reasoning"
             if self.open is None or self.open["type"] != item_type:
@@ -1992,8 +2269,16 @@ class ResponsesRenderer:
             out += self._close()
             item = {"id": "fc_" + uuid.uuid4().hex, "type": "function_call", "status": "in_progress",
                     "call_id": event[2], "name": event[3], "arguments": ""}
+            if event[3] in self.namespaced:
+                item["namespace"], item["name"] = self.namespaced[event[3]]
+            if event[3] in self.custom:
+                item = {"id": "ctc_" + uuid.uuid4().hex, "type": "custom_tool_call", "status": "in_progress",
+                        "call_id": event[2], "name": event[3], "input": ""}
+                self.custom_arguments[item["id"]] = ""
             self.calls[event[1]] = item
             out += self._open(item)
+        elif kind == "tool_args" and event[1] in self.calls and self.calls[event[1]]["type"] == "custom_tool_call":
+            self.custom_arguments[self.calls[event[1]]["id"]] += event[2]  # its input is known when whole
         elif kind == "tool_args" and event[1] in self.calls:
             item = self.calls[event[1]]
             item["arguments"] += event[2]
@@ -2013,7 +2298,7 @@ class ResponsesRenderer:
 
     def stream_error(self, error: ApiError) -> List[Tuple[Optional[str], Any]]:
         self.response = self._snapshot("failed", error={
-            "code": error.code or "server_error", "message": error.message})
+            "code": response_error_code(error), "message": error.message})
         return [self._event("response.failed", response=self.response)]
 
     def stream_end(self) -> List[Tuple[Optional[str], Any]]:
@@ -2037,6 +2322,17 @@ class ResponsesRenderer:
                                    **self._where(item)))
         return out
 
+    def _empty_reasoning(self) -> List[Tuple[Optional[str], Any]]:
+        """A reasoning item with an empty summary, for a client that asked for one and got no thinking."""
+        item = {"id": "rs_" + uuid.uuid4().hex, "type": "reasoning", "status": "in_progress",
+                "summary": [], "content": []}
+        out = self._open(item)
+        self.open = None
+        item["status"] = "completed"
+        out.append(self._event("response.output_item.done", output_index=self.indexes[item["id"]],
+                               item=json.loads(json.dumps(item))))
+        return out
+
     def _open(self, item: Dict[str, Any]) -> List[Tuple[Optional[str], Any]]:
         self.indexes[item["id"]] = len(self.output)
         self.output.append(item)
@@ -2051,8 +2347,12 @@ class ResponsesRenderer:
         out = []
         where = self._where(item)
         if item["type"] == "function_call":
-            out.append(self._event("response.function_call_arguments.done",
+            out.append(self._event("response.function_call_arguments.done", name=item["name"],
                                    arguments=item["arguments"], **where))
+        elif item["type"] == "custom_tool_call":
+            item["input"] = custom_input_of(self.custom_arguments[item["id"]])
+            out += [self._event("response.custom_tool_call_input.delta", delta=item["input"], **where),
+                    self._event("response.custom_tool_call_input.done", input=item["input"], **where)]
         else:
             part = item["content"][0]
             extra = {"logprobs": []} if part["type"] == "output_text" else {}
@@ -2069,10 +2369,10 @@ class ResponsesRenderer:
     def _where(self, item: Dict[str, Any]) -> Dict[str, Any]:
         return {"item_id": item["id"], "output_index": self.indexes[item["id"]]}
 
-    def _event(self, name: str, **fields: Any) -> Tuple[str, Dict[str, Any]]:
-        payload = dict({"type": name, "sequence_number": self.sequence}, **fields)
+    def _event(self, event_type: str, **fields: Any) -> Tuple[str, Dict[str, Any]]:
+        payload = dict({"type": event_type, "sequence_number": self.sequence}, **fields)
         self.sequence += 1
-        return name, payload
+        return event_type, payload
 
     # -- the response object ---------------------------------------------------------------------
 
@@ -2084,7 +2384,9 @@ class ResponsesRenderer:
                        for part in item["content"] if part["type"] == "output_text")
         response = {"id": self.response_id, "object": "response", "created_at": self.created_at,
                     "status": status, "error": error, "incomplete_details": incomplete_details,
-                    "model": self.model, "output": output, "output_text": text, "usage": usage}
+                    "model": self.model, "output": output, "output_text": text}
+        if usage is not None:  # the spec's `usage` is an object, never null: absent until known
+            response["usage"] = usage
         response.update(self.settings)
         return response
 
@@ -2097,13 +2399,16 @@ class ResponsesRenderer:
             "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
             "parallel_tool_calls": self.call.parallel_tool_calls,
             "previous_response_id": body.get("previous_response_id"),
-            "reasoning": {"effort": reasoning.get("effort"), "summary": None},
+            "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")
+                          if reasoning.get("summary") in REASONING_SUMMARIES else None},
             "store": body.get("store") is not False,
             "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
             "text": dict(text_config, format=text_config.get("format") or {"type": "text"}),
-            "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
-            "truncation": "disabled", "user": body.get("user"), "metadata": body.get("metadata") or {},
+            "tool_choice": body.get("tool_choice") or "auto", "tools": offered_tools_of(body.get("tools")),
+            "truncation": "disabled", "metadata": body.get("metadata") or {},
         }
+        if isinstance(body.get("user"), str):  # an optional string in the spec: absent, not null
+            settings["user"] = body["user"]
         return json.loads(json.dumps(settings, ensure_ascii=False).encode("utf-8", "replace"))
 
 
@@ -2117,20 +2422,22 @@ class ResponseStore:
                  max_bytes: int = RESPONSE_STORE_BYTES, clock: Callable[[], float] = time.monotonic):
         self.max_items, self.ttl, self.max_bytes, self.clock = max_items, ttl, max_bytes, clock
         self.lock = threading.Lock()
-        self.entries = collections.OrderedDict()  # id -> (response, messages, size, expiry)
+        self.entries = collections.OrderedDict()  # id -> (response, messages, size, expiry, inputs)
         self.size = 0
 
-    def put(self, response: Dict[str, Any], messages: List[Dict[str, Any]]) -> bool:
-        """Keep a response; False when it alone is over the byte bound (it is then not kept)."""
+    def put(self, response: Dict[str, Any], messages: List[Dict[str, Any]],
+            inputs: Optional[List[Dict[str, Any]]] = None) -> bool:
+        """Keep a response (and its input items); False when it alone is over the byte bound."""
+        inputs = inputs or []
         try:
-            size = len(json.dumps(response)) + len(json.dumps(messages))
+            size = len(json.dumps(response)) + len(json.dumps(messages)) + len(json.dumps(inputs))
         except (ValueError, RecursionError):
             return False
         with self.lock:
             self._drop(response["id"])
             if size > self.max_bytes or self.max_items <= 0:
                 return False
-            self.entries[response["id"]] = (response, messages, size, self.clock() + self.ttl)
+            self.entries[response["id"]] = (response, messages, size, self.clock() + self.ttl, inputs)
             self.size += size
             while len(self.entries) > self.max_items or self.size > self.max_bytes:
                 self._drop(next(iter(self.entries)))
@@ -2142,6 +2449,28 @@ class ResponseStore:
             self._expire()
             entry = self.entries.get(response_id)
             return (entry[0], entry[1]) if entry else None
+
+    def entry(self, response_id: str) -> Optional[Tuple[Dict[str, Any], List[Dict[str, Any]],
+                                                       List[Dict[str, Any]]]]:
+        """(response, conversation messages, input items), or None."""
+        with self.lock:
+            self._expire()
+            entry = self.entries.get(response_id)
+            return (entry[0], entry[1], entry[4]) if entry else None
+
+    def item(self, item_id: str) -> Optional[Dict[str, Any]]:
+        """A stored output or input item by its id (what an `item_reference` names), or None."""
+        with self.lock:
+            self._expire()
+            for entry in reversed(self.entries.values()):
+                for item in entry[0].get("output", []) + entry[4]:
+                    if item.get("id") == item_id:
+                        return item
+            return None
+
+    def delete(self, response_id: str) -> None:
+        with self.lock:
+            self._drop(response_id)
 
     def _expire(self) -> None:
         now = self.clock()
@@ -2174,6 +2503,76 @@ def previous_messages_for(body: Any, store: ResponseStore) -> List[Dict[str, Any
                        % (previous, store.ttl, store.max_items), "invalid_request_error",
                        "previous_response_not_found", "previous_response_id")
     return found[1]
+
+
+def items_with_references_resolved(items: List[Any], lookup: Callable[[str], Optional[Dict[str, Any]]]
+                                   ) -> List[Any]:
+    """Responses input with each `item_reference` replaced by the stored item it names (the Vercel
+    AI SDK sends its earlier output back this way); an unknown id is a 404 naming the item."""
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and item.get("type") == "item_reference":
+            param = "input[%d].id" % i
+            item_id = item.get("id")
+            if not isinstance(item_id, str) or not item_id:
+                raise invalid(param, "`%s` must be a non-empty string" % param, "invalid_type")
+            item = lookup(item_id)
+            if item is None:
+                raise ApiError(404, "Item with id '%s' not found (items are kept with their response, "
+                               "in memory, while it can be continued; `store: false` ones not at all)"
+                               % item_id, "invalid_request_error", "item_not_found", param)
+        out.append(item)
+    return out
+
+
+ITEM_ID_PREFIXES = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_",
+                    "custom_tool_call": "ctc_", "custom_tool_call_output": "ctco_", "reasoning": "rs_"}
+
+
+def input_item_resources(items: Any) -> List[Dict[str, Any]]:
+    """A request's (validated) input as `GET /v1/responses/{id}/input_items` lists it: each item
+    typed, with an id and its content as parts."""
+    if isinstance(items, str):
+        items = [{"type": "message", "role": "user", "content": items}]
+    out = []
+    for item in items:
+        kind = item.get("type", "message")
+        resource = dict(item, type=kind)
+        resource.setdefault("id", ITEM_ID_PREFIXES.get(kind, "item_") + uuid.uuid4().hex)
+        if kind == "message":
+            assistant = item.get("role") == "assistant"
+            content = item.get("content")
+            if isinstance(content, str):
+                content = [{"type": "output_text" if assistant else "input_text", "text": content}]
+            if assistant:
+                content = [dict({"annotations": [], "logprobs": []}, **part) if part.get("type") == "output_text"
+                           else part for part in content]
+            resource["content"] = content
+        if kind in ("message", "function_call", "function_call_output", "custom_tool_call",
+                    "custom_tool_call_output"):
+            resource.setdefault("status", "completed")
+        out.append(resource)
+    return out
+
+
+def input_items_page(items: List[Dict[str, Any]], query: Dict[str, str]) -> Dict[str, Any]:
+    """One page of a stored response's input items, as OpenAI lists them (newest first by default)."""
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise invalid("order", "`order` must be asc or desc")
+    limit = query.get("limit", "20")
+    if not re.match(r"^[0-9]{1,3}$", limit) or not 1 <= int(limit) <= 100:
+        raise invalid("limit", "`limit` must be an integer from 1 to 100")
+    ordered = list(items) if order == "asc" else list(reversed(items))
+    after = query.get("after")
+    if after is not None:
+        ids = [item["id"] for item in ordered]
+        if after not in ids:
+            raise invalid("after", "`after` names no input item of this response: %r" % after)
+        ordered = ordered[ids.index(after) + 1:]
+    page = ordered[:int(limit)]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(ordered) > len(page)}
 
 
 # ================================================================================================
@@ -2548,6 +2947,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.reused_process = False
         self.log_prompt = None
         self.endpoint = "other"  # the matched route, for /metrics
+        self.dropped_tools = ""  # hosted tools left out of a Responses request, named in header and log
         server = self.server
         with server.inflight_lock:
             server.inflight += 1
@@ -2588,6 +2988,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             ("/v1/chat/completions", ("POST",), self._chat_completions),
             ("/v1/responses", ("POST",), self._responses),
             ("/metrics", ("GET",), self._metrics),
+            ("/v1/completions", ("POST",), self._completions),
         ]
         self.endpoint = endpoint_label(path, [route for route, _, _ in routes])
         self._guard(method, path)
@@ -2595,24 +2996,44 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return self._preflight()
         for route, methods, action in routes:
             if path == route:
-                if method not in methods:
-                    raise ApiError(405, "method %s not allowed on %s" % (method, path),
-                                   "invalid_request_error", "method_not_allowed",
-                                   headers={"Allow": ", ".join(methods)})
+                self._check_method(method, path, methods)
                 return action()
         if path.startswith("/v1/models/"):
-            if method != "GET":
-                raise ApiError(405, "method %s not allowed on %s" % (method, path),
-                               "invalid_request_error", "method_not_allowed", headers={"Allow": "GET"})
+            self._check_method(method, path, ("GET",))
             name = path[len("/v1/models/"):]
             requested, _ = resolve_model(name, self.server.config.default_model)
             return self._send_json(200, model_object(requested))
         if path.startswith("/v1/responses/"):
-            if method != "GET":
-                raise ApiError(405, "method %s not allowed on %s" % (method, path),
-                               "invalid_request_error", "method_not_allowed", headers={"Allow": "GET"})
-            return self._stored_response(path[len("/v1/responses/"):])
+            return self._stored_response_route(method, path)
         raise ApiError(404, "no route for %s %s" % (method, path), "invalid_request_error", "not_found")
+
+    def _check_method(self, method: str, path: str, methods: Tuple[str, ...]) -> None:
+        """405 for a method the route lacks; HEAD is answered wherever GET is (headers only)."""
+        if method in methods or (method == "HEAD" and "GET" in methods):
+            return
+        allow = list(methods) + (["HEAD"] if "GET" in methods and "HEAD" not in methods else [])
+        raise ApiError(405, "method %s not allowed on %s" % (method, path), "invalid_request_error",
+                       "method_not_allowed", headers={"Allow": ", ".join(allow)})
+
+    def _stored_response_route(self, method: str, path: str) -> None:
+        """/v1/responses/{id}, its /input_items and /cancel: what the response store can answer."""
+        response_id, _, action = path[len("/v1/responses/"):].partition("/")
+        if action == "input_items":
+            self._check_method(method, path, ("GET",))
+            return self._send_json(200, input_items_page(self._stored(response_id)[2], self._query()))
+        if action == "cancel":
+            self._check_method(method, path, ("POST",))
+            self._stored(response_id)
+            raise invalid(None, "Only responses created with `background: true` can be cancelled; response "
+                          "'%s' was answered synchronously" % response_id, "response_not_cancellable")
+        if action:
+            raise ApiError(404, "no route for %s %s" % (method, path), "invalid_request_error", "not_found")
+        self._check_method(method, path, ("GET", "DELETE"))
+        if method == "DELETE":
+            self._stored(response_id)
+            self.server.responses.delete(response_id)
+            return self._send_json(200, {"id": response_id, "object": "response", "deleted": True})
+        self._send_json(200, self._stored(response_id)[0])
 
     # -- guards ---------------------------------------------------------------------------------
 
@@ -2657,6 +3078,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _common_headers(self) -> None:
         self.send_header("x-request-id", self.request_id)
+        if getattr(self, "dropped_tools", ""):
+            self.send_header("x-claude-max-proxy-dropped-tools", self.dropped_tools)
         origin = self.headers.get("Origin")
         if origin and origin in self.server.config.allowed_origins:
             self.send_header("Access-Control-Allow-Origin", origin)
@@ -2806,6 +3229,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         call = cli_call_for(self._read_request(), self.server.config)
         self._serve_call(call, ChatRenderer(call))
 
+    def _completions(self) -> None:
+        call = completion_call_for(self._read_request(), self.server.config)
+        self._serve_call(call, CompletionRenderer(call))
+
     def _read_request(self) -> Any:
         body = self._read_json()
         if self.server.config.allow_image_fetch:
@@ -2815,19 +3242,27 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _responses(self) -> None:
         body = self._read_request()
         store = self.server.responses
+        if isinstance(body, dict) and isinstance(body.get("input"), list):
+            body = dict(body, input=items_with_references_resolved(body["input"], store.item))
         call, conversation = responses_call_for(body, previous_messages_for(body, store), self.server.config)
+        self.dropped_tools = ",".join(hosted_tools_of(body.get("tools")))
+        inputs = input_item_resources(body["input"])
 
         def keep(response: Dict[str, Any]) -> None:
-            store.put(response, conversation + responses_output_messages(response["output"]))
+            store.put(response, conversation + responses_output_messages(response["output"]), inputs)
 
         self._serve_call(call, ResponsesRenderer(call, body, None if body.get("store") is False else keep))
 
-    def _stored_response(self, response_id: str) -> None:
-        found = self.server.responses.get(response_id)
+    def _stored(self, response_id: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]], List[Dict[str, Any]]]:
+        found = self.server.responses.entry(response_id)
         if found is None:
             raise ApiError(404, "Response with id '%s' not found" % response_id, "invalid_request_error",
                            "not_found")
-        self._send_json(200, found[0])
+        return found
+
+    def _query(self) -> Dict[str, str]:
+        query = self.path.partition("?")[2]
+        return {key: values[-1] for key, values in urllib.parse.parse_qs(query).items()}
 
     def _serve_call(self, call: CliCall, renderer: Any) -> List[TurnEvent]:
         """Run one CLI turn for a call and answer with the renderer's shapes; returns its events."""
@@ -2983,6 +3418,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             time.strftime("%Y-%m-%dT%H:%M:%S"), self.request_id, method,
             self.path.split("?", 1)[0][:200], self.status, self.log_model, elapsed, ttft,
             self.sent_bytes, " reused=1" if self.reused_process else "")
+            + (" dropped_tools=%s" % self.dropped_tools if getattr(self, "dropped_tools", "") else "")
             + (" prompt=%s" % self.log_prompt if self.log_prompt else "") + "\n")
 
 

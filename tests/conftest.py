@@ -23,6 +23,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 import fake_upstream  # noqa: E402
+import openapi_check  # noqa: E402
 from procs import tagged_processes  # noqa: E402
 import real_cli  # noqa: E402
 
@@ -153,9 +154,44 @@ def http_request(port, method, path, body=None, headers=None, timeout=60):
         hdrs.update(headers or {})
         conn.request(method, path, body=data, headers=hdrs)
         response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        answer = response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:
         conn.close()
+    spec_checked(method, path, *answer)
+    return answer
+
+
+SPEC_CHECKS = {"answers": 0, "failures": []}
+
+
+def spec_checked(method, path, status, headers, raw):
+    """Every answer a test reads must conform to the official OpenAI OpenAPI document."""
+    failures = openapi_check.failures_for(method, path, status, headers, raw)
+    SPEC_CHECKS["answers"] += 1
+    SPEC_CHECKS["failures"] += failures
+    assert not failures, "the answer departs from the OpenAI spec:\n" + "\n".join(failures[:10])
+
+
+def spec_checked_http_client():
+    """An HTTP client for the openai SDK that checks every answer like http_request does."""
+    import openai
+
+    def check(response):
+        response.read()
+        spec_checked(response.request.method, response.request.url.raw_path.decode("ascii"),
+                     response.status_code, {k.lower(): v for k, v in response.headers.items()},
+                     response.content)
+    return openai.DefaultHttpxClient(event_hooks={"response": [check]})
+
+
+def pytest_terminal_summary(terminalreporter):
+    if openapi_check.spec() is None:
+        terminalreporter.write_line("openapi: answers NOT checked (install %s, pyyaml and jsonschema)"
+                                    % openapi_check.SPEC_PACKAGE)
+    elif SPEC_CHECKS["answers"]:
+        terminalreporter.write_line("openapi: %d answers checked against the OpenAI spec (%s), %d failures"
+                                    % (SPEC_CHECKS["answers"], openapi_check.SPEC_PACKAGE,
+                                       len(SPEC_CHECKS["failures"])))
 
 
 def sse_payloads(raw):

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from conftest import marker, only_request, sse_payloads, upstream_texts
+from conftest import marker, only_request, spec_checked_http_client, sse_payloads, upstream_texts
 
 TEXT = "Hello from the fake upstream."
 
@@ -376,7 +376,8 @@ def test_client_disconnect_ends_the_cli(start_proxy, real_claude, e2e_env, upstr
 
 def test_openai_python_client_accepts_streamed_and_plain_answers(e2e_proxy):
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0,
+                           http_client=spec_checked_http_client())
     plain = client.chat.completions.create(model="claude-opus-4",
                                            messages=[{"role": "user", "content": "Say hi " + marker()}])
     assert plain.choices[0].message.content == TEXT
@@ -431,6 +432,30 @@ def test_tool_call_comes_back_with_the_clients_name_and_exact_arguments(e2e_prox
     assert offered and offered[0]["description"] == WEATHER["function"]["description"]
     assert offered[0]["input_schema"] == WEATHER["function"]["parameters"]
     assert not [t for t in sent["tools"] if t["name"] in ("Read", "Bash", "Write", "Edit")]
+
+
+def test_legacy_functions_get_function_call_answers_and_their_result_reaches_the_model(e2e_proxy, upstream):
+    mark, args = marker(), {"city": "Oslo"}
+    asked = [{"role": "user", "content": tool_prompt(mark, args)}]
+    status, _, raw = chat(e2e_proxy, asked, functions=[WEATHER["function"]])
+    assert status == 200, raw
+    choice = json.loads(raw)["choices"][0]
+    assert choice["finish_reason"] == "function_call" and "tool_calls" not in choice["message"]
+    call = choice["message"]["function_call"]
+    assert call["name"] == "get_weather" and json.loads(call["arguments"]) == args
+    status, _, raw = chat(e2e_proxy, [{"role": "user", "content": tool_prompt(marker(), args)}],
+                          functions=[WEATHER["function"]], stream=True)
+    chunks = streamed(raw)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert [d["function_call"]["name"] for d in deltas if "name" in d.get("function_call", {})] == ["get_weather"]
+    assert json.loads("".join(d["function_call"]["arguments"] for d in deltas if "function_call" in d)) == args
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "function_call"
+    assert not any("tool_calls" in d for d in deltas)
+    answer = asked + [{"role": "assistant", "content": None, "function_call": call},
+                      {"role": "function", "name": "get_weather", "content": "rain"}]
+    status, _, raw = chat(e2e_proxy, answer, functions=[WEATHER["function"]])
+    assert status == 200, raw
+    assert json.loads(raw)["choices"][0]["message"]["content"] == "tool said: rain"
 
 
 def test_streamed_tool_call_deltas_concatenate_to_the_arguments(e2e_proxy):
@@ -628,7 +653,8 @@ def test_reasoning_is_exposed_only_when_asked_and_effort_reaches_upstream(e2e_pr
 
 def test_openai_client_runs_a_complete_tool_loop(e2e_proxy):
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0,
+                           http_client=spec_checked_http_client())
     messages = [{"role": "user", "content": tool_prompt(marker(), {"city": "Lisbon"})}]
     first = client.chat.completions.create(model="claude-sonnet-4", messages=messages, tools=[WEATHER])
     assert first.choices[0].finish_reason == "tool_calls"
@@ -781,3 +807,43 @@ def test_health_counts_processes_by_state(start_proxy, real_claude, e2e_env):
     after = health(proxy)["processes"]
     assert after["busy"] == 0 and after["warm"] == 1 and after["parked"] == 1
     assert (after["hits"], after["misses"]) == (1, 1)
+
+
+# ---- /v1/completions ---------------------------------------------------------------------------
+
+def test_a_completion_continues_the_prompt_under_the_completion_system_prompt(e2e_proxy, upstream):
+    mark = marker()
+    prompt = "system: Be brief.\nuser: hi %s\nassistant: " % mark  # LlamaIndex OpenAILike's chat
+    status, _, raw = e2e_proxy.request("POST", "/v1/completions", {"model": "claude-sonnet-4", "prompt": prompt,
+                                                                   "stream": False, "temperature": 0.1})
+    assert status == 200, raw
+    body = json.loads(raw)
+    assert body["object"] == "text_completion" and body["choices"][0]["text"] == TEXT
+    assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] > 0
+    sent = only_request(upstream, mark)
+    assert upstream_texts(sent) == [("user", prompt)]
+    assert "text completion engine" in "\n".join(b["text"] for b in sent["system"])
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0,
+                           http_client=spec_checked_http_client())
+    assert client.completions.create(model="claude-sonnet-4", prompt="hi " + marker()).choices[0].text == TEXT
+    chunks = list(client.completions.create(model="claude-sonnet-4", prompt="hi " + marker(), stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == TEXT
+
+
+def test_a_continue_style_streamed_completion_fills_the_middle(e2e_proxy, upstream):
+    mark = marker()
+    status, headers, raw = e2e_proxy.request("POST", "/v1/completions", {
+        "model": "claude-sonnet-4", "prompt": "def add(a, b):  # %s\n    " % mark, "suffix": "\nprint(add(1, 2))",
+        "max_tokens": 200, "temperature": 0.01, "stop": ["\n\n\n"], "stream": True})
+    assert status == 200, raw
+    assert headers["content-type"].startswith("text/event-stream")
+    payloads = sse_payloads(raw)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert {c["object"] for c in chunks} == {"text_completion"}
+    assert "".join(c["choices"][0]["text"] for c in chunks) == TEXT and len(chunks) >= 3
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "stop"
+    sent = only_request(upstream, mark)
+    assert upstream_texts(sent)[-1][1].startswith("<prefix>def add(a, b):") and sent["max_tokens"] == 200
+    assert "fill-in-the-middle" in "\n".join(b["text"] for b in sent["system"])

@@ -5,12 +5,13 @@ store, and end to end with the real `openai` client, the real CLI and tests/fake
 import json
 import os
 import re
+import subprocess
 import uuid
 
 import pytest
 
 import claude_max_proxy as cmp
-from conftest import marker, only_request, sse_payloads, upstream_texts
+from conftest import marker, only_request, spec_checked_http_client, sse_payloads, upstream_texts
 
 TEXT = "Hello from the fake upstream."
 PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
@@ -89,7 +90,18 @@ def test_function_calls_merge_into_one_assistant_message_and_outputs_become_tool
      {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
     ({"tool_choice": "none"}, {"tool_choice": "none"}),
     ({"max_output_tokens": 99}, {"max_completion_tokens": 99}),
-    ({"reasoning": {"effort": "high", "summary": "auto"}}, {"reasoning_effort": "high"}),
+    ({"reasoning": {"effort": "high", "summary": "auto"}}, {"reasoning_effort": "high", "include_reasoning": True}),
+    ({"reasoning": {"effort": "low"}}, {"reasoning_effort": "low"}),
+    ({"reasoning": {"summary": "auto"}, "include_reasoning": False}, {"include_reasoning": False}),
+    ({"tools": [{"type": "web_search"}, WEATHER, {"type": "file_search", "vector_store_ids": ["v"]}]},
+     {"tools": [{"type": "function", "function": {
+         "name": "get_weather", "description": WEATHER["description"], "parameters": WEATHER["parameters"]}}]}),
+    ({"tools": [{"type": "namespace", "name": "agents", "description": "Sub-agents", "tools": [
+        {"type": "function", "name": "spawn", "parameters": {"type": "object"}}, dict(WEATHER, strict=False)]}]},
+     {"tools": [{"type": "function", "function": {"name": "agents__spawn", "parameters": {"type": "object"}}},
+                {"type": "function", "function": {"name": "agents__get_weather", "description": WEATHER["description"],
+                                                  "parameters": WEATHER["parameters"]}}]}),
+    ({"prompt_cache_key": "k", "client_metadata": {"a": "b"}}, {}),
     ({"text": {"format": {"type": "json_schema", "name": "place", "strict": True,
                           "schema": {"type": "object"}}}},
      {"response_format": {"type": "json_schema", "json_schema": {"name": "place", "strict": True,
@@ -100,7 +112,8 @@ def test_function_calls_merge_into_one_assistant_message_and_outputs_become_tool
       "parallel_tool_calls": False},
      {"stream": True, "temperature": 0.5, "top_p": 1, "store": False, "metadata": {"a": "b"}, "user": "u",
       "parallel_tool_calls": False}),
-    ({"stop": ["x"], "n": 2, "include": ["reasoning.encrypted_content"], "truncation": "auto"}, {}),
+    ({"stop": ["x"], "n": 2, "include": ["reasoning.encrypted_content"], "truncation": "auto"},
+     {"include_reasoning": True}),
 ])
 def test_parameters_map_to_their_chat_equivalents(responses, chat):
     body = dict(responses, input="hi")
@@ -166,10 +179,15 @@ def test_the_cli_call_is_the_one_the_chat_body_gets():
     ({"input": "x", "instructions": 5}, 400, "instructions", "invalid_type"),
     ({"input": "x", "instructions": "\ud800"}, 400, "instructions", "invalid_value"),
     ({"input": "x", "model": "gpt-4o"}, 404, "model", "model_not_found"),
-    ({"input": "x", "tools": [{"type": "web_search"}]}, 400, "tools[0]", "unsupported_tool"),
-    ({"input": "x", "tools": [WEATHER, {"type": "file_search", "vector_store_ids": ["v"]}]}, 400, "tools[1]",
-     "unsupported_tool"),
-    ({"input": "x", "tools": [{"type": "computer_use_preview"}]}, 400, "tools[0]", "unsupported_tool"),
+    ({"input": "x", "tools": [5]}, 400, "tools[0]", "unsupported_tool"),
+    ({"input": "x", "tools": [{"name": "f"}]}, 400, "tools[0]", "unsupported_tool"),
+    ({"input": "x", "tools": [{"type": "web_search"}, dict(WEATHER, name="bad name")]}, 400, "tools[1].name",
+     "invalid_value"),
+    ({"input": "x", "tools": [{"type": "namespace", "name": "ns", "tools": [WEATHER, dict(WEATHER, name="w2", parameters=5)]}]},
+     400, "tools[0].tools[1].parameters", "invalid_type"),
+    ({"input": "x", "tools": [{"type": "namespace", "name": "ns", "tools": [{"type": "custom", "name": "c"}]}]},
+     400, "tools[0].tools[0]", "unsupported_tool"),
+    ({"input": "x", "tools": [{"type": "namespace", "name": "ns"}]}, 400, "tools[0]", "invalid_type"),
     ({"input": "x", "tools": [dict(WEATHER, name="bad name")]}, 400, "tools[0].name", "invalid_value"),
     ({"input": "x", "tools": [dict(WEATHER, parameters=[])]}, 400, "tools[0].parameters", "invalid_type"),
     ({"input": "x", "tool_choice": {"type": "web_search_preview"}}, 400, "tool_choice", "unsupported_tool"),
@@ -321,7 +339,10 @@ def test_an_error_mid_stream_ends_it_with_response_failed():
     payload = failed[0][1]
     assert payload["sequence_number"] == len(out)
     assert payload["response"]["status"] == "failed"
-    assert payload["response"]["error"] == {"code": "cli_failed", "message": "the Claude CLI exited"}
+    # The spec allows a fixed list of codes: anything else is a server_error (429 a rate limit).
+    assert payload["response"]["error"] == {"code": "server_error", "message": "the Claude CLI exited"}
+    limited = renderer().stream_error(cmp.ApiError(429, "slow down", "rate_limit_error", "usage_limit"))
+    assert limited[0][1]["response"]["error"]["code"] == "rate_limit_exceeded"
     assert payload["response"]["output"][0]["content"][0]["text"] == "partial"
     assert "error" not in payload  # a top-level `error` key makes the SDK raise instead of yield
 
@@ -336,6 +357,80 @@ def test_reasoning_becomes_a_reasoning_item_before_the_message():
     assert render.response["output_text"] == "Done."
 
 
+CODEX_REASONING = {"input": "hi", "reasoning": {"effort": "medium", "summary": "auto"},
+                   "include": ["reasoning.encrypted_content"], "store": False}
+
+
+@pytest.mark.parametrize("events,reasoning_texts", [
+    ([("text", "Done."), ("finish", "stop", USAGE)], []),
+    ([("tool_call", 0, "toolu_1", "get_weather"), ("tool_args", 0, "{}"), ("finish", "tool_calls", USAGE)], []),
+    ([("finish", "stop", USAGE)], []),
+    ([("reasoning", "Hmm."), ("text", "Done."), ("finish", "stop", USAGE)], [{"type": "reasoning_text", "text": "Hmm."}]),
+])
+def test_a_client_that_asks_for_reasoning_always_gets_a_reasoning_item_first(events, reasoning_texts):
+    body = dict(CODEX_REASONING, tools=[WEATHER])
+    render, out = streamed(events, body)
+    output = render.response["output"]
+    assert output[0]["type"] == "reasoning" and output[0]["summary"] == [] and output[0]["status"] == "completed"
+    assert output[0]["content"] == reasoning_texts and [i["type"] for i in output].count("reasoning") == 1
+    names = [name for name, _ in out]
+    assert names[2] == "response.output_item.added" and names.count("response.output_item.done") == len(output)
+    assert render.response["reasoning"] == {"effort": "medium", "summary": "auto"}
+    unasked = streamed(events, dict(body, include=[], reasoning={}))[0].response["output"]
+    assert ("reasoning" in [i["type"] for i in unasked]) == bool(reasoning_texts)
+
+
+def test_namespaced_functions_are_called_by_namespace_and_name_and_replay_flat():
+    spawn = {"type": "function", "name": "spawn_agent", "parameters": {"type": "object"}}
+    body = {"input": "hi", "tools": [{"type": "namespace", "name": "multi_agent_v1", "description": "d",
+                                      "tools": [spawn]}, {"type": "web_search"}, WEATHER]}
+    render, out = streamed([("tool_call", 0, "toolu_1", "multi_agent_v1__spawn_agent"), ("tool_args", 0, "{}"),
+                            ("tool_call", 1, "toolu_2", "get_weather"), ("tool_args", 1, "{}"),
+                            ("finish", "tool_calls", USAGE)], body)
+    calls = render.response["output"]
+    assert (calls[0]["namespace"], calls[0]["name"]) == ("multi_agent_v1", "spawn_agent")
+    assert "namespace" not in calls[1] and calls[1]["name"] == "get_weather"
+    [done] = [p for name, p in out if name == "response.function_call_arguments.done" and p["item_id"] == calls[0]["id"]]
+    assert done["name"] == "spawn_agent"
+    replay = cmp.responses_output_messages(calls)
+    assert [c["function"]["name"] for c in replay[0]["tool_calls"]] == ["multi_agent_v1__spawn_agent", "get_weather"]
+    call, _ = call_for(dict(body, input=[{"role": "user", "content": "hi"}] + calls + [
+        {"type": "function_call_output", "call_id": "toolu_1", "output": "ok"},
+        {"type": "function_call_output", "call_id": "toolu_2", "output": "ok"}]))
+    assert [t.name for t in call.tools] == ["multi_agent_v1__spawn_agent", "get_weather"]
+    assert cmp.hosted_tools_of(body["tools"]) == ["web_search"]
+
+
+APPLY_PATCH = {"type": "custom", "name": "apply_patch", "description": "Edit files.",
+               "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}}
+CUSTOM_TURN = [("tool_call", 0, "toolu_1", "apply_patch"), ("tool_args", 0, '{"input": "*** Begin'),
+               ("tool_args", 0, ' Patch\\n"}'), ("finish", "tool_calls", USAGE)]
+
+
+def test_custom_tools_are_functions_of_one_string_and_their_calls_come_back_as_custom_calls():
+    chat = cmp.chat_body_from_responses({"input": "hi", "tools": [APPLY_PATCH]})
+    [tool] = chat["tools"]
+    assert tool["function"]["name"] == "apply_patch" and "start: /.+/" in tool["function"]["description"]
+    assert tool["function"]["parameters"]["properties"] == {"input": {"type": "string"}}
+    render, out = streamed(CUSTOM_TURN, {"input": "hi", "tools": [APPLY_PATCH]})
+    [call] = render.response["output"]
+    assert (call["type"], call["name"], call["input"], call["call_id"]) == (
+        "custom_tool_call", "apply_patch", "*** Begin Patch\n", "toolu_1")
+    names = [name for name, _ in out]
+    assert "response.function_call_arguments.delta" not in names
+    assert names.index("response.custom_tool_call_input.done") < names.index("response.output_item.done")
+    replay = cmp.responses_output_messages([call, {"type": "custom_tool_call_output", "call_id": "toolu_1",
+                                                   "output": "Done."}])
+    assert replay == [{"role": "assistant", "content": None, "tool_calls": [{"id": "toolu_1", "type": "function",
+                       "function": {"name": "apply_patch", "arguments": '{"input": "*** Begin Patch\\n"}'}}]},
+                      {"role": "tool", "tool_call_id": "toolu_1", "content": "Done."}]
+    assert cmp.hosted_tools_of([APPLY_PATCH, {"type": "web_search"}]) == ["web_search"]
+    error = error_of({"input": [{"role": "user", "content": "x"}, dict(call, input=5),
+                                {"type": "custom_tool_call_output", "call_id": "toolu_1", "output": "x"}],
+                      "tools": [APPLY_PATCH]})
+    assert error.param == "input[1].input"
+
+
 def test_the_response_echoes_the_request_settings():
     body = {"input": "hi", "instructions": "Be brief.", "tools": [WEATHER], "tool_choice": "required",
             "temperature": 0.2, "store": False, "metadata": {"k": "v"}, "previous_response_id": "resp_1",
@@ -345,7 +440,7 @@ def test_the_response_echoes_the_request_settings():
     assert (response["instructions"], response["tools"], response["tool_choice"], response["temperature"],
             response["store"], response["metadata"], response["previous_response_id"],
             response["reasoning"]["effort"], response["parallel_tool_calls"]) == (
-        "Be brief.", [WEATHER], "required", 0.2, False, {"k": "v"}, "resp_1", "low", False)
+        "Be brief.", [dict(WEATHER, strict=None)], "required", 0.2, False, {"k": "v"}, "resp_1", "low", False)
     assert response["text"] == {"format": {"type": "text"}} and response["error"] is None
 
 
@@ -457,6 +552,79 @@ def test_previous_response_id_finds_the_stored_conversation_or_is_a_404():
         assert info.value.status == 400 and info.value.param == "previous_response_id"
 
 
+STORED_MESSAGE = {"id": "msg_1", "type": "message", "status": "completed", "role": "assistant",
+                  "content": [{"type": "output_text", "text": "Hi Bob.", "annotations": [], "logprobs": []}]}
+STORED_CALL = {"id": "fc_1", "type": "function_call", "status": "completed", "call_id": "call_1",
+               "name": "get_weather", "arguments": "{}"}
+
+
+@pytest.mark.parametrize("items,resolved", [
+    ([{"type": "item_reference", "id": "msg_1"}], [STORED_MESSAGE]),
+    ([{"role": "user", "content": "a"}, {"type": "item_reference", "id": "fc_1"}, "kept as is"],
+     [{"role": "user", "content": "a"}, STORED_CALL, "kept as is"]),
+    ([{"type": "message", "role": "user", "content": "no reference"}],
+     [{"type": "message", "role": "user", "content": "no reference"}]),
+])
+def test_item_references_are_replaced_by_the_stored_items(items, resolved):
+    stored = {item["id"]: item for item in (STORED_MESSAGE, STORED_CALL)}
+    assert cmp.items_with_references_resolved(items, stored.get) == resolved
+
+
+@pytest.mark.parametrize("reference,status,param,code", [
+    ({"type": "item_reference", "id": "msg_gone"}, 404, "input[1].id", "item_not_found"),
+    ({"type": "item_reference"}, 400, "input[1].id", "invalid_type"),
+    ({"type": "item_reference", "id": 7}, 400, "input[1].id", "invalid_type"),
+])
+def test_a_bad_item_reference_names_its_param(reference, status, param, code):
+    with pytest.raises(cmp.ApiError) as info:
+        cmp.items_with_references_resolved([{"role": "user", "content": "a"}, reference], {}.get)
+    assert (info.value.status, info.value.param, info.value.code) == (status, param, code)
+
+
+def test_the_store_finds_output_and_input_items_by_id_and_forgets_deleted_responses():
+    store = cmp.ResponseStore(max_items=10, ttl=60)
+    inputs = cmp.input_item_resources([{"role": "user", "content": "hi", "id": "msg_in"}])
+    store.put(dict(response("resp_a"), output=[STORED_MESSAGE]), [], inputs)
+    assert store.item("msg_1") == STORED_MESSAGE and store.item("msg_in")["content"][0]["text"] == "hi"
+    assert store.entry("resp_a")[2] == inputs and store.item("msg_nope") is None
+    store.delete("resp_a")
+    assert store.item("msg_1") is None and store.entry("resp_a") is None and store.size == 0
+
+
+def test_input_items_are_typed_with_ids_and_content_parts():
+    items = cmp.input_item_resources([
+        {"role": "user", "content": "hi"}, {"type": "message", "role": "assistant", "content": "yo", "id": "msg_a"},
+        dict(STORED_CALL), {"type": "function_call_output", "call_id": "call_1", "output": "sun"}])
+    assert [item["type"] for item in items] == ["message", "message", "function_call", "function_call_output"]
+    assert items[0]["id"].startswith("msg_") and items[0]["content"] == [{"type": "input_text", "text": "hi"}]
+    assert items[1]["id"] == "msg_a" and items[1]["content"] == [
+        {"type": "output_text", "text": "yo", "annotations": [], "logprobs": []}]
+    assert items[3]["id"].startswith("fco_") and all(item["status"] == "completed" for item in items)
+    assert cmp.input_item_resources("just text")[0]["role"] == "user"
+
+
+@pytest.mark.parametrize("query,ids,has_more", [
+    ({}, ["d", "c", "b", "a"], False),
+    ({"order": "asc"}, ["a", "b", "c", "d"], False),
+    ({"order": "asc", "limit": "2"}, ["a", "b"], True),
+    ({"order": "asc", "after": "b"}, ["c", "d"], False),
+    ({"limit": "1", "after": "c"}, ["b"], True),
+    ({"after": "a"}, [], False),
+])
+def test_input_items_pages(query, ids, has_more):
+    page = cmp.input_items_page([{"id": x} for x in "abcd"], query)
+    assert [item["id"] for item in page["data"]] == ids and page["has_more"] is has_more
+    assert page["object"] == "list" and page["first_id"] == (ids[0] if ids else None)
+
+
+@pytest.mark.parametrize("query,param", [({"order": "up"}, "order"), ({"limit": "0"}, "limit"),
+                                         ({"limit": "x"}, "limit"), ({"after": "zz"}, "after")])
+def test_bad_input_items_queries_are_400s(query, param):
+    with pytest.raises(cmp.ApiError) as info:
+        cmp.input_items_page([{"id": "a"}], query)
+    assert info.value.status == 400 and info.value.param == param
+
+
 # ------------------------------------------------------------------------------------------------
 # End to end: the openai client -> proxy -> the real CLI -> the fake upstream
 # ------------------------------------------------------------------------------------------------
@@ -468,7 +636,8 @@ def tool_prompt(mark, args):
 @pytest.fixture
 def client(e2e_proxy):
     openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0,
+                         http_client=spec_checked_http_client())
 
 
 def test_openai_client_gets_the_same_text_streamed_and_not(client, upstream):
@@ -592,13 +761,17 @@ def test_unknown_or_unstored_previous_response_is_a_404(client):
         client.responses.retrieve(unstored.id)
 
 
-def test_builtin_tools_are_a_400_before_any_cli_call(client, upstream):
-    openai = pytest.importorskip("openai")
+def test_hosted_tools_are_left_out_and_the_answer_says_so(e2e_proxy, upstream):
     mark = marker()
-    with pytest.raises(openai.BadRequestError) as info:
-        client.responses.create(model="claude-sonnet-4", input="search " + mark, tools=[{"type": "web_search"}])
-    assert info.value.body["code"] == "unsupported_tool" and info.value.body["param"] == "tools[0]"
-    assert upstream.messages_requests(mark) == []
+    status, headers, raw = e2e_proxy.request("POST", "/v1/responses", {
+        "model": "claude-sonnet-4", "input": "search " + mark, "tools": [{"type": "web_search"}, WEATHER,
+                                                                         {"type": "file_search"}]})
+    assert status == 200, raw
+    assert headers["x-claude-max-proxy-dropped-tools"] == "web_search,file_search"
+    offered = [t["name"] for t in only_request(upstream, mark)["tools"]]
+    assert [name for name in offered if "web_search" in name or "file_search" in name] == []
+    assert [name for name in offered if name.endswith("get_weather")]
+    assert " dropped_tools=web_search,file_search" in e2e_proxy.wait_for_line(headers["x-request-id"])
 
 
 def test_errors_use_the_chat_envelope_and_statuses(e2e_proxy):
@@ -612,8 +785,8 @@ def test_errors_use_the_chat_envelope_and_statuses(e2e_proxy):
     assert status == 429 and json.loads(raw)["error"]["type"] == "rate_limit_error"
     status, _, raw = e2e_proxy.request("POST", "/v1/responses", {"input": [{"role": "user", "content": 5}]})
     assert status == 400 and json.loads(raw)["error"]["param"] == "input[0].content"
-    status, headers, _ = e2e_proxy.request("DELETE", "/v1/responses/resp_x")
-    assert status == 405 and headers["allow"] == "GET"
+    status, headers, _ = e2e_proxy.request("PUT", "/v1/responses/resp_x")
+    assert status == 405 and headers["allow"] == "GET, DELETE, HEAD"
 
 
 def test_max_output_tokens_finish_is_incomplete_streamed_and_not(e2e_proxy, upstream):
@@ -686,3 +859,145 @@ def test_any_responses_body_is_a_call_or_an_api_error():
         renderer(body, call).whole(TEXT_TURN, "m")
 
     check()
+
+
+def ai_sdk_user(text):
+    return {"role": "user", "content": [{"type": "input_text", "text": text}]}
+
+
+def test_an_ai_sdk_second_turn_resolves_its_item_reference(e2e_proxy, upstream):
+    # The Vercel AI SDK's openai provider (store on) sends its earlier answer back by reference.
+    mark = marker()
+    status, _, raw = e2e_proxy.request("POST", "/v1/responses", {"model": "claude-sonnet-4",
+                                                                 "input": [ai_sdk_user("I am Bob. " + mark)]})
+    assert status == 200, raw
+    first = json.loads(raw)
+    second_input = [ai_sdk_user("I am Bob. " + mark), {"type": "item_reference", "id": first["output"][0]["id"]},
+                    ai_sdk_user("Who am I?")]
+    status, _, raw = e2e_proxy.request("POST", "/v1/responses", {"model": "claude-sonnet-4", "input": second_input})
+    assert status == 200, raw
+    assert json.loads(raw)["output_text"] == TEXT
+    bodies = upstream.messages_requests(mark)
+    assert len(bodies) == 2 and upstream_texts(bodies[1])[-3:] == [
+        ("user", "I am Bob. " + mark), ("assistant", TEXT), ("user", "Who am I?")]
+    status, _, raw = e2e_proxy.request("POST", "/v1/responses", {"input": [
+        ai_sdk_user("hi"), {"type": "item_reference", "id": "msg_unknown"}]})
+    error = json.loads(raw)["error"]
+    assert status == 404 and error["param"] == "input[1].id" and error["code"] == "item_not_found"
+
+
+def test_a_stored_response_lists_its_input_items_can_be_deleted_and_is_not_cancellable(e2e_proxy):
+    status, _, raw = e2e_proxy.request("POST", "/v1/responses", {"input": [
+        {"role": "developer", "content": "Be brief."}, ai_sdk_user("hi " + marker())]})
+    assert status == 200, raw
+    response_id = json.loads(raw)["id"]
+    status, _, raw = e2e_proxy.request("GET", "/v1/responses/%s/input_items?order=asc" % response_id)
+    page = json.loads(raw)
+    assert status == 200 and [item["role"] for item in page["data"]] == ["developer", "user"]
+    assert page["first_id"] == page["data"][0]["id"] and page["has_more"] is False
+    status, headers, raw = e2e_proxy.request("HEAD", "/v1/responses/" + response_id)
+    assert status == 200 and raw == b"" and int(headers["content-length"]) > 0
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=e2e_proxy.url + "/v1", api_key="unused", max_retries=0,
+                           http_client=spec_checked_http_client())
+    assert [item.id for item in client.responses.input_items.list(response_id)] == [
+        item["id"] for item in reversed(page["data"])]
+    status, _, raw = e2e_proxy.request("POST", "/v1/responses/%s/cancel" % response_id)
+    assert status == 400 and json.loads(raw)["error"]["code"] == "response_not_cancellable"
+    status, _, raw = e2e_proxy.request("DELETE", "/v1/responses/" + response_id)
+    assert status == 200 and json.loads(raw) == {"id": response_id, "object": "response", "deleted": True}
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(response_id)
+    for method, path in (("GET", ""), ("GET", "/input_items"), ("DELETE", ""), ("POST", "/cancel")):
+        assert e2e_proxy.request(method, "/v1/responses/" + response_id + path)[0] == 404
+
+
+@pytest.fixture
+def codex(real_claude):
+    import real_cli
+    import real_codex
+    try:
+        return real_codex.ensure_codex()
+    except real_cli.RealCliUnavailable as exc:
+        if os.environ.get("CLAUDE_MAX_PROXY_REQUIRE_E2E") == "1":
+            pytest.fail("Codex CLI unavailable: %s" % exc)
+        pytest.skip("Codex CLI unavailable: %s" % exc)
+
+
+def codex_exec(codex, proxy, prompt, tmp_path):
+    """`codex exec` (read-only sandbox, no approvals) against the proxy; (exit code, stdout)."""
+    import real_codex
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir(exist_ok=True)
+    work.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(real_codex.codex_config(proxy.url + "/v1", "claude-sonnet-4"))
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "CODEX_HOME": str(home)}
+    done = subprocess.run([codex, "exec", "--skip-git-repo-check", "--sandbox", "read-only", "-C", str(work), prompt],
+                          env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    return done.returncode, done.stdout.decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace")
+
+
+def test_codex_exec_answers_a_prompt_and_runs_a_shell_tool_loop(codex, e2e_proxy, upstream, tmp_path):
+    mark = marker()
+    code, out, err = codex_exec(codex, e2e_proxy, "Say hi " + mark, tmp_path)
+    assert code == 0, err[-3000:]
+    assert out.strip() == TEXT
+    first = only_request(upstream, mark)
+    offered = [t["name"] for t in first["tools"]]
+    assert any(name.endswith("exec_command") for name in offered)
+    assert any("multi_agent_v1__" in name for name in offered)  # its namespace tool, flattened
+    mark = marker()
+    code, out, err = codex_exec(codex, e2e_proxy, 'Run it. @@scenario:tool_use@@ @@tool:exec_command@@ '
+                                '@@args:{"cmd":"echo hi-%s"}@@ %s' % (mark[-8:-2], mark), tmp_path)
+    assert code == 0, err[-3000:]
+    bodies = upstream.messages_requests(mark)
+    assert len(bodies) == 2
+    results = [b for m in bodies[1]["messages"] if m["role"] == "user" and isinstance(m["content"], list)
+               for b in m["content"] if b.get("type") == "tool_result"]
+    assert len(results) == 1 and "hi-%s" % mark[-8:-2] in json.dumps(results[0])
+    assert out.strip().startswith("tool said:") and "hi-%s" % mark[-8:-2] in out
+    assert e2e_proxy.wait_for_line(" dropped_tools=web_search") is not None  # Codex's hosted tool
+
+
+# ------------------------------------------------------------------------------------------------
+# The official OpenAPI document: every renderer shape, checked without a server
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def openapi():
+    import openapi_check
+    if openapi_check.spec() is None:
+        pytest.skip("the OpenAI spec package is not installed (tests/run.sh installs it)")
+    return openapi_check
+
+
+@pytest.mark.parametrize("events,body", [
+    (TEXT_TURN, None),
+    (TOOL_TURN, {"input": "hi", "tools": [WEATHER]}),
+    ([("reasoning", "Hmm."), ("text", "Done."), ("finish", "stop", USAGE)], None),
+    ([("text", "Done."), ("finish", "stop", USAGE)], CODEX_REASONING),
+    ([("text", "cut"), ("finish", "length", USAGE)], None),
+    (CUSTOM_TURN, {"input": "hi", "tools": [APPLY_PATCH]}),
+    ([("tool_call", 0, "toolu_1", "ns__spawn"), ("tool_args", 0, "{}"), ("finish", "tool_calls", USAGE)],
+     {"input": "hi", "tools": [{"type": "namespace", "name": "ns", "description": "d", "tools": [
+         {"type": "function", "name": "spawn", "parameters": {"type": "object"}, "strict": False}]},
+         {"type": "web_search"}], "user": "u", "reasoning": {"summary": "auto"}}),
+])
+def test_every_response_and_event_conforms_to_the_openai_spec(openapi, events, body):
+    render, out = streamed(events, body)
+    failures = [f for _, payload in out for f in openapi.event_problems(payload)]
+    failures += openapi.problems(render.response, "Response", "response")
+    assert failures == []
+
+
+def test_a_failed_response_and_the_stored_items_conform_to_the_openai_spec(openapi):
+    render = renderer()
+    out = render.stream_events(("text", "partial"), "m") + render.stream_error(
+        cmp.ApiError(502, "the Claude CLI exited", "server_error", "cli_failed"))
+    assert [f for _, payload in out for f in openapi.event_problems(payload)] == []
+    inputs = cmp.input_item_resources([{"role": "developer", "content": "d"}, {"role": "user", "content": [
+        {"type": "input_text", "text": "hi"}]}, STORED_MESSAGE, STORED_CALL,
+        {"type": "custom_tool_call", "call_id": "call_2", "name": "apply_patch", "input": "x"},
+        {"type": "custom_tool_call_output", "call_id": "call_2", "output": "ok"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sun"}])
+    assert openapi.problems(cmp.input_items_page(inputs, {}), "ResponseItemList", "input_items") == []

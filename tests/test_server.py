@@ -492,6 +492,17 @@ def test_models_list_and_retrieve(fake_proxy):
     assert error["code"] == "model_not_found"
 
 
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/models/claude-opus-4", "/health"])
+def test_head_is_answered_like_get_without_a_body(fake_proxy, path):
+    proxy = fake_proxy()
+    status, headers, raw = proxy.request("GET", path)
+    head_status, head_headers, head_raw = proxy.request("HEAD", path)
+    assert (head_status, head_raw) == (status, b"")
+    assert head_headers["content-type"] == headers["content-type"] == "application/json"
+    assert int(head_headers["content-length"]) > 0
+    assert proxy.request("HEAD", "/v1/chat/completions")[1]["allow"] == "POST"
+
+
 def test_health_reports_version_and_the_probed_cli(fake_proxy):
     proxy = fake_proxy()
     report = wait_until(lambda: (lambda h: h if h["claude"]["version"] else None)(health(proxy)),

@@ -1188,8 +1188,8 @@ def test_legacy_functions_map_like_tools():
     modern = call_for(user("Weather?"),
                       assistant_calls(None, tool_call(call_id, "get_weather", '{"city": "Paris"}')),
                       tool_message(call_id, "18C"), tools=[WEATHER], tool_choice="auto")
-    assert legacy == modern
-    assert legacy.prompt == [tool_result(call_id, "18C")]
+    assert dataclasses.replace(legacy, legacy_functions=False, parallel_tool_calls=True) == modern
+    assert legacy.legacy_functions and legacy.prompt == [tool_result(call_id, "18C")]
 
 
 def test_legacy_function_results_answer_the_earlier_calls_in_order():
@@ -2200,13 +2200,40 @@ def test_chunks_for_an_empty_answer():
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+LEGACY_CALL = [("text", "Checking."), ("tool_call", 0, "toolu_1", "get_weather"), ("tool_args", 0, '{"city"'),
+               ("tool_args", 0, ': "Oslo"}'), ("finish", "tool_calls", cmp.usage_from({}))]
+
+
+def test_legacy_functions_get_a_legacy_answer_whole_and_streamed():
+    whole = cmp.completion_from(LEGACY_CALL, "c", 1, "m", legacy_functions=True)
+    assert whole["choices"][0]["message"] == {"role": "assistant", "content": "Checking.", "refusal": None,
+                                              "function_call": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    assert whole["choices"][0]["finish_reason"] == "function_call"
+    chunks = cmp.ChatChunks("c", 1, "m", False, legacy_functions=True)
+    deltas = [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"])
+              for event in LEGACY_CALL for c in chunks.chunks_for(event)]
+    assert deltas == [({"role": "assistant", "content": ""}, None), ({"content": "Checking."}, None),
+                      ({"function_call": {"name": "get_weather", "arguments": ""}}, None),
+                      ({"function_call": {"arguments": '{"city"'}}, None),
+                      ({"function_call": {"arguments": ': "Oslo"}'}}, None), ({}, "function_call")]
+
+
+@pytest.mark.parametrize("body,legacy,parallel", [
+    ({"functions": [WEATHER["function"]]}, True, False),
+    ({"tools": [WEATHER]}, False, True),
+    ({"tools": [WEATHER], "functions": [WEATHER["function"]]}, False, True),
+])
+def test_a_functions_request_is_a_legacy_call_that_ends_at_its_first_call(body, legacy, parallel):
+    call = cmp.cli_call_for(dict(body, messages=[{"role": "user", "content": "hi"}]), config())
+    assert (call.legacy_functions, call.parallel_tool_calls) == (legacy, parallel)
+
+
 def test_completion_from():
     usage = cmp.usage_from({"input_tokens": 5, "output_tokens": 2})
     completion = cmp.completion_from([("text", "a"), ("text", "b"), ("finish", "length", usage)],
                                      "chatcmpl-9", 123, "claude-opus-4")
     assert completion == {
         "id": "chatcmpl-9", "object": "chat.completion", "created": 123, "model": "claude-opus-4",
-        "system_fingerprint": None,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "ab", "refusal": None},
                      "logprobs": None, "finish_reason": "length"}],
         "usage": usage}
@@ -2795,3 +2822,115 @@ def test_readme_tables_match_the_code():
     with open(path, encoding="utf-8") as readme_file:
         readme = readme_file.read()
     assert cmp.readme_tables() in readme
+    assert cmp.readme_completion_table() in readme
+    assert cmp.COMPLETION_SYSTEM_PROMPT in readme and cmp.FILL_IN_THE_MIDDLE_SYSTEM_PROMPT in readme
+
+
+# ---- /v1/completions -----------------------------------------------------------------------------
+
+def completion_call(**body):
+    return cmp.completion_call_for(dict({"model": "claude-haiku-4"}, **body), config())
+
+
+@pytest.mark.parametrize("body,system,text", [
+    ({"prompt": "Once upon"}, cmp.COMPLETION_SYSTEM_PROMPT, "Once upon"),
+    ({"prompt": ["Once upon"]}, cmp.COMPLETION_SYSTEM_PROMPT, "Once upon"),
+    ({"prompt": "system: Be brief.\nuser: hi\nassistant: "}, cmp.COMPLETION_SYSTEM_PROMPT,
+     "system: Be brief.\nuser: hi\nassistant: "),
+    ({"prompt": "def add(a, b):\n    ", "suffix": "\n\nprint(add(1, 2))"}, cmp.FILL_IN_THE_MIDDLE_SYSTEM_PROMPT,
+     "<prefix>def add(a, b):\n    </prefix><suffix>\n\nprint(add(1, 2))</suffix>"),
+    ({"prompt": "x", "suffix": ""}, cmp.COMPLETION_SYSTEM_PROMPT, "x"),
+    ({"prompt": "", "suffix": "tail"}, cmp.FILL_IN_THE_MIDDLE_SYSTEM_PROMPT, "<prefix></prefix><suffix>tail</suffix>"),
+])
+def test_a_completion_prompt_is_one_user_turn_under_a_completion_system_prompt(body, system, text):
+    call = completion_call(**body)
+    assert (call.system_prompt, call.prompt, call.history, call.tools) == (system, [{"type": "text", "text": text}], [], ())
+    assert call.model == "haiku"
+
+
+def test_continue_autocomplete_parameters_reach_the_call():
+    call = completion_call(prompt="a", suffix="b", max_tokens=64, temperature=0.2, stop=["\n\n", "```"],
+                           stream=True, stream_options={"include_usage": True}, echo=False, n=1, best_of=1)
+    assert (call.max_output_tokens, call.stop, call.stream, call.include_usage) == (64, ("\n\n", "```"), True, True)
+
+
+@pytest.mark.parametrize("body,param,code", [
+    ({}, "prompt", "missing_required_parameter"),
+    ({"prompt": [1, 2, 3]}, "prompt", "unsupported_value"),
+    ({"prompt": [[1, 2]]}, "prompt", "unsupported_value"),
+    ({"prompt": ["a", "b"]}, "prompt", "unsupported_value"),
+    ({"prompt": 5}, "prompt", "invalid_type"),
+    ({"prompt": ""}, "prompt", "invalid_value"),
+    ({"prompt": "\ud800"}, "prompt", "invalid_value"),
+    ({"prompt": "a", "suffix": 3}, "suffix", "invalid_type"),
+    ({"prompt": "a", "echo": True}, "echo", "unsupported_value"),
+    ({"prompt": "a", "best_of": 2}, "best_of", "unsupported_value"),
+    ({"prompt": "a", "best_of": True}, "best_of", "unsupported_value"),
+    ({"prompt": "a", "logprobs": 0}, "logprobs", "unsupported_value"),
+    ({"prompt": "a", "n": 2}, "n", "unsupported_value"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens", "invalid_value"),
+    ({"prompt": "a", "temperature": 3}, "temperature", "invalid_value"),
+    ({"prompt": "a", "model": "gpt-3.5-turbo-instruct"}, "model", "model_not_found"),
+])
+def test_bad_completion_requests_name_their_param(body, param, code):
+    with pytest.raises(cmp.ApiError) as info:
+        completion_call(**body)
+    assert (info.value.param, info.value.code) == (param, code)
+
+
+def test_completion_objects_whole_and_streamed():
+    usage = cmp.usage_from({"input_tokens": 5, "output_tokens": 2})
+    events = [("text", "Hel"), ("text", "lo"), ("finish", "length", usage)]
+    render = cmp.CompletionRenderer(completion_call(prompt="x", stream=True, stream_options={"include_usage": True}))
+    whole = render.whole(events, "claude-haiku-4-5")
+    assert whole["object"] == "text_completion" and whole["id"].startswith("cmpl-")
+    assert whole["choices"] == [{"text": "Hello", "index": 0, "logprobs": None, "finish_reason": "length"}]
+    assert whole["usage"] == usage and whole["model"] == "claude-haiku-4-5"
+    chunks = [payload for event in events for _, payload in render.stream_events(event, "m")] + \
+        [payload for _, payload in render.stream_end()]
+    assert [c["choices"][0]["text"] for c in chunks[:3]] == ["Hel", "lo", ""]
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:3]] == [None, None, "length"]
+    assert chunks[3]["choices"] == [] and chunks[3]["usage"] == usage and chunks[4] == "[DONE]"
+    assert {c["object"] for c in chunks[:4]} == {"text_completion"} and len({c["id"] for c in chunks[:4]}) == 1
+
+
+# ---- the official OpenAPI document ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def openapi():
+    import openapi_check
+    if openapi_check.spec() is None:
+        pytest.skip("the OpenAI spec package is not installed (tests/run.sh installs it)")
+    return openapi_check
+
+
+SPEC_TURNS = [
+    [("text", "Hel"), ("text", "lo"), finish_event()],
+    [("reasoning", "Hmm."), ("text", "x"), finish_event("length")],
+    [("text", "Checking."), ("tool_call", 0, "toolu_1", "get_weather"), ("tool_args", 0, "{}"),
+     ("tool_call", 1, "toolu_2", "get_weather"), ("tool_args", 1, '{"city": "Oslo"}'), finish_event("tool_calls")],
+    [finish_event("content_filter")],
+]
+
+
+@pytest.mark.parametrize("events", SPEC_TURNS)
+@pytest.mark.parametrize("legacy_functions", [False, True])
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_chat_objects_and_chunks_conform_to_the_openai_spec(openapi, events, legacy_functions, include_usage):
+    whole = cmp.completion_from(events, "chatcmpl-1", 1, "m", legacy_functions)
+    chunks = cmp.ChatChunks("chatcmpl-1", 1, "m", include_usage, legacy_functions)
+    failures = openapi.problems(whole, "CreateChatCompletionResponse", "completion")
+    for event in events:
+        for chunk in chunks.chunks_for(event):
+            failures += openapi.problems(chunk, "CreateChatCompletionStreamResponse", "chunk")
+    assert failures == []
+
+
+@pytest.mark.parametrize("events", SPEC_TURNS[:2])
+def test_text_completions_conform_to_the_openai_spec(openapi, events):
+    render = cmp.CompletionRenderer(completion_call(prompt="x", stream=True, stream_options={"include_usage": True}))
+    failures = openapi.problems(render.whole(events, "m"), "CreateCompletionResponse", "completion")
+    for event in events:
+        for _, chunk in render.stream_events(event, "m"):
+            failures += openapi.problems(openapi.as_last_chunk(chunk), "CreateCompletionResponse", "chunk")
+    assert failures == []
