@@ -142,6 +142,21 @@ EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "
            "max": "max"}
 # After tool results, a resumed session needs a new user line to start the turn (see README).
 TOOL_RESULTS_PROMPT = "Continue, using the tool results above."
+# The CLI's environment is built from these names, never inherited whole: what it needs to run,
+# plus the Claude Code settings a user sets on purpose. The README lists them (a test checks).
+CLI_ENV_NAMES = (
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TZ", "TMPDIR", "TMP", "TEMP",
+    "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_RUNTIME_DIR",
+    "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "no_proxy",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS",
+    "SYSTEMROOT", "COMSPEC", "PATHEXT", "APPDATA", "LOCALAPPDATA", "USERPROFILE",
+    "CLAUDE_CONFIG_DIR", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_BASE_URL", "API_TIMEOUT_MS",
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "DISABLE_AUTOUPDATER", "DISABLE_TELEMETRY",
+    "DISABLE_ERROR_REPORTING",
+)
+CLI_ENV_PREFIXES = ("LC_",)
+# These bill an API account instead of the subscription: passed only with --use-api-key.
+API_KEY_NAMES = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
 FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                   "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "stop"}
 
@@ -177,6 +192,7 @@ class Config:
     warm: int = 1
     allow_image_fetch: bool = False
     client_timeout: float = 30.0
+    use_api_key: bool = False
 
 
 # (flag, type, help). Each flag's env var is CLAUDE_MAX_PROXY_<FLAG>, its field the flag in snake case.
@@ -209,6 +225,8 @@ OPTIONS = [
     ("--client-timeout", float, "seconds a client may stall sending or reading before it is dropped "
                                 "and its CLI ended (default 30)"),
     ("--allow-image-fetch", bool, "download http(s) image URLs in prompts (off: they get a 400)"),
+    ("--use-api-key", bool, "let the CLI use ANTHROPIC_API_KEY / ANTHROPIC_AUTH_TOKEN from the "
+                            "environment, billing that API account (off: they are ignored)"),
 ]
 
 
@@ -753,6 +771,9 @@ def cli_args_for(call: CliCall, claude_path: str, session_id: Optional[str],
             "--verbose", "--include-partial-messages",
             # Claude Code's own tools and the user's settings/CLAUDE.md stay out of every request.
             "--tools", "", "--strict-mcp-config", "--setting-sources", "",
+            # Client text is never a CLI command nor a file mention (see stdin_line_for); these
+            # keep it so should a CLI update stop honouring the stdin line's mark.
+            "--disable-slash-commands", "--restricted",
             "--model", call.model,
             # A recorded prompt would outlive a changed system message on resume.
             "--system-prompt-snapshot", "off",
@@ -773,9 +794,20 @@ def cli_args_for(call: CliCall, claude_path: str, session_id: Optional[str],
     return args
 
 
-def cli_env_for(call: CliCall, config: Config, environ: Dict[str, str]) -> Dict[str, str]:
-    env = dict(environ)
+def cli_base_env(config: Config, environ: Dict[str, str]) -> Dict[str, str]:
+    """The allow-listed part of our environment (CLI_ENV_NAMES) and the settings every CLI gets."""
+    allowed = CLI_ENV_NAMES + (API_KEY_NAMES if config.use_api_key else ())
+    env = {name: value for name, value in environ.items()
+           if (name in allowed or name.startswith(CLI_ENV_PREFIXES)) and not name.startswith(ENV_PREFIX)}
     env.setdefault("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+    # Else a claude.ai login asks for the account's MCP servers at every start, --strict-mcp-config or not.
+    env["ENABLE_CLAUDEAI_MCP_SERVERS"] = "false"
+    return env
+
+
+def cli_env_for(call: CliCall, config: Config, environ: Dict[str, str]) -> Dict[str, str]:
+    """The environment of the CLI that answers `call`: never our whole environment."""
+    env = cli_base_env(config, environ)
     env["CLAUDE_CODE_MAX_RETRIES"] = str(config.cli_max_retries)
     env.pop("CLAUDE_CODE_MAX_OUTPUT_TOKENS", None)
     if call.max_output_tokens:
@@ -784,8 +816,13 @@ def cli_env_for(call: CliCall, config: Config, environ: Dict[str, str]) -> Dict[
 
 
 def stdin_line_for(blocks: List[Dict[str, Any]]) -> bytes:
-    """The stream-json line that starts the new user turn."""
-    message = {"type": "user", "message": {"role": "user", "content": blocks}}
+    """The stream-json line that starts the new user turn, delivered to the model verbatim.
+
+    `text_not_typed` (read by CLI 2.1.x, not documented) marks the text as not typed at the CLI's
+    prompt, so `@path` is not read from disk, `/command` is not run and `!`/`#` mean nothing;
+    tests/test_e2e_cli.py pins it. `--disable-slash-commands` and `--restricted` are the second
+    line of defence (cli_args_for), and a local command's output is refused (TurnTranslator)."""
+    message = {"type": "user", "text_not_typed": True, "message": {"role": "user", "content": blocks}}
     return (json.dumps(message) + "\n").encode("ascii")
 
 
@@ -1310,6 +1347,7 @@ class TurnTranslator:
         self.structured = False  # the answer came as the CLI's StructuredOutput tool call
         self.held_text = ""      # in JSON mode, text is kept until we know it is the answer
         self.cut = False         # ended early by a stop string (the model was still writing)
+        self.model_called = False  # an upstream message started (a local command starts none)
         self.events = []         # type: List[TurnEvent]  # what the turn produced, for its caller
 
     def feed(self, event: Dict[str, Any]) -> List[TurnEvent]:
@@ -1325,6 +1363,7 @@ class TurnTranslator:
     def _stream_event(self, event: Dict[str, Any]) -> List[TurnEvent]:
         kind = event.get("type")
         if kind == "message_start":
+            self.model_called = True
             message = event.get("message") or {}
             self.model = message.get("model") or self.model
             self.usage.update(message.get("usage") or {})
@@ -1418,6 +1457,12 @@ class TurnTranslator:
         if result.get("is_error"):
             self.finished = True
             raise error_from_result(result)
+        if result.get("num_turns") == 0 and not self.model_called:
+            # The CLI answered by itself (a command it ran locally): that text is not Claude's.
+            self.finished = True
+            raise ApiError(502, "the Claude CLI answered this message itself without asking the model "
+                           "(it took it for one of its own commands); no answer came from Claude",
+                           "server_error", "cli_local_command")
         self.usage = result.get("usage") or self.usage
         out = []
         structured = result.get("structured_output")
@@ -2135,6 +2180,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.started = time.time()
         self.inflight = 0
         self.inflight_lock = threading.Condition()
+        self.ignored_api_keys = ignored_api_keys(config, dict(os.environ))
 
     def prespawn(self, call: CliCall) -> None:
         """Keep `--warm` processes loaded for first turns like this one (in the background)."""
@@ -2523,7 +2569,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                            "usable": bool(claude.path and claude.version), "error": claude.probe_error},
                 "slots": {"busy": self.server.slots.busy, "waiting": self.server.slots.waiting,
                           "max": self.server.slots.size},
-                "processes": self._process_counts()}
+                "processes": self._process_counts(),
+                "ignored_api_keys": self.server.ignored_api_keys}
 
     def _process_counts(self) -> Dict[str, int]:
         """CLI processes by state: answering a request (busy), waiting idle (warm, parked)."""
@@ -2717,9 +2764,13 @@ def serve(config: Config) -> int:
             server.idle.expire()
 
     threading.Thread(target=expire_idle, daemon=True).start()
-    if os.environ.get("ANTHROPIC_API_KEY"):
-        sys.stderr.write("warning: ANTHROPIC_API_KEY is set: the CLI will bill that API key, not your "
-                         "Claude subscription. Unset it to use the subscription.\n")
+    if server.ignored_api_keys:
+        sys.stderr.write("note: %s is set but ignored: the CLI uses your Claude subscription login "
+                         "(--use-api-key would bill that API account instead).\n"
+                         % " and ".join(server.ignored_api_keys))
+    if config.use_api_key and any(os.environ.get(name) for name in API_KEY_NAMES):
+        sys.stderr.write("warning: --use-api-key: the CLI bills the API key in the environment, not your "
+                         "Claude subscription.\n")
     if not claude.path:
         sys.stderr.write("warning: the Claude CLI `%s` was not found; requests will get 503 until it "
                          "is installed.\n" % config.claude)
@@ -3306,13 +3357,21 @@ def login_finding(exit_code: int, output: str) -> Finding:
         method, status.get("apiProvider")))
 
 
-def api_key_finding(environ: Dict[str, str]) -> Finding:
-    if environ.get("ANTHROPIC_API_KEY"):
-        return Finding("WARN", "billing", "ANTHROPIC_API_KEY is set: the CLI bills that API key, "
-                       "not your Claude subscription",
-                       "unset ANTHROPIC_API_KEY (and remove it from your shell profile) to use the "
-                       "subscription; the installed service does not inherit it")
-    return Finding("OK", "billing", "ANTHROPIC_API_KEY is not set: requests use your login")
+def ignored_api_keys(config: Config, environ: Dict[str, str]) -> List[str]:
+    """The API credentials in our environment that the CLI does not get (no --use-api-key)."""
+    return [] if config.use_api_key else [name for name in API_KEY_NAMES if environ.get(name)]
+
+
+def api_key_finding(environ: Dict[str, str], config: Config) -> Finding:
+    present = [name for name in API_KEY_NAMES if environ.get(name)]
+    if present and config.use_api_key:
+        return Finding("WARN", "billing", "%s is set and --use-api-key is on: the CLI bills that API "
+                       "account, not your Claude subscription" % " and ".join(present),
+                       "drop --use-api-key (CLAUDE_MAX_PROXY_USE_API_KEY) to use the subscription")
+    if present:
+        return Finding("OK", "billing", "%s is set but ignored: the CLI uses your subscription login "
+                       "(--use-api-key would bill that API account instead)" % " and ".join(present))
+    return Finding("OK", "billing", "no ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN: requests use your login")
 
 
 def port_finding(host: str, port: int, health: Optional[Dict[str, Any]],
@@ -3487,10 +3546,8 @@ def claude_findings(name: str, environ: Dict[str, str]) -> List[Finding]:
     code, output = run_tool([path, "--version"], 60, environ)
     if code != 0:
         return [cli_version_finding(path, name, None, "`--version` exited %d: %s" % (code, output[-300:]))]
-    env = dict(environ)
-    env.setdefault("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
     return [cli_version_finding(path, name, output, None),
-            login_finding(*run_tool([path, "auth", "status", "--json"], 60, env))]
+            login_finding(*run_tool([path, "auth", "status", "--json"], 60, environ))]
 
 
 def port_check(host: str, port: int) -> Finding:
@@ -3537,8 +3594,8 @@ def doctor_command(argv: List[str]) -> int:
     except ConfigError as exc:
         findings.append(Finding("FAIL", "config", str(exc), "fix the flag or environment variable"))
         config = Config()
-    findings += claude_findings(config.claude, environ)
-    findings.append(api_key_finding(environ))
+    findings += claude_findings(config.claude, cli_base_env(config, environ))  # as a request's CLI sees it
+    findings.append(api_key_finding(environ, config))
     findings.append(port_check(config.host, config.port))
     findings.append(service_check(args.platform))
     if args.live:

@@ -498,7 +498,7 @@ def test_health_reports_version_and_the_probed_cli(fake_proxy):
                         10, "the startup `claude --version` probe")
     assert report["status"] == "ok"
     assert report["version"] == claude_max_proxy.__version__
-    assert os.path.realpath(report["claude"]["path"]) == os.path.realpath(FAKE_CLAUDE)
+    assert os.path.realpath(report["claude"]["path"]) == os.path.realpath(proxy.claude)
     assert report["claude"]["version"].startswith(fake_claude.VERSION)
     assert report["claude"]["usable"] is True
 

@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import json
 import os
+import re
 import string
 import time
 
@@ -1412,6 +1413,8 @@ def test_cli_args_for_without_session():
     assert value_after(args, "--setting-sources") == ""
     assert "--strict-mcp-config" in args
     assert "--no-session-persistence" in args
+    # The second line of defence for verbatim client text: no commands, no file mentions.
+    assert "--disable-slash-commands" in args and "--restricted" in args
     assert value_after(args, "--model") == "opus"
     # The system prompt travels in a file, never in argv.
     assert value_after(args, "--system-prompt-file") == "/tmp/p/system.txt"
@@ -1486,15 +1489,54 @@ def test_cli_env_for_max_output_tokens(params, environ, expected):
     assert env.get("CLAUDE_CODE_MAX_OUTPUT_TOKENS") == expected
 
 
-def test_cli_env_for_keeps_the_environment_and_sets_retries():
-    environ = {"PATH": "/bin", "HOME": "/home/u", "CLAUDE_CODE_MAX_RETRIES": "10"}
+def test_cli_env_for_keeps_the_allowed_environment_and_sets_retries():
+    environ = {"PATH": "/bin", "HOME": "/home/u", "CLAUDE_CODE_MAX_RETRIES": "10", "LC_ALL": "C",
+               "CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-x", "TMPDIR": "/tmp/x"}
     before = dict(environ)
     env = cmp.cli_env_for(call_for(user("hi")), config(cli_max_retries=5), environ)
     assert environ == before
-    assert env["PATH"] == "/bin" and env["HOME"] == "/home/u"
+    assert env["PATH"] == "/bin" and env["HOME"] == "/home/u" and env["LC_ALL"] == "C"
+    assert env["CLAUDE_CODE_OAUTH_TOKEN"] == "sk-ant-oat01-x" and env["TMPDIR"] == "/tmp/x"
     assert env["CLAUDE_CODE_MAX_RETRIES"] == "5"
     assert env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] == "1"
+    assert env["ENABLE_CLAUDEAI_MCP_SERVERS"] == "false"
     assert all(isinstance(v, str) for v in env.values())
+
+
+HOSTILE_ENV = {"ANTHROPIC_API_KEY": "sk-ant-api-x", "ANTHROPIC_AUTH_TOKEN": "bearer-x",
+               "ANTHROPIC_CUSTOM_HEADERS": "x-evil: 1", "CLAUDE_CODE_ENTRYPOINT": "claude-vscode",
+               "CLAUDE_MAX_PROXY_API_KEY": "proxy-secret", "CLAUDE_MAX_PROXY_TEST_TAG": "t",
+               "AWS_SECRET_ACCESS_KEY": "aws", "NODE_OPTIONS": "--require /tmp/evil.js",
+               "ENABLE_CLAUDEAI_MCP_SERVERS": "true", "CLAUDE_CODE_USE_BEDROCK": "1"}
+
+
+def test_cli_env_for_is_an_allow_list():
+    env = cmp.cli_env_for(call_for(user("hi")), config(), dict(HOSTILE_ENV, PATH="/bin"))
+    assert env == {"PATH": "/bin", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+                   "ENABLE_CLAUDEAI_MCP_SERVERS": "false", "CLAUDE_CODE_MAX_RETRIES": "0"}
+
+
+def test_api_keys_reach_the_cli_only_with_use_api_key():
+    env = cmp.cli_env_for(call_for(user("hi")), config(use_api_key=True), HOSTILE_ENV)
+    assert env["ANTHROPIC_API_KEY"] == "sk-ant-api-x" and env["ANTHROPIC_AUTH_TOKEN"] == "bearer-x"
+    assert not any(name.startswith(cmp.ENV_PREFIX) for name in env)
+    assert "ANTHROPIC_CUSTOM_HEADERS" not in env and "CLAUDE_CODE_ENTRYPOINT" not in env
+
+
+def test_ignored_api_keys_names_what_was_set_and_not_passed():
+    assert cmp.ignored_api_keys(config(), HOSTILE_ENV) == ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"]
+    assert cmp.ignored_api_keys(config(use_api_key=True), HOSTILE_ENV) == []
+    assert cmp.ignored_api_keys(config(), {"ANTHROPIC_API_KEY": ""}) == []
+
+
+def test_readme_lists_the_cli_environment_the_code_passes():
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
+              encoding="utf-8") as readme_file:
+        readme = readme_file.read()
+    section = readme[readme.index("### The CLI's environment"):]
+    section = section[:section.index("\n#")]
+    listed = set(re.findall(r"`([A-Za-z_]+\*?)`", section))
+    assert set(cmp.CLI_ENV_NAMES) | {p + "*" for p in cmp.CLI_ENV_PREFIXES} | set(cmp.API_KEY_NAMES) <= listed
 
 
 def test_cli_env_for_respects_an_explicit_nonessential_traffic_setting():
@@ -1508,8 +1550,10 @@ def test_stdin_line_for():
     line = cmp.stdin_line_for(blocks)
     assert isinstance(line, bytes) and line.endswith(b"\n") and line.count(b"\n") == 1
     line.decode("ascii")  # escaped: no encoding can go wrong between us and the CLI
+    # text_not_typed: the text is the client's, not typed at the CLI's prompt, so no `@path`
+    # is read and no `/command` runs (tests/test_e2e_cli.py checks the real CLI honours it).
     assert json.loads(line.decode("utf-8")) == {
-        "type": "user", "message": {"role": "user", "content": blocks}}
+        "type": "user", "text_not_typed": True, "message": {"role": "user", "content": blocks}}
 
 
 @PROPERTY
@@ -1877,6 +1921,26 @@ def test_streamed_text_held_back_for_a_stop_string_is_not_repeated_by_the_result
     _, out = translate(events, ("abc",))
     assert text_of(out) == "ab"
     assert len(finishes_of(out)) == 1
+
+
+def local_command_result(text):
+    """The CLI's result for a command it ran itself: no model call (num_turns 0, no stream)."""
+    return dict(result_event(text, None), num_turns=0, total_cost_usd=0, modelUsage={},
+                usage={"input_tokens": 0, "output_tokens": 0})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_local_command_result_is_an_error_not_an_answer(stream):
+    # e.g. `/cost` run by the CLI: its output must never look like Claude's answer.
+    assistant = assistant_event("Estimated cost: $0.0000")
+    assistant["message"]["model"] = "<synthetic>"
+    events = [init_event(), assistant, local_command_result("Estimated cost: $0.0000")]
+    translator = cmp.TurnTranslator((), call_for(user("/cost"), stream=stream))
+    with pytest.raises(cmp.ApiError) as caught:
+        for event in events:
+            translator.feed(event)
+    assert caught.value.status == 502 and caught.value.code == "cli_local_command"
+    assert "Estimated cost" not in caught.value.message and translator.events == []
 
 
 def test_empty_result_gives_an_empty_answer():
