@@ -2765,9 +2765,9 @@ def serve(config: Config) -> int:
 
     threading.Thread(target=expire_idle, daemon=True).start()
     if server.ignored_api_keys:
-        sys.stderr.write("note: %s is set but ignored: the CLI uses your Claude subscription login "
+        sys.stderr.write("note: %s set but ignored: the CLI uses your Claude subscription login "
                          "(--use-api-key would bill that API account instead).\n"
-                         % " and ".join(server.ignored_api_keys))
+                         % names_are(server.ignored_api_keys))
     if config.use_api_key and any(os.environ.get(name) for name in API_KEY_NAMES):
         sys.stderr.write("warning: --use-api-key: the CLI bills the API key in the environment, not your "
                          "Claude subscription.\n")
@@ -3362,15 +3362,20 @@ def ignored_api_keys(config: Config, environ: Dict[str, str]) -> List[str]:
     return [] if config.use_api_key else [name for name in API_KEY_NAMES if environ.get(name)]
 
 
+def names_are(names: List[str]) -> str:
+    """"A is" or "A and B are": for messages about the variables that are set."""
+    return "%s %s" % (" and ".join(names), "are" if len(names) > 1 else "is")
+
+
 def api_key_finding(environ: Dict[str, str], config: Config) -> Finding:
     present = [name for name in API_KEY_NAMES if environ.get(name)]
     if present and config.use_api_key:
-        return Finding("WARN", "billing", "%s is set and --use-api-key is on: the CLI bills that API "
-                       "account, not your Claude subscription" % " and ".join(present),
+        return Finding("WARN", "billing", "%s set and --use-api-key is on: the CLI bills that API "
+                       "account, not your Claude subscription" % names_are(present),
                        "drop --use-api-key (CLAUDE_MAX_PROXY_USE_API_KEY) to use the subscription")
     if present:
-        return Finding("OK", "billing", "%s is set but ignored: the CLI uses your subscription login "
-                       "(--use-api-key would bill that API account instead)" % " and ".join(present))
+        return Finding("OK", "billing", "%s set but ignored: the CLI uses your subscription login "
+                       "(--use-api-key would bill that API account instead)" % names_are(present))
     return Finding("OK", "billing", "no ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN: requests use your login")
 
 

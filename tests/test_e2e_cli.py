@@ -13,6 +13,7 @@ import uuid
 import pytest
 
 from conftest import marker, only_request, sse_payloads, upstream_texts
+import real_cli
 
 TEXT = "Hello from the fake upstream."
 
@@ -797,3 +798,36 @@ def test_tool_results_are_verbatim_too(e2e_proxy, upstream, planted, waiting):
     assert json.loads(raw)["choices"][0]["message"]["content"] == "tool said: " + result
     for body in upstream.messages_requests(mark):
         assert planted["secret"] not in json.dumps(body) and planted["canary"] not in json.dumps(body)
+
+
+# ---- host safety: the CLI's environment -----------------------------------------------------------
+
+def test_no_api_key_or_proxy_setting_reaches_any_cli_process(start_proxy, real_claude, e2e_env, upstream):
+    hostile = {"ANTHROPIC_API_KEY": "sk-ant-api03-" + uuid.uuid4().hex,
+               "ANTHROPIC_AUTH_TOKEN": "auth-" + uuid.uuid4().hex,
+               "CLAUDE_CODE_ENTRYPOINT": "claude-vscode", "CLAUDE_MAX_PROXY_API_KEY": "proxy-" + uuid.uuid4().hex}
+    proxy = start_proxy(["--claude", real_claude], dict(e2e_env, **hostile))
+    auth = {"Authorization": "Bearer " + hostile["CLAUDE_MAX_PROXY_API_KEY"]}
+    mark = marker()
+    status, _, raw = proxy.chat({"model": "claude-sonnet-4", "messages": [
+        {"role": "user", "content": "hi " + mark}]}, headers=auth)
+    assert status == 200, raw
+    # A parked process and a warm one are left running: read what each was given.
+    deadline = time.monotonic() + 30
+    while json.loads(proxy.request("GET", "/health", headers=auth)[2])["processes"]["warm"] < 1:
+        assert time.monotonic() < deadline, "no warm process became ready"
+        time.sleep(0.05)
+    pids = proxy.tagged_pids()
+    assert pids
+    for pid in pids:
+        with open("/proc/%d/environ" % pid, "rb") as handle:
+            names = {item.split(b"=", 1)[0].decode() for item in handle.read().split(b"\0") if item}
+        assert not names & set(hostile), (pid, names & set(hostile))
+        assert "ENABLE_CLAUDEAI_MCP_SERVERS" in names
+    [request] = [r for r in upstream.requests if mark in json.dumps(r["body"])]
+    headers = {k.lower(): v for k, v in request["headers"].items()}
+    assert headers["authorization"] == "Bearer " + real_cli.FAKE_OAUTH_TOKEN and "x-api-key" not in headers
+    assert "claude-vscode" not in json.dumps(request)
+    assert json.loads(proxy.request("GET", "/health", headers=auth)[2])["ignored_api_keys"] == [
+        "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"]
+    assert proxy.wait_for_line("ANTHROPIC_API_KEY and ANTHROPIC_AUTH_TOKEN are set but ignored")
