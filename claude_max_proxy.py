@@ -31,6 +31,7 @@ import datetime
 import hashlib
 import hmac
 import http.client
+import io
 import ipaddress
 import json
 import os
@@ -41,6 +42,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import string
 import subprocess
 import sys
@@ -193,6 +195,8 @@ class Config:
     allow_image_fetch: bool = False
     client_timeout: float = 30.0
     use_api_key: bool = False
+    read_timeout: float = 30.0
+    max_connections: int = 128
 
 
 # (flag, type, help). Each flag's env var is CLAUDE_MAX_PROXY_<FLAG>, its field the flag in snake case.
@@ -225,6 +229,9 @@ OPTIONS = [
     ("--client-timeout", float, "seconds a client may stall sending or reading before it is dropped "
                                 "and its CLI ended (default 30)"),
     ("--allow-image-fetch", bool, "download http(s) image URLs in prompts (off: they get a 400)"),
+    ("--read-timeout", float, "seconds a client has in all to send a request's head (and the body, "
+                              "at least 64 KiB/s) before it is dropped (default 30)"),
+    ("--max-connections", int, "open client connections at once; more get a 503 (default 128)"),
     ("--use-api-key", bool, "let the CLI use ANTHROPIC_API_KEY / ANTHROPIC_AUTH_TOKEN from the "
                             "environment, billing that API account (off: they are ignored)"),
 ]
@@ -287,7 +294,7 @@ def config_from(args: Dict[str, Any], environ: Dict[str, str]) -> Config:
     if not 0 <= config.port <= 65535:
         raise ConfigError("--port must be 0-65535")
     for name in ("request_timeout", "idle_timeout", "max_body_bytes", "max_concurrency",
-                 "max_messages", "client_timeout"):
+                 "max_messages", "client_timeout", "read_timeout", "max_connections"):
         if getattr(config, name) <= 0:
             raise ConfigError("--%s must be positive" % name.replace("_", "-"))
     try:
@@ -879,6 +886,9 @@ class ClientGone(Exception):
     """The HTTP client went away; the CLI is ended and nothing more is written."""
 
 
+RUN_DIR_PREFIX = "claude-max-proxy-"  # + our pid: a run's private dir, found again after a crash
+SESSION_POINTER = "session-file"      # in a run's private dir: the path of its session transcript
+CLIENT_CHECK_INTERVAL = 0.25  # seconds between checks that the client is still there
 LIVE_RUNS = set()          # every CliRun not yet reaped, so shutdown can end them all
 LIVE_RUNS_LOCK = threading.Lock()
 
@@ -936,7 +946,7 @@ class CliRun:
         cwd = self.config.workdir
         os.makedirs(cwd, mode=0o700, exist_ok=True)
         # Private files for this run (the system prompt) live in a 0700 temp directory.
-        self.private_dir = tempfile.mkdtemp(prefix="claude-max-proxy-")
+        self.private_dir = tempfile.mkdtemp(prefix="%s%d-" % (RUN_DIR_PREFIX, os.getpid()))
         prompt_file = os.path.join(self.private_dir, "system-prompt.txt")
         with open(prompt_file, "w", encoding="utf-8") as handle:
             handle.write(self.call.system_prompt)
@@ -947,6 +957,8 @@ class CliRun:
             folder = os.path.join(claude_projects_dir(self.environ), project_key(real_cwd))
             os.makedirs(folder, mode=0o700, exist_ok=True)
             self.session_file = os.path.join(folder, session_id + ".jsonl")
+            with open(os.path.join(self.private_dir, SESSION_POINTER), "w", encoding="utf-8") as handle:
+                handle.write(self.session_file)  # for remove_leftovers, should we die before close()
             lines = session_lines_for(session_turns, session_id, real_cwd)
             fd = os.open(self.session_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -1057,8 +1069,14 @@ class CliRun:
                client_gone: Callable[[], bool] = lambda: False) -> Iterator[Dict[str, Any]]:
         """Yield the CLI's JSON events until it closes stdout; enforce the timeouts."""
         fd = self.proc.stdout.fileno()
-        last_output = time.monotonic()
+        last_output = last_check = time.monotonic()
         while True:
+            if time.monotonic() - last_check >= CLIENT_CHECK_INTERVAL:
+                # Also while the CLI is busy writing: a client waiting for a whole answer that
+                # hangs up must not keep its CLI going until the answer is done.
+                last_check = time.monotonic()
+                if client_gone():
+                    raise ClientGone()
             newline = self._buffer.find(b"\n")
             if newline >= 0:
                 line, self._buffer = self._buffer[:newline], self._buffer[newline + 1:]
@@ -1152,6 +1170,14 @@ class CliRun:
         with LIVE_RUNS_LOCK:
             LIVE_RUNS.discard(self)
 
+    def kill_now(self) -> None:
+        """Kill the process group and remove the run's files, waiting for nothing (a second Ctrl-C)."""
+        if self.proc is not None:
+            self._signal_group(signal.SIGKILL)
+        self._remove_session_file()
+        if self.private_dir:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+
     def _signal_group(self, sig) -> None:
         try:
             os.killpg(self.proc.pid, sig)
@@ -1240,6 +1266,59 @@ def close_all_runs() -> None:
         runs = list(LIVE_RUNS)
     for run in runs:
         run.close()
+
+
+def end_all_runs_now() -> None:
+    """Kill every CLI's process group and remove its files, without waiting for anything."""
+    with LIVE_RUNS_LOCK:
+        runs = list(LIVE_RUNS)
+    for run in runs:
+        run.kill_now()
+
+
+def remove_leftovers(workdir: str, environ: Dict[str, str], temp_dir: Optional[str] = None) -> int:
+    """Remove the private dirs (system prompts) and session transcripts that runs of a proxy that
+    died without cleaning up (SIGKILL, a crash) left behind; returns how many dirs went.
+
+    Only our own: directories named RUN_DIR_PREFIX<pid>- of ours whose process is gone, and the
+    session files those dirs point to inside this workdir's project folder."""
+    temp_dir = temp_dir or tempfile.gettempdir()
+    folder = os.path.realpath(os.path.join(claude_projects_dir(environ), project_key(os.path.realpath(workdir))))
+    try:
+        names = os.listdir(temp_dir)
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        match = re.match(re.escape(RUN_DIR_PREFIX) + r"(\d+)-", name)
+        path = os.path.join(temp_dir, name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if not match or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() \
+                or process_alive(int(match.group(1))):
+            continue
+        try:
+            with open(os.path.join(path, SESSION_POINTER), encoding="utf-8") as handle:
+                session = os.path.realpath(handle.read().strip())
+            if os.path.dirname(session) == folder and session.endswith(".jsonl"):
+                os.unlink(session)
+        except OSError:
+            pass  # no session file (or it is gone already): the dir still goes
+        shutil.rmtree(path, ignore_errors=True)
+        removed += not os.path.exists(path)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process holds that pid now: not ours to judge
+    return True
 
 
 class ClaudeInstall:
@@ -2181,6 +2260,26 @@ class ProxyServer(ThreadingHTTPServer):
         self.inflight = 0
         self.inflight_lock = threading.Condition()
         self.ignored_api_keys = ignored_api_keys(config, dict(os.environ))
+        self.connections = 0  # open client connections, against --max-connections
+        self.connections_lock = threading.Lock()
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        with self.connections_lock:
+            refused = self.connections >= self.config.max_connections
+            if not refused:
+                self.connections += 1
+        if refused:
+            refuse_connection(request, self.config.max_connections)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.connections_lock:
+                self.connections -= 1
 
     def prespawn(self, call: CliCall) -> None:
         """Keep `--warm` processes loaded for first turns like this one (in the background)."""
@@ -2247,6 +2346,41 @@ def with_fetched_images(body: Any) -> Any:
     return walk(body, "")
 
 
+def refuse_connection(sock: socket.socket, limit: int) -> None:
+    """Answer a connection over --max-connections with a 503, without a thread or a wait."""
+    body = json.dumps(ApiError(503, "too many open connections (the limit is %d); retry shortly" % limit,
+                               "server_error", "too_many_connections").body()).encode("ascii")
+    head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            "Retry-After: 1\r\nConnection: close\r\n\r\n" % len(body)).encode("ascii")
+    try:
+        sock.setblocking(False)  # a small answer fits the socket buffer; a client that reads nothing loses it
+        sock.send(head + body)
+    except OSError:
+        pass
+
+
+class DeadlineReader(io.RawIOBase):
+    """A client socket's input, where every read also ends at the request's deadline: a client
+    that trickles its request head (slow loris) is dropped, however steadily it sends."""
+
+    def __init__(self, sock: socket.socket, timeout: float):
+        self.sock, self.timeout = sock, timeout
+        self.deadline = None  # type: Optional[float]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        wait = self.timeout if self.deadline is None else min(self.timeout, self.deadline - time.monotonic())
+        if wait <= 0:
+            raise socket.timeout("the request took too long to arrive")
+        self.sock.settimeout(wait)
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.timeout)  # writes keep the --client-timeout
+
+
 def client_gone_check(sock: socket.socket) -> Callable[[], bool]:
     """A cheap test for a client that hung up: its socket reads as EOF."""
     def gone() -> bool:
@@ -2296,8 +2430,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         # dropped after this long, and the CLI it was holding is ended.
         self.timeout = self.server.config.client_timeout
         super().setup()
+        self.reader = DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader, 1 << 16)
         # Headers and body go out as separate writes: without this, Nagle holds the second ~40 ms.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def handle_one_request(self):
+        # The wait for the request and its head share one deadline (the body gets its own).
+        self.reader.deadline = time.monotonic() + self.server.config.read_timeout
+        super().handle_one_request()
 
     def do_GET(self):
         self._dispatch("GET")
@@ -2348,6 +2489,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.reused_process = False
         self.log_prompt = None
         server = self.server
+        if method != "POST" and self._has_body():
+            # A body no route reads would be parsed as the next request (smuggling): answer, then close.
+            self.close_connection = True
+            self.unread_body = True
         with server.inflight_lock:
             server.inflight += 1
         try:
@@ -2356,8 +2501,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.status = 499  # logged as such even after a 200 went out: the answer did not arrive
             self.close_connection = True
         except ApiError as exc:
-            if not self.body_read and (self.headers.get("Content-Length") not in (None, "0")
-                                       or self.headers.get("Transfer-Encoding")):
+            if not self.body_read and self._has_body():
                 # An unread body would be parsed as the next request: end the connection instead.
                 self.close_connection = True
                 self.unread_body = True
@@ -2376,6 +2520,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 server.inflight -= 1
                 server.inflight_lock.notify_all()
             self._access_log(method)
+
+    def _has_body(self) -> bool:
+        return self.headers.get("Content-Length") not in (None, "0") or bool(self.headers.get("Transfer-Encoding"))
 
     def _route(self, method: str) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
@@ -2449,6 +2596,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                          "OpenAI-Project, X-Stainless-Lang, X-Stainless-Package-Version")
         self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Content-Length", "0")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
 
     def _common_headers(self) -> None:
@@ -2482,7 +2631,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise ApiError(413, "request body of %d bytes is over the %d-byte limit"
                            % (size, self.server.config.max_body_bytes), "invalid_request_error",
                            "request_too_large")
-        deadline = time.monotonic() + max(30.0, size / 65536.0)
+        deadline = time.monotonic() + max(self.server.config.read_timeout, size / 65536.0)
+        self.reader.deadline = deadline
         chunks, left = [], size
         while left:
             if time.monotonic() > deadline:
@@ -2501,6 +2651,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             chunks.append(data)
             left -= len(data)
         self.body_read = True
+        self.reader.deadline = None
         try:
             return json.loads(b"".join(chunks).decode("utf-8"), parse_constant=reject_json_constant)
         except (UnicodeDecodeError, ValueError) as exc:
@@ -2754,6 +2905,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 def serve(config: Config) -> int:
     claude = ClaudeInstall(config.claude)
     server = ProxyServer(config, claude)
+    remove_leftovers(config.workdir, dict(os.environ))
     host, port = server.server_address[:2]
     # Probing `claude --version` takes ~0.3 s: do it beside serving, not before.
     threading.Thread(target=claude.probe, daemon=True).start()
@@ -2783,9 +2935,14 @@ def serve(config: Config) -> int:
         if not stopping.is_set():
             stopping.set()
             threading.Thread(target=server.shutdown, daemon=True).start()
+        elif signum == signal.SIGINT:  # a second Ctrl-C: the user does not want to wait
+            end_all_runs_now()
+            os._exit(130)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # SIGHUP too: a closed terminal or `kill -HUP` drains like SIGTERM rather than dropping answers.
+    for name in ("SIGTERM", "SIGINT", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), on_signal)
     sys.stderr.write("claude-max-proxy %s listening on http://%s:%d/v1\n" % (
         __version__, host if ":" not in host else "[%s]" % host, port))
     sys.stderr.flush()

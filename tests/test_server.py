@@ -857,3 +857,156 @@ def test_a_client_that_stops_reading_is_dropped_and_its_cli_ended(fake_proxy, tr
         assert proxy.wait_for_line(" 499 ", timeout=10)
     finally:
         sock.close()
+
+
+# ---- slow and numerous clients, smuggling, signals, leftovers -------------------------------------
+
+def is_closed(sock):
+    """True once the server has closed (or reset) the connection; never blocks long."""
+    try:
+        sock.settimeout(0.01)
+        return sock.recv(4096) == b""
+    except socket.timeout:
+        return False
+    except OSError:
+        return True
+
+
+def test_slow_header_senders_are_dropped_at_the_read_deadline_while_health_answers(fake_proxy):
+    proxy = fake_proxy(["--read-timeout", "2"])
+    socks = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5) for _ in range(40)]
+    try:
+        for sock in socks:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        open_socks, line = list(socks), 0
+        deadline = time.monotonic() + 30  # far past the 2 s deadline: only a per-read timeout misses it
+        while open_socks:
+            assert time.monotonic() < deadline, "%d slow connections still open" % len(open_socks)
+            line += 1
+            for sock in list(open_socks):
+                try:
+                    sock.sendall(b"X-Slow-%d: 1\r\n" % line)  # one more header line, each ~0.5 s
+                except OSError:
+                    open_socks.remove(sock)
+                    continue
+                if is_closed(sock):
+                    open_socks.remove(sock)
+            assert health(proxy)["status"] == "ok"
+            time.sleep(0.5)  # the attack's pace, not a synchronisation
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_connections_over_the_cap_get_a_clear_503(fake_proxy):
+    proxy = fake_proxy(["--max-connections", "3"])
+    idle = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5) for _ in range(3)]
+    try:
+        wait_until(lambda: health_status_over_fresh_connection(proxy.port) == 503, 10,
+                   "the connection cap to refuse")
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+            status, headers, body = split_response(recv_to_eof(sock))
+        assert status == 503 and headers["retry-after"] == "1" and headers["connection"] == "close"
+        assert json.loads(body)["error"]["code"] == "too_many_connections"
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_until(lambda: health_status_over_fresh_connection(proxy.port) == 200, 10, "the cap to free up")
+
+
+def health_status_over_fresh_connection(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        raw = recv_to_eof(sock)
+    return split_response(raw)[0] if raw else None
+
+
+@pytest.mark.parametrize("method", ["GET", "OPTIONS", "DELETE"])
+def test_a_body_on_a_request_that_takes_none_is_never_a_second_request(fake_proxy, method):
+    proxy = fake_proxy()
+    hidden = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"%s /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+                     % (method.encode(), len(hidden), hidden))
+        raw = recv_to_eof(sock)
+    assert raw.count(b"HTTP/1.1 ") == 1, raw
+    assert split_response(raw)[1]["connection"] == "close"
+    assert b'"object": "list"' not in raw
+
+
+def test_sighup_drains_like_sigterm(fake_proxy):
+    proxy = fake_proxy()
+    sock = open_raw(proxy.port, stream_body("slow:0.2"))
+    with sock:
+        raw = recv_until(sock, b"", b"Hello ")
+        proxy.proc.send_signal(signal.SIGHUP)
+        raw = recv_until(sock, raw, b"\r\n0\r\n\r\n")
+    assert split_response(raw)[0] == 200 and content_of(sse_payloads_of(raw)) == HELLO
+    assert proxy.proc.wait(timeout=15) == 0
+
+
+def sse_payloads_of(raw):
+    body, _, complete = dechunk(split_response(raw)[2])
+    assert complete
+    return [json.loads(p) for p in sse_payloads(body)[:-1]]
+
+
+def test_a_second_ctrl_c_exits_at_once_and_ends_the_clis(fake_proxy, trace):
+    proxy = fake_proxy(["--shutdown-grace", "600"], **trace.env)
+    sock = open_raw(proxy.port, stream_body("hang"))
+    with sock:
+        pid = trace.wait_for_turn()["pid"]
+        proxy.proc.send_signal(signal.SIGINT)
+        assert proxy.wait_for_line("req_", timeout=0.5) is None  # draining: the hung request stays
+        proxy.proc.send_signal(signal.SIGINT)
+        assert proxy.proc.wait(timeout=15) == 130  # not the 600 s grace
+        wait_reaped(pid)
+
+
+def test_a_non_streamed_client_that_hangs_up_ends_its_busy_cli(fake_proxy, trace):
+    # The CLI writes without pause, so the proxy must look for the client between its lines too.
+    proxy = fake_proxy(**trace.env)
+    sock = open_raw(proxy.port, chat_body("words:50000000"))
+    pid = trace.wait_for_turn()["pid"]
+    sock.close()
+    wait_reaped(pid, timeout=5)
+    assert proxy.wait_for_line(" 499 ", timeout=10)
+
+
+def test_leftovers_of_a_dead_proxy_are_removed_and_nothing_else(tmp_path):
+    temp, home, workdir = tmp_path / "tmp", tmp_path / "home", tmp_path / "cwd"
+    for folder in (temp, home, workdir):
+        folder.mkdir()
+    environ = {"HOME": str(home)}
+    projects = os.path.join(claude_max_proxy.claude_projects_dir(environ),
+                            claude_max_proxy.project_key(os.path.realpath(str(workdir))))
+    os.makedirs(projects)
+    dead = subprocess_pid_that_exited()
+
+    def run_dir(name, session=None):
+        path = temp / name
+        path.mkdir()
+        (path / "system-prompt.txt").write_text("secret system prompt")
+        if session:
+            with open(session, "w") as handle:
+                handle.write("{}\n")
+            (path / claude_max_proxy.SESSION_POINTER).write_text(session)
+        return path
+
+    gone = run_dir("claude-max-proxy-%d-abc" % dead, os.path.join(projects, "%s.jsonl" % uuid.uuid4()))
+    foreign_session = str(tmp_path / "elsewhere.jsonl")
+    also_gone = run_dir("claude-max-proxy-%d-def" % dead, foreign_session)
+    alive = run_dir("claude-max-proxy-%d-ghi" % os.getpid(), os.path.join(projects, "%s.jsonl" % uuid.uuid4()))
+    unrelated = run_dir("claude-max-proxy-notapid")
+    removed = claude_max_proxy.remove_leftovers(str(workdir), environ, str(temp))
+    assert removed == 2 and not gone.exists() and not also_gone.exists()
+    assert os.listdir(projects) == [os.path.basename((alive / "session-file").read_text())]
+    assert os.path.exists(foreign_session)  # outside this workdir's project folder: not ours
+    assert alive.exists() and unrelated.exists()
+
+
+def subprocess_pid_that_exited():
+    import subprocess
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
