@@ -49,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -406,8 +407,11 @@ def check_encodable(text: str, param: str) -> None:
         raise invalid(param, "`%s` contains invalid Unicode (a lone surrogate)" % param, "invalid_value")
 
 
-def text_blocks_of(content: Any, param: str) -> List[Dict[str, Any]]:
-    """OpenAI message content (string or parts) -> Anthropic content blocks, empties dropped."""
+def text_blocks_of(content: Any, param: str, remote_images: bool = False) -> List[Dict[str, Any]]:
+    """OpenAI message content (string or parts) -> Anthropic content blocks, empties dropped.
+
+    With `remote_images` an http(s) image becomes a `url` image block, to be fetched once the
+    whole request is valid (call_with_images); without, it is a 400."""
     if content is None:
         return []
     if isinstance(content, str):
@@ -432,7 +436,7 @@ def text_blocks_of(content: Any, param: str) -> List[Dict[str, Any]]:
             if isinstance(part.get("refusal"), str) and part["refusal"]:
                 blocks.append({"type": "text", "text": part["refusal"]})
         elif kind in ("image_url", "input_image"):
-            blocks.append(image_block_of(part, where))
+            blocks.append(image_block_of(part, where, remote_images))
         elif kind in ("input_audio", "file", "input_file"):
             raise invalid(where, "content parts of type `%s` are not supported" % kind, "unsupported_content")
         else:
@@ -440,13 +444,15 @@ def text_blocks_of(content: Any, param: str) -> List[Dict[str, Any]]:
     return blocks
 
 
-def image_block_of(part: Dict[str, Any], where: str) -> Dict[str, Any]:
+def image_block_of(part: Dict[str, Any], where: str, remote_images: bool = False) -> Dict[str, Any]:
     """An image_url part with a data: URL -> an Anthropic base64 image block."""
     url = part.get("image_url")
     if isinstance(url, dict):
         url = url.get("url")
     if not isinstance(url, str):
         raise invalid(where + ".image_url", "`%s.image_url.url` must be a string" % where, "invalid_type")
+    if re.match(r"^https?://", url, re.I) and remote_images:
+        return {"type": "image", "source": {"type": "url", "url": url}}
     if re.match(r"^https?://", url, re.I):
         raise invalid(where + ".image_url", "remote image URLs are not fetched (the proxy does not go to "
                       "the internet on a prompt's behalf unless started with --allow-image-fetch): send "
@@ -664,8 +670,8 @@ def tool_result_of(tool_call_id: Any, content: Any, where: str) -> Dict[str, Any
     return {"type": "tool_result", "tool_use_id": tool_call_id, "content": [{"type": "text", "text": text}]}
 
 
-def turns_from_messages(messages: Any, max_messages: int,
-                        tools: Tuple[ClientTool, ...] = ()) -> Tuple[str, List[Dict[str, Any]]]:
+def turns_from_messages(messages: Any, max_messages: int, tools: Tuple[ClientTool, ...] = (),
+                        remote_images: bool = False) -> Tuple[str, List[Dict[str, Any]]]:
     """OpenAI messages -> (system prompt, alternating Anthropic turns); same roles are merged.
 
     Tool calls become tool_use blocks in the assistant turn and tool results tool_result blocks in
@@ -689,7 +695,7 @@ def turns_from_messages(messages: Any, max_messages: int,
                              if b["type"] == "text"]
             continue
         if role == "user":
-            blocks = text_blocks_of(message.get("content"), param + ".content")
+            blocks = text_blocks_of(message.get("content"), param + ".content", remote_images)
         elif role == "assistant":
             blocks = [b for b in text_blocks_of(message.get("content"), param + ".content") if b["type"] == "text"]
             calls = message.get("tool_calls")
@@ -741,7 +747,8 @@ def cli_call_for(body: Any, config: Config) -> CliCall:
     check_parameters(body)
     tools = tools_of(body)
     choice, chosen = tool_choice_of(body, tools)
-    system_prompt, turns = turns_from_messages(body["messages"], config.max_messages, tools)
+    system_prompt, turns = turns_from_messages(body["messages"], config.max_messages, tools,
+                                               config.allow_image_fetch)
     if not turns or turns[-1]["role"] != "user":
         raise invalid("messages", "the last message must be a non-empty user or tool message")
     system_prompt = system_prompt or NEUTRAL_SYSTEM_PROMPT
@@ -769,6 +776,21 @@ def cli_call_for(body: Any, config: Config) -> CliCall:
         tools=tools, parallel_tool_calls=parallel is not False,
         json_schema=response_format_of(body), effort=effort_of(body),
         include_reasoning=config.include_reasoning if include_reasoning is None else include_reasoning)
+
+
+def remote_images_in(call: CliCall) -> List[str]:
+    """The URLs of the images a call still has to fetch, in order."""
+    return [b["source"]["url"] for turn in call.history + [{"content": call.prompt}]
+            for b in turn["content"] if b["type"] == "image" and b["source"]["type"] == "url"]
+
+
+def call_with_images(call: CliCall, fetched: Dict[str, Dict[str, Any]]) -> CliCall:
+    """The call with each remote image block replaced by its fetched base64 source."""
+    def blocks(content):
+        return [dict(b, source=fetched[b["source"]["url"]]) if b["type"] == "image"
+                and b["source"]["type"] == "url" else b for b in content]
+    return dataclasses.replace(call, prompt=blocks(call.prompt), history=[
+        dict(turn, content=blocks(turn["content"])) for turn in call.history])
 
 
 def cli_args_for(call: CliCall, claude_path: str, session_id: Optional[str],
@@ -2304,46 +2326,125 @@ class ProxyServer(ThreadingHTTPServer):
         threading.Thread(target=spawn, daemon=True).start()
 
 
-def fetched_image_url(url: str, where: str) -> str:
-    """Download an http(s) image (only with --allow-image-fetch) and return it as a data: URL."""
-    # Imported here: urllib.request brings in ssl, megabytes the proxy otherwise never needs.
-    import urllib.error
-    import urllib.request
+IMAGE_FETCH_COUNT = 8                      # remote images one request may name
+IMAGE_FETCH_BYTES = 20 * 1024 * 1024       # their bytes in all
+IMAGE_FETCH_SECONDS = 15.0                 # all of one request's fetches, redirects included
+IMAGE_FETCH_REDIRECTS = 3
+IMAGE_FETCH_FAILED = ("could not fetch the image at %s: images are fetched only from public http(s) "
+                      "addresses, as png, jpeg, gif or webp of at most 5 MB, within 15 s")
+
+
+def public_address(address: str) -> bool:
+    """True for an address on the public internet: never loopback, private, link-local,
+    multicast, reserved or unspecified (an IPv4-mapped IPv6 address is judged as IPv4)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback or ip.is_link_local
+                                 or ip.is_private or ip.is_unspecified)
+
+
+class ImageFetcher:
+    """Downloads the remote images of one request (--allow-image-fetch), safe by construction:
+    http(s) only; every name resolved and every address checked with `allowed` before a connection
+    is made to that very address (no second lookup a DNS rebinding could answer differently), again
+    on each redirect; one deadline and byte budget for all; errors say nothing about the target."""
+
+    def __init__(self, allowed: Callable[[str], bool] = public_address, seconds: float = IMAGE_FETCH_SECONDS,
+                 budget: int = IMAGE_FETCH_BYTES):
+        self.allowed, self.deadline, self.budget = allowed, time.monotonic() + seconds, budget
+
+    def fetch_all(self, urls: List[str]) -> Dict[str, Dict[str, Any]]:
+        """url -> Anthropic base64 image source, for every URL; a 400 for the first that fails."""
+        if len(set(urls)) > IMAGE_FETCH_COUNT:
+            raise invalid("messages", "at most %d remote images per request" % IMAGE_FETCH_COUNT,
+                          "too_many_images")
+        fetched = {}
+        for url in urls:
+            if url not in fetched:
+                try:
+                    fetched[url] = self.fetch(url)
+                except (OSError, ValueError, http.client.HTTPException):
+                    raise invalid("messages", IMAGE_FETCH_FAILED % json.dumps(url[:200]), "image_fetch_failed")
+        return fetched
+
+    def fetch(self, url: str) -> Dict[str, Any]:
+        for _ in range(IMAGE_FETCH_REDIRECTS + 1):
+            parts = urllib.parse.urlsplit(url)
+            sock = self._connect(parts)
+            # The deadline covers every byte: a target that trickles is cut off, however steadily.
+            watchdog = threading.Timer(self._left(), lambda: close_quietly(sock))
+            watchdog.start()
+            try:
+                response = self._get(sock, parts)
+                if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                    url = urllib.parse.urljoin(url, response.getheader("Location"))
+                    continue  # checked again from the start: scheme, name, address
+                media_type = (response.getheader("Content-Type") or "").split(";", 1)[0].strip().lower()
+                media_type = "image/jpeg" if media_type == "image/jpg" else media_type
+                if response.status != 200 or media_type not in IMAGE_TYPES:
+                    raise ValueError("not an image")
+                data = self._read(response)
+                return {"type": "base64", "media_type": media_type, "data": base64.b64encode(data).decode("ascii")}
+            finally:
+                watchdog.cancel()
+                close_quietly(sock)
+        raise ValueError("too many redirects")
+
+    def _left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("deadline")
+        return left
+
+    def _connect(self, parts: urllib.parse.SplitResult) -> socket.socket:
+        """A connection to the checked address of the URL's host (TLS for https)."""
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("scheme")
+        port = parts.port or (443 if scheme == "https" else 80)
+        addresses = [info[4][0] for info in socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)]
+        if not addresses or not all(self.allowed(address) for address in addresses):
+            raise ValueError("address")
+        sock = socket.create_connection((addresses[0], port), timeout=self._left())
+        if scheme == "https":
+            import ssl  # only here: the proxy otherwise never needs it
+            try:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
+            except BaseException:
+                close_quietly(sock)
+                raise
+        return sock
+
+    def _get(self, sock: socket.socket, parts: urllib.parse.SplitResult) -> http.client.HTTPResponse:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port or (443 if parts.scheme.lower() == "https" else 80))
+        conn.sock = sock  # the checked address, not a new lookup
+        conn.request("GET", (parts.path or "/") + ("?" + parts.query if parts.query else ""),
+                     headers={"User-Agent": "claude-max-proxy/" + __version__, "Accept": "image/*"})
+        return conn.getresponse()
+
+    def _read(self, response: http.client.HTTPResponse) -> bytes:
+        limit = min(MAX_IMAGE_BYTES * 3 // 4, self.budget)  # 5 MB of base64 is 3.75 MB of image
+        chunks, size = [], 0
+        while True:
+            chunk = response.read(65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise ValueError("too large")
+            chunks.append(chunk)
+        self._left()  # an end of data the watchdog caused is not the end of the image
+        self.budget -= size
+        return b"".join(chunks)
+
+
+def close_quietly(sock: socket.socket) -> None:
     try:
-        request = urllib.request.Request(url, headers={"User-Agent": "claude-max-proxy/" + __version__})
-        with urllib.request.urlopen(request, timeout=15) as response:
-            media_type = (response.headers.get_content_type() or "").lower()
-            data = response.read(MAX_IMAGE_BYTES * 3 // 4 + 1)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise invalid(where, "could not fetch the image at %s: %s" % (url[:200], exc), "image_fetch_failed")
-    if media_type == "image/jpg":
-        media_type = "image/jpeg"
-    if media_type not in IMAGE_TYPES:
-        raise invalid(where, "the image at %s is %s, not png, jpeg, gif or webp" % (url[:200], media_type or
-                      "of no declared type"), "unsupported_image_type")
-    if len(data) > MAX_IMAGE_BYTES * 3 // 4:
-        raise invalid(where, "the image at %s is over the 5 MB limit" % url[:200], "image_too_large")
-    return "data:%s;base64,%s" % (media_type, base64.b64encode(data).decode("ascii"))
-
-
-def with_fetched_images(body: Any) -> Any:
-    """The request with every http(s) image URL (chat `image_url`, Responses `input_image`)
-    replaced by the downloaded image as a data: URL; everything else as it was."""
-    def walk(value: Any, where: str) -> Any:
-        if isinstance(value, list):
-            return [walk(item, "%s[%d]" % (where, i)) for i, item in enumerate(value)]
-        if not isinstance(value, dict):
-            return value
-        out = {key: walk(item, "%s.%s" % (where, key) if where else key) for key, item in value.items()}
-        if value.get("type") in ("image_url", "input_image"):
-            url = value.get("image_url")
-            holder = url if isinstance(url, dict) else None
-            text = holder.get("url") if holder is not None else url
-            if isinstance(text, str) and re.match(r"^https?://", text, re.I):
-                fetched = fetched_image_url(text, where + ".image_url")
-                out["image_url"] = dict(holder, url=fetched) if holder is not None else fetched
-        return out
-    return walk(body, "")
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
 def refuse_connection(sock: socket.socket, limit: int) -> None:
@@ -2730,19 +2831,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return dict(kinds, busy=busy, hits=self.server.reuse["hits"], misses=self.server.reuse["misses"])
 
     def _chat_completions(self) -> None:
-        call = cli_call_for(self._read_request(), self.server.config)
+        call = self._with_images(cli_call_for(self._read_json(), self.server.config))
         self._serve_call(call, ChatRenderer(call))
 
-    def _read_request(self) -> Any:
-        body = self._read_json()
-        if self.server.config.allow_image_fetch:
-            body = with_fetched_images(body)
-        return body
+    def _with_images(self, call: CliCall) -> CliCall:
+        """The valid call with its remote images fetched (only with --allow-image-fetch)."""
+        urls = remote_images_in(call)
+        return call_with_images(call, ImageFetcher().fetch_all(urls)) if urls else call
 
     def _responses(self) -> None:
-        body = self._read_request()
+        body = self._read_json()
         store = self.server.responses
         call, conversation = responses_call_for(body, previous_messages_for(body, store), self.server.config)
+        call = self._with_images(call)
 
         def keep(response: Dict[str, Any]) -> None:
             store.put(response, conversation + responses_output_messages(response["output"]))

@@ -584,43 +584,27 @@ def test_unrelated_conversations_never_share_a_process(e2e_proxy, upstream):
         assert b not in json.dumps(body)
 
 
-def test_remote_image_is_fetched_only_when_the_user_allows_it(start_proxy, real_claude, e2e_env, upstream):
-    import base64
-    import http.server
-    import threading
-
-    png = base64.b64decode(PNG_1PX)
-
-    class Images(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(png)))
-            self.end_headers()
-            self.wfile.write(png)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Images)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+def test_an_image_url_on_loopback_is_a_400_and_never_fetched(start_proxy, real_claude, e2e_env, upstream):
+    target = socket.socket()
+    target.bind(("127.0.0.1", 0))
+    target.listen(8)
+    target.setblocking(False)
     try:
-        url = "http://127.0.0.1:%d/cat.png" % server.server_address[1]
         proxy = start_proxy(["--claude", real_claude, "--allow-image-fetch"], e2e_env)
-        mark = marker()
-        content = [{"type": "text", "text": "what is this? " + mark},
-                   {"type": "image_url", "image_url": {"url": url}}]
-        status, _, raw = chat(proxy, [{"role": "user", "content": content}])
-        assert status == 200, raw
-        blocks = [b for m in only_request(upstream, mark)["messages"] if m["role"] == "user"
-                  for b in m["content"] if isinstance(b, dict) and b.get("type") == "image"]
-        assert blocks[0]["source"] == {"type": "base64", "media_type": "image/png", "data": PNG_1PX}
-        missing = [{"type": "image_url", "image_url": {"url": url}}]  # asked again once the server is gone
+        port = target.getsockname()[1]
+        for url in ["http://127.0.0.1:%d/cat.png" % port, "http://localhost:%d/cat.png" % port,
+                    "http://[::ffff:127.0.0.1]:%d/cat.png" % port, "http://0x7f000001:%d/cat.png" % port]:
+            mark = marker()
+            content = [{"type": "text", "text": "what is this? " + mark}, {"type": "image_url", "image_url": {"url": url}}]
+            status, _, raw = chat(proxy, [{"role": "user", "content": content}])
+            error = json.loads(raw)["error"]
+            assert status == 400 and error["code"] == "image_fetch_failed", raw
+            assert "refused" not in error["message"] and "404" not in error["message"]
+            assert upstream.messages_requests(mark) == []
+        with pytest.raises(BlockingIOError):
+            target.accept()  # no connection ever reached the target
     finally:
-        server.shutdown()
-        server.server_close()
-    status, _, raw = chat(proxy, [{"role": "user", "content": missing}])
-    assert status == 400 and json.loads(raw)["error"]["code"] == "image_fetch_failed"
+        target.close()
 
 
 def test_no_cli_outlives_a_killed_proxy(start_proxy, real_claude, e2e_env):

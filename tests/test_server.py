@@ -7,10 +7,12 @@ on observable events (a log record, a pid, a socket read, an access-log line) wi
 nothing sleeps a fixed time to let the server "catch up".
 """
 
+import base64
 import collections
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -1010,3 +1012,130 @@ def subprocess_pid_that_exited():
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+# ---- ImageFetcher against local HTTP servers (the address check is widened to loopback here) ------
+
+class ImageServer:
+    """A loopback HTTP server whose answers a test scripts per path; it counts connections."""
+
+    def __init__(self, host="127.0.0.1"):
+        import http.server
+        owner = self
+        self.routes, self.connections = {}, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def setup(self):
+                owner.connections += 1
+                super().setup()
+
+            def do_GET(self):
+                route = owner.routes.get(self.path, (404, {}, b""))
+                status, headers, body = route
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                if callable(body):
+                    self.send_header("Content-Type", "image/png")
+                    self.end_headers()
+                    return body(self.wfile)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://%s:%d" % (host, self.server.server_address[1])
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+PNG_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
+
+
+@pytest.fixture
+def images():
+    servers = []
+
+    def start(host="127.0.0.1"):
+        servers.append(ImageServer(host))
+        return servers[-1]
+    yield start
+    for server in servers:
+        server.close()
+
+
+def loopback_only(address):
+    return address == "127.0.0.1"
+
+
+def fetch_error(urls, **kwargs):
+    with pytest.raises(claude_max_proxy.ApiError) as caught:
+        claude_max_proxy.ImageFetcher(loopback_only, **kwargs).fetch_all(urls)
+    error = caught.value
+    assert (error.status, error.code) == (400, "image_fetch_failed") or error.code == "too_many_images"
+    return error
+
+
+def test_a_fetched_image_becomes_a_base64_source_following_a_redirect(images):
+    server = images()
+    server.routes["/cat.png"] = (200, {"Content-Type": "image/png"}, PNG_BYTES)
+    server.routes["/moved"] = (302, {"Location": "/cat.png"}, b"")
+    fetched = claude_max_proxy.ImageFetcher(loopback_only).fetch_all([server.url + "/moved"])
+    assert fetched[server.url + "/moved"] == {"type": "base64", "media_type": "image/png",
+                                             "data": base64.b64encode(PNG_BYTES).decode("ascii")}
+
+
+def test_a_redirect_to_a_refused_address_or_scheme_connects_nowhere(images):
+    server, other = images(), images("127.0.0.2")
+    other.routes["/cat.png"] = (200, {"Content-Type": "image/png"}, PNG_BYTES)
+    server.routes["/to-other"] = (302, {"Location": other.url + "/cat.png"}, b"")
+    server.routes["/to-ftp"] = (301, {"Location": "ftp://127.0.0.1/cat.png"}, b"")
+    server.routes["/to-file"] = (307, {"Location": "file:///etc/passwd"}, b"")
+    for path in ("/to-other", "/to-ftp", "/to-file"):
+        fetch_error([server.url + path])
+    assert other.connections == 0
+
+
+def test_fetch_errors_say_nothing_about_the_target(images):
+    server = images()
+    server.routes["/page"] = (200, {"Content-Type": "text/html"}, b"<html>secret</html>")
+    server.routes["/cat.png"] = (200, {"Content-Type": "image/png"}, PNG_BYTES)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    messages = {fetch_error([url]).message.replace(url, "URL") for url in (
+        server.url + "/page", server.url + "/missing", "http://127.0.0.1:%d/x.png" % closed_port,
+        server.url.replace("127.0.0.1", "127.0.0.3") + "/cat.png")}
+    assert len(messages) == 1, messages  # one message, whatever happened
+    assert not re.search(r"refused|404|text/html|secret|Not Found", messages.pop())
+
+
+def test_a_trickling_image_is_cut_at_the_deadline(images):
+    server = images()
+
+    def trickle(out):
+        for _ in range(100):
+            out.write(b"x")
+            out.flush()
+            time.sleep(0.2)  # the slow target's pace
+    server.routes["/slow.png"] = (200, {}, trickle)
+    started = time.monotonic()
+    fetch_error([server.url + "/slow.png"], seconds=1.0)
+    assert time.monotonic() - started < 15  # cut by the deadline, not after all 20 s of it
+
+
+def test_images_are_capped_in_count_and_bytes(images):
+    server = images()
+    server.routes["/big.png"] = (200, {"Content-Type": "image/png"}, PNG_BYTES * 1000)
+    assert fetch_error([server.url + "/%d.png" % i for i in range(claude_max_proxy.IMAGE_FETCH_COUNT + 1)]
+                       ).code == "too_many_images"
+    assert server.connections == 0  # counted before any fetch
+    fetch_error([server.url + "/big.png"], budget=len(PNG_BYTES) * 10)

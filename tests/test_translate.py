@@ -2694,3 +2694,36 @@ def test_readme_tables_match_the_code():
     with open(path, encoding="utf-8") as readme_file:
         readme = readme_file.read()
     assert cmp.readme_tables() in readme
+
+
+# ================================================================================================
+# Remote images (--allow-image-fetch): which URLs are fetched, and which addresses are public
+# ================================================================================================
+
+def fetching_call(*messages, **params):
+    return cmp.cli_call_for(body_with(*messages, **params), config(allow_image_fetch=True))
+
+
+def test_remote_images_are_fetched_only_from_user_content_parts_after_validation():
+    url = "https://example.com/cat.png"
+    call = fetching_call(user([{"type": "text", "text": "a"}, image_part(url)]), assistant("b"),
+                         user([image_part(url + "?2")]), metadata={"x": {"type": "image_url", "image_url": url}})
+    assert cmp.remote_images_in(call) == [url, url + "?2"]
+    source = {"type": "base64", "media_type": "image/png", "data": PNG}
+    fetched = cmp.call_with_images(call, {url: source, url + "?2": source})
+    assert cmp.remote_images_in(fetched) == [] and fetched.prompt == [{"type": "image", "source": source}]
+    assert fetched.history[0]["content"][1] == {"type": "image", "source": source}
+    # An invalid request is refused before anything is fetched: the error comes from validation.
+    assert error_of(fetching_call, user([image_part(url)]), temperature=7).param == "temperature"
+    assert error_of(fetching_call, system([image_part(url)]), user("x")).code == "unsupported_image_url"
+
+
+@pytest.mark.parametrize("address, public", [
+    ("8.8.8.8", True), ("2606:4700:4700::1111", True), ("1.1.1.1", True),
+    ("127.0.0.1", False), ("127.8.9.10", False), ("::1", False), ("10.1.2.3", False), ("172.16.0.1", False),
+    ("192.168.1.1", False), ("169.254.169.254", False), ("fe80::1", False), ("fe80::1%eth0", False),
+    ("224.0.0.1", False), ("ff02::1", False), ("0.0.0.0", False), ("::", False), ("240.0.0.1", False),
+    ("100.64.0.1", False), ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("fc00::1", False),
+])
+def test_public_address(address, public):
+    assert cmp.public_address(address) is public
