@@ -137,7 +137,10 @@ LOGIN_HINT = ("The Claude CLI is not authenticated: run `claude auth login` (or 
 # CLI's control channel); the model sees them as mcp__<server>__<name>.
 MCP_SERVER = "client"
 MCP_PREFIX = "mcp__%s__" % MCP_SERVER
-TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch: `$` would let a final "\n" through
+TOOL_CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+MAX_TOOL_DESCRIPTION_CHARS = 16384  # the most the CLI passes on (CLAUDE_CODE_MAX_MCP_DESCRIPTION_LENGTH)
+MAX_STOP_CHARS = 1000               # per stop string
 STRUCTURED_OUTPUT_TOOL = "StructuredOutput"  # the CLI's tool for --json-schema answers
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 MAX_IMAGE_BYTES = 5 * 1024 * 1024  # Anthropic's per-image limit
@@ -531,6 +534,11 @@ def stop_strings_of(body: Dict[str, Any]) -> Tuple[str, ...]:
         stop = [stop]
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise invalid("stop", "`stop` must be a non-empty string or an array of up to 4 of them")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise invalid("stop", "each stop string must be at most %d characters" % MAX_STOP_CHARS,
+                      "string_above_max_length")
+    for s in stop:
+        check_encodable(s, "stop")
     return tuple(stop)
 
 
@@ -562,7 +570,7 @@ def tools_of(body: Dict[str, Any]) -> Tuple[ClientTool, ...]:
         function = entry["function"]
         field = where + (".function." if param == "tools" else ".")  # the path the client wrote
         name = function.get("name")
-        if not isinstance(name, str) or not TOOL_NAME.match(name):
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
             raise invalid(field + "name", "function names must match ^[a-zA-Z0-9_-]{1,64}$")
         if name in seen:
             raise invalid(field + "name", "duplicate function name %r" % name)
@@ -574,6 +582,9 @@ def tools_of(body: Dict[str, Any]) -> Tuple[ClientTool, ...]:
         description = function.get("description") or ""
         if not isinstance(description, str):
             raise invalid(field + "description", "`description` must be a string", "invalid_type")
+        if len(description) > MAX_TOOL_DESCRIPTION_CHARS:  # rather than cut short without a word
+            raise invalid(field + "description", "`description` is over %d characters"
+                          % MAX_TOOL_DESCRIPTION_CHARS, "string_above_max_length")
         schema = function.get("parameters")
         if schema is None:
             schema = {"type": "object", "properties": {}}
@@ -645,18 +656,21 @@ def tool_use_of(call: Any, where: str, names: Dict[str, str], field: Optional[st
     if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
         raise invalid(where, "`%s` must be a function tool call" % where, "invalid_type")
     call_id, function = call.get("id"), call["function"]
-    if not isinstance(call_id, str) or not re.match(r"^[A-Za-z0-9_-]{1,128}$", call_id):
+    if not isinstance(call_id, str) or not TOOL_CALL_ID.fullmatch(call_id):
         raise invalid(where + ".id", "tool call ids must match ^[A-Za-z0-9_-]{1,128}$")
     name = function.get("name")
-    if not isinstance(name, str) or not TOOL_NAME.match(name):
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
         raise invalid(field + "name", "function names must match ^[a-zA-Z0-9_-]{1,64}$")
     arguments = function.get("arguments", "{}")
+    if isinstance(arguments, str):
+        check_encodable(arguments, field + "arguments")
     try:
         parsed = json.loads(arguments or "{}") if isinstance(arguments, str) else None
     except (ValueError, RecursionError):
         parsed = None
     if not isinstance(parsed, dict):
         raise invalid(field + "arguments", "`arguments` must be a JSON object in a string")
+    check_encodable(json.dumps(parsed, ensure_ascii=False), field + "arguments")  # "\ud800" escapes too
     return {"type": "tool_use", "id": call_id, "name": MCP_PREFIX + names.get(name, mcp_name_for(name)),
             "input": parsed}
 
@@ -664,6 +678,8 @@ def tool_use_of(call: Any, where: str, names: Dict[str, str], field: Optional[st
 def tool_result_of(tool_call_id: Any, content: Any, where: str) -> Dict[str, Any]:
     if not isinstance(tool_call_id, str) or not tool_call_id:
         raise invalid(where + ".tool_call_id", "`tool_call_id` is required", "missing_required_parameter")
+    if not TOOL_CALL_ID.fullmatch(tool_call_id):
+        raise invalid(where + ".tool_call_id", "tool call ids must match ^[A-Za-z0-9_-]{1,128}$")
     blocks = text_blocks_of(content, where + ".content")
     text = "".join(b.get("text", "") for b in blocks if b["type"] == "text")
     # The same shape the CLI gives a result its MCP server returned: cold and warm turns match.
@@ -841,6 +857,8 @@ def cli_env_for(call: CliCall, config: Config, environ: Dict[str, str]) -> Dict[
     env.pop("CLAUDE_CODE_MAX_OUTPUT_TOKENS", None)
     if call.max_output_tokens:
         env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(call.max_output_tokens)
+    if call.tools:  # the CLI would cut longer descriptions to 4,096 characters
+        env["CLAUDE_CODE_MAX_MCP_DESCRIPTION_LENGTH"] = str(MAX_TOOL_DESCRIPTION_CHARS)
     return env
 
 
@@ -965,6 +983,28 @@ class CliRun:
         return self
 
     def _spawn(self, session_turns: List[Dict[str, Any]]) -> None:
+        try:
+            prompt_file, session_id = self._write_private_files(session_turns)
+        except OSError as exc:  # a full disk or temp dir, a read-only HOME: say which, not "OSError"
+            raise ApiError(503, "cannot write the files the Claude CLI needs for this request (%s): %s"
+                           % (exc.filename or tempfile.gettempdir(), exc.strerror or exc),
+                           "server_error", "storage_unavailable")
+        argv = cli_args_for(self.call, self.claude_path, session_id, prompt_file)
+        try:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=self.config.workdir, env=cli_env_for(self.call, self.config, self.environ),
+                start_new_session=True, close_fds=True)
+        except OSError as exc:
+            raise ApiError(503, "cannot start the Claude CLI (%s): %s" % (self.claude_path, exc),
+                           "server_error", "cli_unavailable")
+        with LIVE_RUNS_LOCK:
+            LIVE_RUNS.add(self)
+        self.stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True)
+        self.stderr_reader.start()
+
+    def _write_private_files(self, session_turns: List[Dict[str, Any]]) -> Tuple[str, Optional[str]]:
+        """The system prompt file and the session transcript (if any): (prompt path, session id)."""
         cwd = self.config.workdir
         os.makedirs(cwd, mode=0o700, exist_ok=True)
         # Private files for this run (the system prompt) live in a 0700 temp directory.
@@ -985,19 +1025,7 @@ class CliRun:
             fd = os.open(self.session_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write("\n".join(lines) + "\n")
-        argv = cli_args_for(self.call, self.claude_path, session_id, prompt_file)
-        try:
-            self.proc = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=cwd, env=cli_env_for(self.call, self.config, self.environ),
-                start_new_session=True, close_fds=True)
-        except OSError as exc:
-            raise ApiError(503, "cannot start the Claude CLI (%s): %s" % (self.claude_path, exc),
-                           "server_error", "cli_unavailable")
-        with LIVE_RUNS_LOCK:
-            LIVE_RUNS.add(self)
-        self.stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True)
-        self.stderr_reader.start()
+        return prompt_file, session_id
 
     # -- the CLI's questions (control requests) ------------------------------------------------
 
@@ -1425,6 +1453,17 @@ def usage_from(usage: Dict[str, Any]) -> Dict[str, Any]:
             "completion_tokens_details": {"reasoning_tokens": 0}}
 
 
+def kmp_table(pattern: str) -> List[int]:
+    """For each prefix of `pattern`, the length of its longest proper prefix that is also its suffix."""
+    table, matched = [0] * len(pattern), 0
+    for i in range(1, len(pattern)):
+        while matched and pattern[i] != pattern[matched]:
+            matched = table[matched - 1]
+        matched += pattern[i] == pattern[matched]
+        table[i] = matched
+    return table
+
+
 class TurnTranslator:
     """Feeds on CLI events one at a time and says what the turn produced.
 
@@ -1439,6 +1478,8 @@ class TurnTranslator:
         self.usage = {}    # type: Dict[str, Any]
         self.stop_reason = None  # type: Optional[str]
         self.pending = ""  # text held back because it might begin a stop string
+        self.stop_matched = None  # type: Optional[List[int]]  # per stop string: characters matched
+        self.stop_tables = []     # type: List[List[int]]
         self.finished = False
         self.received_text = False
         self.blocks = {}   # content block index -> ("text"|"tool"|"structured"|"thinking"|"other", n)
@@ -1534,20 +1575,27 @@ class TurnTranslator:
     def _text(self, text: str) -> List[TurnEvent]:
         if not self.stop:
             return self._emit(text)
+        if self.stop_matched is None:
+            self.stop_matched, self.stop_tables = [0] * len(self.stop), [kmp_table(s) for s in self.stop]
         buffer = self.pending + text
-        # Generation stops when a stop string is complete: the one that ends first wins.
-        hits = [(buffer.find(s) + len(s), buffer.find(s)) for s in self.stop if s in buffer]
-        if hits:
-            cut = min(hits)[1]
-            self.pending = ""
-            self.cut = True
-            return self._emit(buffer[:cut]) + self._finish("stop")
-        keep = 0
-        for s in self.stop:
-            for size in range(min(len(s) - 1, len(buffer)), 0, -1):
-                if buffer.endswith(s[:size]):
-                    keep = max(keep, size)
-                    break
+        # Each stop string is matched as the text streams by (Knuth-Morris-Pratt), so a delta
+        # costs its own length, however long the stop strings or the answer.
+        for i, char in enumerate(text):
+            done = 0
+            for n, stop in enumerate(self.stop):
+                matched, table = self.stop_matched[n], self.stop_tables[n]
+                while matched and char != stop[matched]:
+                    matched = table[matched - 1]
+                matched += char == stop[matched]
+                if matched == len(stop):
+                    done, matched = max(done, matched), table[matched - 1]
+                self.stop_matched[n] = matched
+            if done:  # the stop string that ends first wins (the longest, if several end here)
+                cut = len(self.pending) + i + 1 - done
+                self.pending = ""
+                self.cut = True
+                return self._emit(buffer[:cut]) + self._finish("stop")
+        keep = max(self.stop_matched)  # what may still begin a stop string is held back
         self.pending = buffer[len(buffer) - keep:] if keep else ""
         return self._emit(buffer[:len(buffer) - keep])
 
@@ -2862,7 +2910,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         server, config = self.server, self.server.config
         self.log_model = call.requested_model
         if config.log_prompts:
-            self.log_prompt = json.dumps(call.prompt, ensure_ascii=False)[:500]
+            self.log_prompt = json.dumps(call.prompt)[:500]  # ASCII: no terminal escapes in the log
         gone = client_gone_check(self.connection)
         claude_path = server.claude.resolve()
         results = tool_results_in(call.prompt)
@@ -2994,7 +3042,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         ttft = "%.3f" % (self.first_token_at - self.started) if self.first_token_at else "-"
         sys.stderr.write("%s %s %s %s %d model=%s dur=%.3f ttft=%s bytes=%d%s" % (
             time.strftime("%Y-%m-%dT%H:%M:%S"), self.request_id, method,
-            self.path.split("?", 1)[0][:200], self.status, self.log_model, elapsed, ttft,
+            json.dumps(self.path.split("?", 1)[0][:200])[1:-1], self.status, self.log_model, elapsed, ttft,
             self.sent_bytes, " reused=1" if self.reused_process else "")
             + (" prompt=%s" % self.log_prompt if self.log_prompt else "") + "\n")
 

@@ -9,6 +9,7 @@ nothing sleeps a fixed time to let the server "catch up".
 
 import base64
 import collections
+import errno
 import http.client
 import json
 import os
@@ -1139,3 +1140,28 @@ def test_images_are_capped_in_count_and_bytes(images):
                        ).code == "too_many_images"
     assert server.connections == 0  # counted before any fetch
     fetch_error([server.url + "/big.png"], budget=len(PNG_BYTES) * 10)
+
+
+def test_a_full_disk_is_a_503_that_says_so(monkeypatch, tmp_path):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path))
+    monkeypatch.setattr(claude_max_proxy.tempfile, "mkdtemp", full)
+    config = claude_max_proxy.Config(workdir=str(tmp_path / "cwd"))
+    call = claude_max_proxy.cli_call_for({"messages": [{"role": "user", "content": "hi"}]}, config)
+    run = claude_max_proxy.CliRun(call, config, "/nonexistent/claude", {"HOME": str(tmp_path)})
+    with pytest.raises(claude_max_proxy.ApiError) as caught:
+        run.start()
+    error = caught.value
+    assert (error.status, error.code) == (503, "storage_unavailable")
+    assert os.strerror(errno.ENOSPC) in error.message and str(tmp_path) in error.message
+    assert run.proc is None
+
+
+def test_control_bytes_in_the_path_are_escaped_in_the_access_log(fake_proxy):
+    proxy = fake_proxy()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/\x1b[31mred\x07\x9b HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert split_response(recv_to_eof(sock))[0] == 404
+    line = proxy.wait_for_line("/v1/")
+    assert "\x1b" not in line and "\x07" not in line and "\x9b" not in line
+    assert "\\u001b[31mred" in line

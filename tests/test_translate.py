@@ -2727,3 +2727,61 @@ def test_remote_images_are_fetched_only_from_user_content_parts_after_validation
 ])
 def test_public_address(address, public):
     assert cmp.public_address(address) is public
+
+
+# ================================================================================================
+# Limits and exact-match checks a hostile request runs into
+# ================================================================================================
+
+def test_a_stop_string_over_the_length_limit_is_400():
+    assert call_for(user("hi"), stop=["x" * cmp.MAX_STOP_CHARS]).stop == ("x" * cmp.MAX_STOP_CHARS,)
+    error = error_of(call_for, user("hi"), stop=["ok", "x" * (cmp.MAX_STOP_CHARS + 1)])
+    assert (error.status, error.param, error.code) == (400, "stop", "string_above_max_length")
+
+
+def test_long_self_overlapping_stop_strings_are_found_across_any_number_of_deltas():
+    near = "a" * 999 + "b"
+    pieces = ["a"] * 3000 + ["a" * 998, "b", "tail"]
+    _, out = translate([message_start()] + [text_delta(p) for p in pieces] + [message_stop()],
+                       (near, "zz" * 500))
+    assert "".join(e[1] for e in out if e[0] == "text") == "a" * (3000 + 998 - 999)
+    assert [e[1] for e in out if e[0] == "finish"] == ["stop"]
+
+
+def test_kmp_table():
+    assert cmp.kmp_table("abab") == [0, 0, 1, 2]
+    assert cmp.kmp_table("aaab") == [0, 1, 2, 0]
+    assert cmp.kmp_table("") == []
+
+
+@pytest.mark.parametrize("arguments", ['{"a": "\\ud800"}', '{"a": "x\\udfff"}', '{"\\ud83d": 1}', '{"a": "\ud800"}'])
+def test_a_lone_surrogate_in_tool_call_arguments_is_400(arguments):
+    error = error_of(call_for, user("hi"), assistant_calls(None, tool_call("call_1", "get_weather", arguments)),
+                     tool_message("call_1", "18C"), tools=TOOLS)
+    assert (error.status, error.param) == (400, "messages[1].tool_calls[0].function.arguments")
+
+
+def test_a_tool_description_over_the_limit_is_400_not_cut():
+    at_limit = function_tool("t", {"type": "object"}, "d" * cmp.MAX_TOOL_DESCRIPTION_CHARS)
+    call = call_for(user("hi"), tools=[at_limit])
+    assert call.tools[0].description == "d" * cmp.MAX_TOOL_DESCRIPTION_CHARS
+    env = cmp.cli_env_for(call, config(), {})
+    assert env["CLAUDE_CODE_MAX_MCP_DESCRIPTION_LENGTH"] == str(cmp.MAX_TOOL_DESCRIPTION_CHARS)
+    over = function_tool("t", {"type": "object"}, "d" * (cmp.MAX_TOOL_DESCRIPTION_CHARS + 1))
+    error = error_of(call_for, user("hi"), tools=[over])
+    assert (error.status, error.param, error.code) == (400, "tools[0].function.description",
+                                                       "string_above_max_length")
+
+
+@pytest.mark.parametrize("messages, tools, param", [
+    ([user("hi")], [function_tool("get_weather\n", {"type": "object"})], "tools[0].function.name"),
+    ([user("hi"), assistant_calls(None, tool_call("call_1\n", "get_weather", "{}")), tool_message("call_1\n", "x")],
+     TOOLS, "messages[1].tool_calls[0].id"),
+    ([user("hi"), assistant_calls(None, tool_call("call_1", "get_weather\n", "{}")), tool_message("call_1", "x")],
+     TOOLS, "messages[1].tool_calls[0].function.name"),
+    ([user("hi"), assistant_calls(None, tool_call("call_1", "get_weather", "{}")), tool_message("call_1\n", "x")],
+     TOOLS, "messages[2].tool_call_id"),
+])
+def test_a_name_or_id_ending_in_a_newline_is_400(messages, tools, param):
+    error = error_of(call_for, *messages, tools=tools)
+    assert (error.status, error.param) == (400, param)
