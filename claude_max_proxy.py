@@ -8,7 +8,9 @@ The path of a request:
   2. Request translation (pure): OpenAI request -> ``CliCall`` (model, system prompt, earlier
      turns for a resumable session file, the new user turn for stdin, options).
   3. CLI runner (I/O): ``claude -p --input-format stream-json --output-format stream-json`` in
-     its own process group and a private empty directory; JSON events read line by line.
+     its own process group and a private empty directory, with an allow-listed environment
+     (``cli_env_for``); the client's text goes in verbatim, never as a CLI command or file mention
+     (``stdin_line_for``); JSON events read line by line.
   4. Event translation (pure): CLI events -> ``TurnEvent``s -> OpenAI chunks or a completion.
   5. HTTP layer again: headers wait for the first token, then SSE; errors in OpenAI's envelope.
 

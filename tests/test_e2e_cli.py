@@ -815,3 +815,13 @@ def test_no_api_key_or_proxy_setting_reaches_any_cli_process(start_proxy, real_c
     assert json.loads(proxy.request("GET", "/health", headers=auth)[2])["ignored_api_keys"] == [
         "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"]
     assert proxy.wait_for_line("ANTHROPIC_API_KEY and ANTHROPIC_AUTH_TOKEN are set but ignored")
+
+
+def test_a_long_tool_description_reaches_the_model_whole(e2e_proxy, upstream):
+    mark = marker()
+    description = ("Look the weather up. " * 800)[:12000]  # the CLI would cut it at 4,096
+    tool = {"type": "function", "function": dict(WEATHER["function"], description=description)}
+    status, _, raw = chat(e2e_proxy, [{"role": "user", "content": "hi " + mark}], tools=[tool])
+    assert status == 200, raw
+    offered = [t for t in only_request(upstream, mark)["tools"] if t["name"].endswith("get_weather")]
+    assert offered[0]["description"] == description
