@@ -2435,7 +2435,8 @@ class ImageFetcher:
                 if response.status != 200 or media_type not in IMAGE_TYPES:
                     raise ValueError("not an image")
                 data = self._read(response)
-                return {"type": "base64", "media_type": media_type, "data": base64.b64encode(data).decode("ascii")}
+                return {"type": "base64", "media_type": media_type,
+                        "data": base64.b64encode(data).decode("ascii")}
             finally:
                 watchdog.cancel()
                 close_quietly(sock)
@@ -2452,7 +2453,7 @@ class ImageFetcher:
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("scheme")
-        port = parts.port or (443 if scheme == "https" else 80)
+        port = url_port(parts)
         addresses = [info[4][0] for info in socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)]
         if not addresses or not all(self.allowed(address) for address in addresses):
             raise ValueError("address")
@@ -2467,7 +2468,7 @@ class ImageFetcher:
         return sock
 
     def _get(self, sock: socket.socket, parts: urllib.parse.SplitResult) -> http.client.HTTPResponse:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port or (443 if parts.scheme.lower() == "https" else 80))
+        conn = http.client.HTTPConnection(parts.hostname, url_port(parts))
         conn.sock = sock  # the checked address, not a new lookup
         conn.request("GET", (parts.path or "/") + ("?" + parts.query if parts.query else ""),
                      headers={"User-Agent": "claude-max-proxy/" + __version__, "Accept": "image/*"})
@@ -2487,6 +2488,10 @@ class ImageFetcher:
         self._left()  # an end of data the watchdog caused is not the end of the image
         self.budget -= size
         return b"".join(chunks)
+
+
+def url_port(parts: urllib.parse.SplitResult) -> int:
+    return parts.port or (443 if parts.scheme.lower() == "https" else 80)
 
 
 def close_quietly(sock: socket.socket) -> None:
