@@ -75,8 +75,9 @@ def e2e_env(cli_home, upstream):
 class Proxy:
     """A running proxy process: its base URL, its stderr lines, and a tag its children carry."""
 
-    def __init__(self, args, env, cwd=None):
-        self.tmp = tempfile.mkdtemp(prefix="proxy-tmp-")
+    def __init__(self, args, env, cwd=None, tmp=None):
+        self.tmp = tmp or tempfile.mkdtemp(prefix="proxy-tmp-")  # a given one: a restart's, kept
+        self.owns_tmp = tmp is None
         self.tag = self.tmp
         env = dict(env)
         env[TAG_VAR] = self.tag
@@ -135,7 +136,8 @@ class Proxy:
         return self.proc.returncode
 
     def remove_tmp(self):
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.owns_tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def tagged_pids(self):
         """Live processes this proxy started (directly or not), the proxy itself excluded."""
@@ -221,15 +223,16 @@ def start_proxy():
     """start_proxy(args, env) -> Proxy; each one stopped, and checked for leaks, at teardown."""
     proxies = []
 
-    def start(args=(), env=None):
-        proxy = Proxy(args, env if env is not None else dict(os.environ))
+    def start(args=(), env=None, tmp=None):
+        proxy = Proxy(args, env if env is not None else dict(os.environ), tmp=tmp)
         proxies.append(proxy)
         return proxy
 
     yield start
     leaks = []
-    for proxy in proxies:
+    for proxy in proxies:  # all of them first: a restarted proxy shares its predecessor's TMPDIR
         proxy.stop()
+    for proxy in proxies:
         deadline = time.monotonic() + 5
         while proxy.tagged_pids() and time.monotonic() < deadline:
             time.sleep(0.05)  # bounded wait for the kernel to finish tearing down killed groups
@@ -255,7 +258,7 @@ def fake_proxy(start_proxy, tmp_path):
 
     FAKE_CLAUDE_* settings reach the fake through a wrapper script, since the proxy passes its CLI
     only allow-listed variables; the rest of `env` is the proxy's environment."""
-    def start(args=(), **env):
+    def start(args=(), tmp=None, **env):
         full = dict(os.environ)
         full["HOME"] = str(tmp_path)
         fake = {k: str(v) for k, v in env.items() if k.startswith("FAKE_CLAUDE_")}
@@ -268,7 +271,7 @@ def fake_proxy(start_proxy, tmp_path):
         os.chmod(wrapper, 0o755)
         # Fault tests watch single processes come and go: process reuse is tested on its own.
         reuse = [] if "--max-parked" in args else ["--max-parked", "0"]
-        proxy = start_proxy(["--claude", wrapper] + reuse + list(args), full)
+        proxy = start_proxy(["--claude", wrapper] + reuse + list(args), full, tmp)
         proxy.claude = wrapper
         return proxy
     return start

@@ -1152,3 +1152,22 @@ def port_open(port):
         return True
     except OSError:
         return False
+
+
+def test_a_restart_removes_what_a_killed_proxy_left_behind(fake_proxy, trace, tmp_path):
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    first = fake_proxy(**trace.env)
+    sock = open_raw(first.port, chat_body(messages=history + [{"role": "user", "content": "c @@fake:hang@@"}]))
+    trace.wait_for_turn()
+    left = [os.path.join(first.tmp, name) for name in os.listdir(first.tmp)]
+    sessions = [os.path.join(folder, name) for folder, _, names in os.walk(str(tmp_path / ".claude"))
+                for name in names if name.endswith(".jsonl")]
+    assert left and sessions  # the system prompt's dir and the transcript, as a crash leaves them
+    first.proc.kill()
+    first.proc.wait()
+    sock.close()
+    for pid in first.tagged_pids():  # its CLI, which a real one would end at stdin EOF
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not first.tagged_pids(), 10, "the orphaned CLI to go")
+    fake_proxy(tmp=first.tmp)
+    assert not any(os.path.exists(path) for path in left + sessions)
