@@ -1580,6 +1580,8 @@ class TurnTranslator:
         if self.stop_matched is None:
             self.stop_matched, self.stop_tables = [0] * len(self.stop), [kmp_table(s) for s in self.stop]
         buffer = self.pending + text
+        if not self.pending and not any(stop[0] in text for stop in self.stop):
+            return self._emit(text)  # the usual delta: nothing in it can begin a stop string
         # Each stop string is matched as the text streams by (Knuth-Morris-Pratt), so a delta
         # costs its own length, however long the stop strings or the answer.
         for i, char in enumerate(text):
