@@ -88,7 +88,8 @@ PARAMETERS = collections.OrderedDict([
     ("stream_options", ("honored", "`include_usage` adds a final usage chunk")),
     ("max_completion_tokens", ("honored", "-> `CLAUDE_CODE_MAX_OUTPUT_TOKENS`")),
     ("max_tokens", ("honored", "same as `max_completion_tokens`")),
-    ("stop", ("emulated", "the stream is cut at the first stop string and the CLI ended")),
+    ("stop", ("emulated", "up to 4, of at most 1,000 characters; the stream is cut at the first "
+                          "stop string and the CLI ended")),
     ("n", ("rejected", "only `n: 1`; more -> 400")),
     ("logprobs", ("rejected", "`true` -> 400; the CLI exposes no log probabilities")),
     ("top_logprobs", ("rejected", "any value -> 400")),
