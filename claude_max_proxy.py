@@ -8,7 +8,9 @@ The path of a request:
   2. Request translation (pure): OpenAI request -> ``CliCall`` (model, system prompt, earlier
      turns for a resumable session file, the new user turn for stdin, options).
   3. CLI runner (I/O): ``claude -p --input-format stream-json --output-format stream-json`` in
-     its own process group and a private empty directory; JSON events read line by line.
+     its own process group and a private empty directory, with an allow-listed environment
+     (``cli_env_for``); the client's text goes in verbatim, never as a CLI command or file mention
+     (``stdin_line_for``); JSON events read line by line.
   4. Event translation (pure): CLI events -> ``TurnEvent``s -> OpenAI chunks or a completion.
   5. HTTP layer again: headers wait for the first token, then SSE; errors in OpenAI's envelope.
 
@@ -35,6 +37,7 @@ import datetime
 import hashlib
 import hmac
 import http.client
+import io
 import ipaddress
 import json
 import os
@@ -45,6 +48,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import string
 import subprocess
 import sys
@@ -88,7 +92,8 @@ PARAMETERS = collections.OrderedDict([
     ("stream_options", ("honored", "`include_usage` adds a final usage chunk")),
     ("max_completion_tokens", ("honored", "-> `CLAUDE_CODE_MAX_OUTPUT_TOKENS`")),
     ("max_tokens", ("honored", "same as `max_completion_tokens`")),
-    ("stop", ("emulated", "the stream is cut at the first stop string and the CLI ended")),
+    ("stop", ("emulated", "up to 4, of at most 1,000 characters; the stream is cut at the first "
+                          "stop string and the CLI ended")),
     ("n", ("rejected", "only `n: 1`; more -> 400")),
     ("logprobs", ("rejected", "`true` -> 400; the CLI exposes no log probabilities")),
     ("top_logprobs", ("rejected", "any value -> 400")),
@@ -204,7 +209,10 @@ LOGIN_HINT = ("The Claude CLI is not authenticated: run `claude auth login` (or 
 # CLI's control channel); the model sees them as mcp__<server>__<name>.
 MCP_SERVER = "client"
 MCP_PREFIX = "mcp__%s__" % MCP_SERVER
-TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch: `$` would let a final "\n" through
+TOOL_CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+MAX_TOOL_DESCRIPTION_CHARS = 16384  # the most the CLI passes on (CLAUDE_CODE_MAX_MCP_DESCRIPTION_LENGTH)
+MAX_STOP_CHARS = 1000               # per stop string
 STRUCTURED_OUTPUT_TOOL = "StructuredOutput"  # the CLI's tool for --json-schema answers
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 MAX_IMAGE_BYTES = 5 * 1024 * 1024  # Anthropic's per-image limit
@@ -212,6 +220,21 @@ EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "
            "max": "max"}
 # After tool results, a resumed session needs a new user line to start the turn (see README).
 TOOL_RESULTS_PROMPT = "Continue, using the tool results above."
+# The CLI's environment is built from these names, never inherited whole: what it needs to run,
+# plus the Claude Code settings a user sets on purpose. The README lists them (a test checks).
+CLI_ENV_NAMES = (
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TZ", "TMPDIR", "TMP", "TEMP",
+    "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_RUNTIME_DIR",
+    "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "no_proxy",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS",
+    "SYSTEMROOT", "COMSPEC", "PATHEXT", "APPDATA", "LOCALAPPDATA", "USERPROFILE",
+    "CLAUDE_CONFIG_DIR", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_BASE_URL", "API_TIMEOUT_MS",
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "DISABLE_AUTOUPDATER", "DISABLE_TELEMETRY",
+    "DISABLE_ERROR_REPORTING",
+)
+CLI_ENV_PREFIXES = ("LC_",)
+# These bill an API account instead of the subscription: passed only with --use-api-key.
+API_KEY_NAMES = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
 FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                   "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "stop"}
 
@@ -248,6 +271,9 @@ class Config:
     allow_image_fetch: bool = False
     client_timeout: float = 30.0
     no_overage: bool = False
+    use_api_key: bool = False
+    read_timeout: float = 30.0
+    max_connections: int = 128
 
 
 # (flag, type, help). Each flag's env var is CLAUDE_MAX_PROXY_<FLAG>, its field the flag in snake case.
@@ -282,6 +308,11 @@ OPTIONS = [
     ("--allow-image-fetch", bool, "download http(s) image URLs in prompts (off: they get a 400)"),
     ("--no-overage", bool, "refuse requests (402) once the CLI reports that extra usage (overage) "
                            "pays for them, until the plan limit resets"),
+    ("--read-timeout", float, "seconds a client has in all to send a request's head (and the body, "
+                              "at least 64 KiB/s) before it is dropped (default 30)"),
+    ("--max-connections", int, "open client connections at once; more get a 503 (default 128)"),
+    ("--use-api-key", bool, "let the CLI use ANTHROPIC_API_KEY / ANTHROPIC_AUTH_TOKEN from the "
+                            "environment, billing that API account (off: they are ignored)"),
 ]
 
 
@@ -342,7 +373,7 @@ def config_from(args: Dict[str, Any], environ: Dict[str, str]) -> Config:
     if not 0 <= config.port <= 65535:
         raise ConfigError("--port must be 0-65535")
     for name in ("request_timeout", "idle_timeout", "max_body_bytes", "max_concurrency",
-                 "max_messages", "client_timeout"):
+                 "max_messages", "client_timeout", "read_timeout", "max_connections"):
         if getattr(config, name) <= 0:
             raise ConfigError("--%s must be positive" % name.replace("_", "-"))
     try:
@@ -455,8 +486,11 @@ def check_encodable(text: str, param: str) -> None:
         raise invalid(param, "`%s` contains invalid Unicode (a lone surrogate)" % param, "invalid_value")
 
 
-def text_blocks_of(content: Any, param: str) -> List[Dict[str, Any]]:
-    """OpenAI message content (string or parts) -> Anthropic content blocks, empties dropped."""
+def text_blocks_of(content: Any, param: str, remote_images: bool = False) -> List[Dict[str, Any]]:
+    """OpenAI message content (string or parts) -> Anthropic content blocks, empties dropped.
+
+    With `remote_images` an http(s) image becomes a `url` image block, to be fetched once the
+    whole request is valid (call_with_images); without, it is a 400."""
     if content is None:
         return []
     if isinstance(content, str):
@@ -481,7 +515,7 @@ def text_blocks_of(content: Any, param: str) -> List[Dict[str, Any]]:
             if isinstance(part.get("refusal"), str) and part["refusal"]:
                 blocks.append({"type": "text", "text": part["refusal"]})
         elif kind in ("image_url", "input_image"):
-            blocks.append(image_block_of(part, where))
+            blocks.append(image_block_of(part, where, remote_images))
         elif kind in ("input_audio", "file", "input_file"):
             raise invalid(where, "content parts of type `%s` are not supported" % kind, "unsupported_content")
         else:
@@ -489,13 +523,15 @@ def text_blocks_of(content: Any, param: str) -> List[Dict[str, Any]]:
     return blocks
 
 
-def image_block_of(part: Dict[str, Any], where: str) -> Dict[str, Any]:
+def image_block_of(part: Dict[str, Any], where: str, remote_images: bool = False) -> Dict[str, Any]:
     """An image_url part with a data: URL -> an Anthropic base64 image block."""
     url = part.get("image_url")
     if isinstance(url, dict):
         url = url.get("url")
     if not isinstance(url, str):
         raise invalid(where + ".image_url", "`%s.image_url.url` must be a string" % where, "invalid_type")
+    if re.match(r"^https?://", url, re.I) and remote_images:
+        return {"type": "image", "source": {"type": "url", "url": url}}
     if re.match(r"^https?://", url, re.I):
         raise invalid(where + ".image_url", "remote image URLs are not fetched (the proxy does not go to "
                       "the internet on a prompt's behalf unless started with --allow-image-fetch): send "
@@ -574,6 +610,11 @@ def stop_strings_of(body: Dict[str, Any]) -> Tuple[str, ...]:
         stop = [stop]
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise invalid("stop", "`stop` must be a non-empty string or an array of up to 4 of them")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise invalid("stop", "each stop string must be at most %d characters" % MAX_STOP_CHARS,
+                      "string_above_max_length")
+    for s in stop:
+        check_encodable(s, "stop")
     return tuple(stop)
 
 
@@ -605,7 +646,7 @@ def tools_of(body: Dict[str, Any]) -> Tuple[ClientTool, ...]:
         function = entry["function"]
         field = where + (".function." if param == "tools" else ".")  # the path the client wrote
         name = function.get("name")
-        if not isinstance(name, str) or not TOOL_NAME.match(name):
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
             raise invalid(field + "name", "function names must match ^[a-zA-Z0-9_-]{1,64}$")
         if name in seen:
             raise invalid(field + "name", "duplicate function name %r" % name)
@@ -617,6 +658,9 @@ def tools_of(body: Dict[str, Any]) -> Tuple[ClientTool, ...]:
         description = function.get("description") or ""
         if not isinstance(description, str):
             raise invalid(field + "description", "`description` must be a string", "invalid_type")
+        if len(description) > MAX_TOOL_DESCRIPTION_CHARS:  # rather than cut short without a word
+            raise invalid(field + "description", "`description` is over %d characters"
+                          % MAX_TOOL_DESCRIPTION_CHARS, "string_above_max_length")
         schema = function.get("parameters")
         if schema is None:
             schema = {"type": "object", "properties": {}}
@@ -688,18 +732,21 @@ def tool_use_of(call: Any, where: str, names: Dict[str, str], field: Optional[st
     if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
         raise invalid(where, "`%s` must be a function tool call" % where, "invalid_type")
     call_id, function = call.get("id"), call["function"]
-    if not isinstance(call_id, str) or not re.match(r"^[A-Za-z0-9_-]{1,128}$", call_id):
+    if not isinstance(call_id, str) or not TOOL_CALL_ID.fullmatch(call_id):
         raise invalid(where + ".id", "tool call ids must match ^[A-Za-z0-9_-]{1,128}$")
     name = function.get("name")
-    if not isinstance(name, str) or not TOOL_NAME.match(name):
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
         raise invalid(field + "name", "function names must match ^[a-zA-Z0-9_-]{1,64}$")
     arguments = function.get("arguments", "{}")
+    if isinstance(arguments, str):
+        check_encodable(arguments, field + "arguments")
     try:
         parsed = json.loads(arguments or "{}") if isinstance(arguments, str) else None
     except (ValueError, RecursionError):
         parsed = None
     if not isinstance(parsed, dict):
         raise invalid(field + "arguments", "`arguments` must be a JSON object in a string")
+    check_encodable(json.dumps(parsed, ensure_ascii=False), field + "arguments")  # "\ud800" escapes too
     return {"type": "tool_use", "id": call_id, "name": MCP_PREFIX + names.get(name, mcp_name_for(name)),
             "input": parsed}
 
@@ -707,14 +754,16 @@ def tool_use_of(call: Any, where: str, names: Dict[str, str], field: Optional[st
 def tool_result_of(tool_call_id: Any, content: Any, where: str) -> Dict[str, Any]:
     if not isinstance(tool_call_id, str) or not tool_call_id:
         raise invalid(where + ".tool_call_id", "`tool_call_id` is required", "missing_required_parameter")
+    if not TOOL_CALL_ID.fullmatch(tool_call_id):
+        raise invalid(where + ".tool_call_id", "tool call ids must match ^[A-Za-z0-9_-]{1,128}$")
     blocks = text_blocks_of(content, where + ".content")
     text = "".join(b.get("text", "") for b in blocks if b["type"] == "text")
     # The same shape the CLI gives a result its MCP server returned: cold and warm turns match.
     return {"type": "tool_result", "tool_use_id": tool_call_id, "content": [{"type": "text", "text": text}]}
 
 
-def turns_from_messages(messages: Any, max_messages: int,
-                        tools: Tuple[ClientTool, ...] = ()) -> Tuple[str, List[Dict[str, Any]]]:
+def turns_from_messages(messages: Any, max_messages: int, tools: Tuple[ClientTool, ...] = (),
+                        remote_images: bool = False) -> Tuple[str, List[Dict[str, Any]]]:
     """OpenAI messages -> (system prompt, alternating Anthropic turns); same roles are merged.
 
     Tool calls become tool_use blocks in the assistant turn and tool results tool_result blocks in
@@ -738,7 +787,7 @@ def turns_from_messages(messages: Any, max_messages: int,
                              if b["type"] == "text"]
             continue
         if role == "user":
-            blocks = text_blocks_of(message.get("content"), param + ".content")
+            blocks = text_blocks_of(message.get("content"), param + ".content", remote_images)
         elif role == "assistant":
             blocks = [b for b in text_blocks_of(message.get("content"), param + ".content") if b["type"] == "text"]
             calls = message.get("tool_calls")
@@ -790,7 +839,8 @@ def cli_call_for(body: Any, config: Config) -> CliCall:
     check_parameters(body)
     tools = tools_of(body)
     choice, chosen = tool_choice_of(body, tools)
-    system_prompt, turns = turns_from_messages(body["messages"], config.max_messages, tools)
+    system_prompt, turns = turns_from_messages(body["messages"], config.max_messages, tools,
+                                               config.allow_image_fetch)
     if not turns or turns[-1]["role"] != "user":
         raise invalid("messages", "the last message must be a non-empty user or tool message")
     system_prompt = system_prompt or NEUTRAL_SYSTEM_PROMPT
@@ -873,6 +923,21 @@ def completion_call_for(body: Any, config: Config) -> CliCall:
                    max_output_tokens=max_output_tokens_of(body), stop=stop_strings_of(body))
 
 
+def remote_images_in(call: CliCall) -> List[str]:
+    """The URLs of the images a call still has to fetch, in order."""
+    return [b["source"]["url"] for turn in call.history + [{"content": call.prompt}]
+            for b in turn["content"] if b["type"] == "image" and b["source"]["type"] == "url"]
+
+
+def call_with_images(call: CliCall, fetched: Dict[str, Dict[str, Any]]) -> CliCall:
+    """The call with each remote image block replaced by its fetched base64 source."""
+    def blocks(content):
+        return [dict(b, source=fetched[b["source"]["url"]]) if b["type"] == "image"
+                and b["source"]["type"] == "url" else b for b in content]
+    return dataclasses.replace(call, prompt=blocks(call.prompt), history=[
+        dict(turn, content=blocks(turn["content"])) for turn in call.history])
+
+
 def cli_args_for(call: CliCall, claude_path: str, session_id: Optional[str],
                  system_prompt_file: str) -> List[str]:
     """The argv of the CLI for a call. No client text goes here (one argument is capped at 128 KiB)."""
@@ -880,6 +945,9 @@ def cli_args_for(call: CliCall, claude_path: str, session_id: Optional[str],
             "--verbose", "--include-partial-messages",
             # Claude Code's own tools and the user's settings/CLAUDE.md stay out of every request.
             "--tools", "", "--strict-mcp-config", "--setting-sources", "",
+            # Client text is never a CLI command nor a file mention (see stdin_line_for); these
+            # keep it so should a CLI update stop honouring the stdin line's mark.
+            "--disable-slash-commands", "--restricted",
             "--model", call.model,
             # A recorded prompt would outlive a changed system message on resume.
             "--system-prompt-snapshot", "off",
@@ -900,19 +968,37 @@ def cli_args_for(call: CliCall, claude_path: str, session_id: Optional[str],
     return args
 
 
-def cli_env_for(call: CliCall, config: Config, environ: Dict[str, str]) -> Dict[str, str]:
-    env = dict(environ)
+def cli_base_env(config: Config, environ: Dict[str, str]) -> Dict[str, str]:
+    """The allow-listed part of our environment (CLI_ENV_NAMES) and the settings every CLI gets."""
+    allowed = CLI_ENV_NAMES + (API_KEY_NAMES if config.use_api_key else ())
+    env = {name: value for name, value in environ.items()
+           if (name in allowed or name.startswith(CLI_ENV_PREFIXES)) and not name.startswith(ENV_PREFIX)}
     env.setdefault("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+    # Else a claude.ai login asks for the account's MCP servers at every start, --strict-mcp-config or not.
+    env["ENABLE_CLAUDEAI_MCP_SERVERS"] = "false"
+    return env
+
+
+def cli_env_for(call: CliCall, config: Config, environ: Dict[str, str]) -> Dict[str, str]:
+    """The environment of the CLI that answers `call`: never our whole environment."""
+    env = cli_base_env(config, environ)
     env["CLAUDE_CODE_MAX_RETRIES"] = str(config.cli_max_retries)
     env.pop("CLAUDE_CODE_MAX_OUTPUT_TOKENS", None)
     if call.max_output_tokens:
         env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(call.max_output_tokens)
+    if call.tools:  # the CLI would cut longer descriptions to 4,096 characters
+        env["CLAUDE_CODE_MAX_MCP_DESCRIPTION_LENGTH"] = str(MAX_TOOL_DESCRIPTION_CHARS)
     return env
 
 
 def stdin_line_for(blocks: List[Dict[str, Any]]) -> bytes:
-    """The stream-json line that starts the new user turn."""
-    message = {"type": "user", "message": {"role": "user", "content": blocks}}
+    """The stream-json line that starts the new user turn, delivered to the model verbatim.
+
+    `text_not_typed` (read by CLI 2.1.x, not documented) marks the text as not typed at the CLI's
+    prompt, so `@path` is not read from disk, `/command` is not run and `!`/`#` mean nothing;
+    tests/test_e2e_cli.py pins it. `--disable-slash-commands` and `--restricted` are the second
+    line of defence (cli_args_for), and a local command's output is refused (TurnTranslator)."""
+    message = {"type": "user", "text_not_typed": True, "message": {"role": "user", "content": blocks}}
     return (json.dumps(message) + "\n").encode("ascii")
 
 
@@ -969,6 +1055,9 @@ class ClientGone(Exception):
     """The HTTP client went away; the CLI is ended and nothing more is written."""
 
 
+RUN_DIR_PREFIX = "claude-max-proxy-"  # + our pid: a run's private dir, found again after a crash
+SESSION_POINTER = "session-file"      # in a run's private dir: the path of its session transcript
+CLIENT_CHECK_INTERVAL = 0.25  # seconds between checks that the client is still there
 LIVE_RUNS = set()          # every CliRun not yet reaped, so shutdown can end them all
 LIVE_RUNS_LOCK = threading.Lock()
 
@@ -1027,10 +1116,32 @@ class CliRun:
         return self
 
     def _spawn(self, session_turns: List[Dict[str, Any]]) -> None:
+        try:
+            prompt_file, session_id = self._write_private_files(session_turns)
+        except OSError as exc:  # a full disk or temp dir, a read-only HOME: say which, not "OSError"
+            raise ApiError(503, "cannot write the files the Claude CLI needs for this request (%s): %s"
+                           % (exc.filename or tempfile.gettempdir(), exc.strerror or exc),
+                           "server_error", "storage_unavailable")
+        argv = cli_args_for(self.call, self.claude_path, session_id, prompt_file)
+        try:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=self.config.workdir, env=cli_env_for(self.call, self.config, self.environ),
+                start_new_session=True, close_fds=True)
+        except OSError as exc:
+            raise ApiError(503, "cannot start the Claude CLI (%s): %s" % (self.claude_path, exc),
+                           "server_error", "cli_unavailable")
+        with LIVE_RUNS_LOCK:
+            LIVE_RUNS.add(self)
+        self.stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True)
+        self.stderr_reader.start()
+
+    def _write_private_files(self, session_turns: List[Dict[str, Any]]) -> Tuple[str, Optional[str]]:
+        """The system prompt file and the session transcript (if any): (prompt path, session id)."""
         cwd = self.config.workdir
         os.makedirs(cwd, mode=0o700, exist_ok=True)
         # Private files for this run (the system prompt) live in a 0700 temp directory.
-        self.private_dir = tempfile.mkdtemp(prefix="claude-max-proxy-")
+        self.private_dir = tempfile.mkdtemp(prefix="%s%d-" % (RUN_DIR_PREFIX, os.getpid()))
         prompt_file = os.path.join(self.private_dir, "system-prompt.txt")
         with open(prompt_file, "w", encoding="utf-8") as handle:
             handle.write(self.call.system_prompt)
@@ -1041,23 +1152,13 @@ class CliRun:
             folder = os.path.join(claude_projects_dir(self.environ), project_key(real_cwd))
             os.makedirs(folder, mode=0o700, exist_ok=True)
             self.session_file = os.path.join(folder, session_id + ".jsonl")
+            with open(os.path.join(self.private_dir, SESSION_POINTER), "w", encoding="utf-8") as handle:
+                handle.write(self.session_file)  # for remove_leftovers, should we die before close()
             lines = session_lines_for(session_turns, session_id, real_cwd)
             fd = os.open(self.session_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write("\n".join(lines) + "\n")
-        argv = cli_args_for(self.call, self.claude_path, session_id, prompt_file)
-        try:
-            self.proc = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=cwd, env=cli_env_for(self.call, self.config, self.environ),
-                start_new_session=True, close_fds=True)
-        except OSError as exc:
-            raise ApiError(503, "cannot start the Claude CLI (%s): %s" % (self.claude_path, exc),
-                           "server_error", "cli_unavailable")
-        with LIVE_RUNS_LOCK:
-            LIVE_RUNS.add(self)
-        self.stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True)
-        self.stderr_reader.start()
+        return prompt_file, session_id
 
     # -- the CLI's questions (control requests) ------------------------------------------------
 
@@ -1152,8 +1253,14 @@ class CliRun:
                client_gone: Callable[[], bool] = lambda: False) -> Iterator[Dict[str, Any]]:
         """Yield the CLI's JSON events until it closes stdout; enforce the timeouts."""
         fd = self.proc.stdout.fileno()
-        last_output = time.monotonic()
+        last_output = last_check = time.monotonic()
         while True:
+            if time.monotonic() - last_check >= CLIENT_CHECK_INTERVAL:
+                # Also while the CLI is busy writing: a client waiting for a whole answer that
+                # hangs up must not keep its CLI going until the answer is done.
+                last_check = time.monotonic()
+                if client_gone():
+                    raise ClientGone()
             newline = self._buffer.find(b"\n")
             if newline >= 0:
                 line, self._buffer = self._buffer[:newline], self._buffer[newline + 1:]
@@ -1250,6 +1357,14 @@ class CliRun:
         with LIVE_RUNS_LOCK:
             LIVE_RUNS.discard(self)
 
+    def kill_now(self) -> None:
+        """Kill the process group and remove the run's files, waiting for nothing (a second Ctrl-C)."""
+        if self.proc is not None:
+            self._signal_group(signal.SIGKILL)
+        self._remove_session_file()
+        if self.private_dir:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+
     def _signal_group(self, sig) -> None:
         try:
             os.killpg(self.proc.pid, sig)
@@ -1338,6 +1453,59 @@ def close_all_runs() -> None:
         runs = list(LIVE_RUNS)
     for run in runs:
         run.close()
+
+
+def end_all_runs_now() -> None:
+    """Kill every CLI's process group and remove its files, without waiting for anything."""
+    with LIVE_RUNS_LOCK:
+        runs = list(LIVE_RUNS)
+    for run in runs:
+        run.kill_now()
+
+
+def remove_leftovers(workdir: str, environ: Dict[str, str], temp_dir: Optional[str] = None) -> int:
+    """Remove the private dirs (system prompts) and session transcripts that runs of a proxy that
+    died without cleaning up (SIGKILL, a crash) left behind; returns how many dirs went.
+
+    Only our own: directories named RUN_DIR_PREFIX<pid>- of ours whose process is gone, and the
+    session files those dirs point to inside this workdir's project folder."""
+    temp_dir = temp_dir or tempfile.gettempdir()
+    folder = os.path.realpath(os.path.join(claude_projects_dir(environ), project_key(os.path.realpath(workdir))))
+    try:
+        names = os.listdir(temp_dir)
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        match = re.match(re.escape(RUN_DIR_PREFIX) + r"(\d+)-", name)
+        path = os.path.join(temp_dir, name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if not match or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() \
+                or process_alive(int(match.group(1))):
+            continue
+        try:
+            with open(os.path.join(path, SESSION_POINTER), encoding="utf-8") as handle:
+                session = os.path.realpath(handle.read().strip())
+            if os.path.dirname(session) == folder and session.endswith(".jsonl"):
+                os.unlink(session)
+        except OSError:
+            pass  # no session file (or it is gone already): the dir still goes
+        shutil.rmtree(path, ignore_errors=True)
+        removed += not os.path.exists(path)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process holds that pid now: not ours to judge
+    return True
 
 
 class ClaudeInstall:
@@ -1503,6 +1671,17 @@ def usage_from(usage: Dict[str, Any]) -> Dict[str, Any]:
             "completion_tokens_details": {"reasoning_tokens": 0}}
 
 
+def kmp_table(pattern: str) -> List[int]:
+    """For each prefix of `pattern`, the length of its longest proper prefix that is also its suffix."""
+    table, matched = [0] * len(pattern), 0
+    for i in range(1, len(pattern)):
+        while matched and pattern[i] != pattern[matched]:
+            matched = table[matched - 1]
+        matched += pattern[i] == pattern[matched]
+        table[i] = matched
+    return table
+
+
 class TurnTranslator:
     """Feeds on CLI events one at a time and says what the turn produced.
 
@@ -1517,6 +1696,8 @@ class TurnTranslator:
         self.usage = {}    # type: Dict[str, Any]
         self.stop_reason = None  # type: Optional[str]
         self.pending = ""  # text held back because it might begin a stop string
+        self.stop_matched = None  # type: Optional[List[int]]  # per stop string: characters matched
+        self.stop_tables = []     # type: List[List[int]]
         self.finished = False
         self.received_text = False
         self.blocks = {}   # content block index -> ("text"|"tool"|"structured"|"thinking"|"other", n)
@@ -1526,6 +1707,7 @@ class TurnTranslator:
         self.structured = False  # the answer came as the CLI's StructuredOutput tool call
         self.held_text = ""      # in JSON mode, text is kept until we know it is the answer
         self.cut = False         # ended early by a stop string (the model was still writing)
+        self.model_called = False  # an upstream message started (a local command starts none)
         self.events = []         # type: List[TurnEvent]  # what the turn produced, for its caller
         self.rate_limit = None   # type: Optional[Dict[str, Any]]  # the turn's rate_limit_info
 
@@ -1544,6 +1726,7 @@ class TurnTranslator:
     def _stream_event(self, event: Dict[str, Any]) -> List[TurnEvent]:
         kind = event.get("type")
         if kind == "message_start":
+            self.model_called = True
             message = event.get("message") or {}
             self.model = message.get("model") or self.model
             self.usage.update(message.get("usage") or {})
@@ -1613,20 +1796,29 @@ class TurnTranslator:
     def _text(self, text: str) -> List[TurnEvent]:
         if not self.stop:
             return self._emit(text)
+        if self.stop_matched is None:
+            self.stop_matched, self.stop_tables = [0] * len(self.stop), [kmp_table(s) for s in self.stop]
         buffer = self.pending + text
-        # Generation stops when a stop string is complete: the one that ends first wins.
-        hits = [(buffer.find(s) + len(s), buffer.find(s)) for s in self.stop if s in buffer]
-        if hits:
-            cut = min(hits)[1]
-            self.pending = ""
-            self.cut = True
-            return self._emit(buffer[:cut]) + self._finish("stop")
-        keep = 0
-        for s in self.stop:
-            for size in range(min(len(s) - 1, len(buffer)), 0, -1):
-                if buffer.endswith(s[:size]):
-                    keep = max(keep, size)
-                    break
+        if not self.pending and not any(stop[0] in text for stop in self.stop):
+            return self._emit(text)  # the usual delta: nothing in it can begin a stop string
+        # Each stop string is matched as the text streams by (Knuth-Morris-Pratt), so a delta
+        # costs its own length, however long the stop strings or the answer.
+        for i, char in enumerate(text):
+            done = 0
+            for n, stop in enumerate(self.stop):
+                matched, table = self.stop_matched[n], self.stop_tables[n]
+                while matched and char != stop[matched]:
+                    matched = table[matched - 1]
+                matched += char == stop[matched]
+                if matched == len(stop):
+                    done, matched = max(done, matched), table[matched - 1]
+                self.stop_matched[n] = matched
+            if done:  # the stop string that ends first wins (the longest, if several end here)
+                cut = len(self.pending) + i + 1 - done
+                self.pending = ""
+                self.cut = True
+                return self._emit(buffer[:cut]) + self._finish("stop")
+        keep = max(self.stop_matched)  # what may still begin a stop string is held back
         self.pending = buffer[len(buffer) - keep:] if keep else ""
         return self._emit(buffer[:len(buffer) - keep])
 
@@ -1637,6 +1829,12 @@ class TurnTranslator:
         if result.get("is_error"):
             self.finished = True
             raise error_from_result(result, self.rate_limit)
+        if result.get("num_turns") == 0 and not self.model_called:
+            # The CLI answered by itself (a command it ran locally): that text is not Claude's.
+            self.finished = True
+            raise ApiError(502, "the Claude CLI answered this message itself without asking the model "
+                           "(it took it for one of its own commands); no answer came from Claude",
+                           "server_error", "cli_local_command")
         self.usage = result.get("usage") or self.usage
         out = []
         structured = result.get("structured_output")
@@ -2761,6 +2959,27 @@ class ProxyServer(ThreadingHTTPServer):
         self.started = time.time()
         self.inflight = 0
         self.inflight_lock = threading.Condition()
+        self.ignored_api_keys = ignored_api_keys(config, dict(os.environ))
+        self.connections = 0  # open client connections, against --max-connections
+        self.connections_lock = threading.Lock()
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        with self.connections_lock:
+            refused = self.connections >= self.config.max_connections
+            if not refused:
+                self.connections += 1
+        if refused:
+            refuse_connection(request, self.config.max_connections)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.connections_lock:
+                self.connections -= 1
 
     def prespawn(self, call: CliCall) -> None:
         """Keep `--warm` processes loaded for first turns like this one (in the background)."""
@@ -2794,46 +3013,165 @@ class ProxyServer(ThreadingHTTPServer):
         self.metrics.count("claude_max_proxy_upstream_calls_total", {"status": str(status)})
 
 
-def fetched_image_url(url: str, where: str) -> str:
-    """Download an http(s) image (only with --allow-image-fetch) and return it as a data: URL."""
-    # Imported here: urllib.request brings in ssl, megabytes the proxy otherwise never needs.
-    import urllib.error
-    import urllib.request
+IMAGE_FETCH_COUNT = 8                      # remote images one request may name
+IMAGE_FETCH_BYTES = 20 * 1024 * 1024       # their bytes in all
+IMAGE_FETCH_SECONDS = 15.0                 # all of one request's fetches, redirects included
+IMAGE_FETCH_REDIRECTS = 3
+IMAGE_FETCH_FAILED = ("could not fetch the image at %s: images are fetched only from public http(s) "
+                      "addresses, as png, jpeg, gif or webp of at most 5 MB, within 15 s")
+
+
+def public_address(address: str) -> bool:
+    """True for an address on the public internet: never loopback, private, link-local,
+    multicast, reserved or unspecified (an IPv4-mapped IPv6 address is judged as IPv4)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback or ip.is_link_local
+                                 or ip.is_private or ip.is_unspecified)
+
+
+class ImageFetcher:
+    """Downloads the remote images of one request (--allow-image-fetch), safe by construction:
+    http(s) only; every name resolved and every address checked with `allowed` before a connection
+    is made to that very address (no second lookup a DNS rebinding could answer differently), again
+    on each redirect; one deadline and byte budget for all; errors say nothing about the target."""
+
+    def __init__(self, allowed: Callable[[str], bool] = public_address, seconds: float = IMAGE_FETCH_SECONDS,
+                 budget: int = IMAGE_FETCH_BYTES):
+        self.allowed, self.deadline, self.budget = allowed, time.monotonic() + seconds, budget
+
+    def fetch_all(self, urls: List[str]) -> Dict[str, Dict[str, Any]]:
+        """url -> Anthropic base64 image source, for every URL; a 400 for the first that fails."""
+        if len(set(urls)) > IMAGE_FETCH_COUNT:
+            raise invalid("messages", "at most %d remote images per request" % IMAGE_FETCH_COUNT,
+                          "too_many_images")
+        fetched = {}
+        for url in urls:
+            if url not in fetched:
+                try:
+                    fetched[url] = self.fetch(url)
+                except (OSError, ValueError, http.client.HTTPException):
+                    raise invalid("messages", IMAGE_FETCH_FAILED % json.dumps(url[:200]), "image_fetch_failed")
+        return fetched
+
+    def fetch(self, url: str) -> Dict[str, Any]:
+        for _ in range(IMAGE_FETCH_REDIRECTS + 1):
+            parts = urllib.parse.urlsplit(url)
+            sock = self._connect(parts)
+            # The deadline covers every byte: a target that trickles is cut off, however steadily.
+            watchdog = threading.Timer(self._left(), lambda: close_quietly(sock))
+            watchdog.start()
+            try:
+                response = self._get(sock, parts)
+                if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                    url = urllib.parse.urljoin(url, response.getheader("Location"))
+                    continue  # checked again from the start: scheme, name, address
+                media_type = (response.getheader("Content-Type") or "").split(";", 1)[0].strip().lower()
+                media_type = "image/jpeg" if media_type == "image/jpg" else media_type
+                if response.status != 200 or media_type not in IMAGE_TYPES:
+                    raise ValueError("not an image")
+                data = self._read(response)
+                return {"type": "base64", "media_type": media_type,
+                        "data": base64.b64encode(data).decode("ascii")}
+            finally:
+                watchdog.cancel()
+                close_quietly(sock)
+        raise ValueError("too many redirects")
+
+    def _left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("deadline")
+        return left
+
+    def _connect(self, parts: urllib.parse.SplitResult) -> socket.socket:
+        """A connection to the checked address of the URL's host (TLS for https)."""
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("scheme")
+        port = url_port(parts)
+        addresses = [info[4][0] for info in socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)]
+        if not addresses or not all(self.allowed(address) for address in addresses):
+            raise ValueError("address")
+        sock = socket.create_connection((addresses[0], port), timeout=self._left())
+        if scheme == "https":
+            import ssl  # only here: the proxy otherwise never needs it
+            try:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
+            except BaseException:
+                close_quietly(sock)
+                raise
+        return sock
+
+    def _get(self, sock: socket.socket, parts: urllib.parse.SplitResult) -> http.client.HTTPResponse:
+        conn = http.client.HTTPConnection(parts.hostname, url_port(parts))
+        conn.sock = sock  # the checked address, not a new lookup
+        conn.request("GET", (parts.path or "/") + ("?" + parts.query if parts.query else ""),
+                     headers={"User-Agent": "claude-max-proxy/" + __version__, "Accept": "image/*"})
+        return conn.getresponse()
+
+    def _read(self, response: http.client.HTTPResponse) -> bytes:
+        limit = min(MAX_IMAGE_BYTES * 3 // 4, self.budget)  # 5 MB of base64 is 3.75 MB of image
+        chunks, size = [], 0
+        while True:
+            chunk = response.read(65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise ValueError("too large")
+            chunks.append(chunk)
+        self._left()  # an end of data the watchdog caused is not the end of the image
+        self.budget -= size
+        return b"".join(chunks)
+
+
+def url_port(parts: urllib.parse.SplitResult) -> int:
+    return parts.port or (443 if parts.scheme.lower() == "https" else 80)
+
+
+def close_quietly(sock: socket.socket) -> None:
     try:
-        request = urllib.request.Request(url, headers={"User-Agent": "claude-max-proxy/" + __version__})
-        with urllib.request.urlopen(request, timeout=15) as response:
-            media_type = (response.headers.get_content_type() or "").lower()
-            data = response.read(MAX_IMAGE_BYTES * 3 // 4 + 1)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise invalid(where, "could not fetch the image at %s: %s" % (url[:200], exc), "image_fetch_failed")
-    if media_type == "image/jpg":
-        media_type = "image/jpeg"
-    if media_type not in IMAGE_TYPES:
-        raise invalid(where, "the image at %s is %s, not png, jpeg, gif or webp" % (url[:200], media_type or
-                      "of no declared type"), "unsupported_image_type")
-    if len(data) > MAX_IMAGE_BYTES * 3 // 4:
-        raise invalid(where, "the image at %s is over the 5 MB limit" % url[:200], "image_too_large")
-    return "data:%s;base64,%s" % (media_type, base64.b64encode(data).decode("ascii"))
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
-def with_fetched_images(body: Any) -> Any:
-    """The request with every http(s) image URL (chat `image_url`, Responses `input_image`)
-    replaced by the downloaded image as a data: URL; everything else as it was."""
-    def walk(value: Any, where: str) -> Any:
-        if isinstance(value, list):
-            return [walk(item, "%s[%d]" % (where, i)) for i, item in enumerate(value)]
-        if not isinstance(value, dict):
-            return value
-        out = {key: walk(item, "%s.%s" % (where, key) if where else key) for key, item in value.items()}
-        if value.get("type") in ("image_url", "input_image"):
-            url = value.get("image_url")
-            holder = url if isinstance(url, dict) else None
-            text = holder.get("url") if holder is not None else url
-            if isinstance(text, str) and re.match(r"^https?://", text, re.I):
-                fetched = fetched_image_url(text, where + ".image_url")
-                out["image_url"] = dict(holder, url=fetched) if holder is not None else fetched
-        return out
-    return walk(body, "")
+def refuse_connection(sock: socket.socket, limit: int) -> None:
+    """Answer a connection over --max-connections with a 503, without a thread or a wait."""
+    body = json.dumps(ApiError(503, "too many open connections (the limit is %d); retry shortly" % limit,
+                               "server_error", "too_many_connections").body()).encode("ascii")
+    head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            "Retry-After: 1\r\nConnection: close\r\n\r\n" % len(body)).encode("ascii")
+    try:
+        sock.setblocking(False)  # a small answer fits the socket buffer; a client that reads nothing loses it
+        sock.send(head + body)
+    except OSError:
+        pass
+
+
+class DeadlineReader(io.RawIOBase):
+    """A client socket's input, where every read also ends at the request's deadline: a client
+    that trickles its request head (slow loris) is dropped, however steadily it sends."""
+
+    def __init__(self, sock: socket.socket, timeout: float):
+        self.sock, self.timeout = sock, timeout
+        self.deadline = None  # type: Optional[float]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        wait = self.timeout if self.deadline is None else min(self.timeout, self.deadline - time.monotonic())
+        if wait <= 0:
+            raise socket.timeout("the request took too long to arrive")
+        self.sock.settimeout(wait)
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.timeout)  # writes keep the --client-timeout
 
 
 def endpoint_label(path: str, routes: List[str]) -> str:
@@ -2895,8 +3233,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         # dropped after this long, and the CLI it was holding is ended.
         self.timeout = self.server.config.client_timeout
         super().setup()
+        self.reader = DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader, 1 << 16)
         # Headers and body go out as separate writes: without this, Nagle holds the second ~40 ms.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def handle_one_request(self):
+        # The wait for the request and its head share one deadline (the body gets its own).
+        self.reader.deadline = time.monotonic() + self.server.config.read_timeout
+        super().handle_one_request()
 
     def do_GET(self):
         self._dispatch("GET")
@@ -2949,6 +3294,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.endpoint = "other"  # the matched route, for /metrics
         self.dropped_tools = ""  # hosted tools left out of a Responses request, named in header and log
         server = self.server
+        if method != "POST" and self._has_body():
+            # A body no route reads would be parsed as the next request (smuggling): answer, then close.
+            self.close_connection = True
+            self.unread_body = True
         with server.inflight_lock:
             server.inflight += 1
         try:
@@ -2957,8 +3306,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.status = 499  # logged as such even after a 200 went out: the answer did not arrive
             self.close_connection = True
         except ApiError as exc:
-            if not self.body_read and (self.headers.get("Content-Length") not in (None, "0")
-                                       or self.headers.get("Transfer-Encoding")):
+            if not self.body_read and self._has_body():
                 # An unread body would be parsed as the next request: end the connection instead.
                 self.close_connection = True
                 self.unread_body = True
@@ -2978,6 +3326,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 server.inflight_lock.notify_all()
             self._access_log(method)
             self._count_request()
+
+    def _has_body(self) -> bool:
+        return self.headers.get("Content-Length") not in (None, "0") or bool(self.headers.get("Transfer-Encoding"))
 
     def _route(self, method: str) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
@@ -3074,6 +3425,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                          "OpenAI-Project, X-Stainless-Lang, X-Stainless-Package-Version")
         self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Content-Length", "0")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
 
     def _common_headers(self) -> None:
@@ -3113,7 +3466,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise ApiError(413, "request body of %d bytes is over the %d-byte limit"
                            % (size, self.server.config.max_body_bytes), "invalid_request_error",
                            "request_too_large")
-        deadline = time.monotonic() + max(30.0, size / 65536.0)
+        deadline = time.monotonic() + max(self.server.config.read_timeout, size / 65536.0)
+        self.reader.deadline = deadline
         chunks, left = [], size
         while left:
             if time.monotonic() > deadline:
@@ -3132,6 +3486,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             chunks.append(data)
             left -= len(data)
         self.body_read = True
+        self.reader.deadline = None
         try:
             return json.loads(b"".join(chunks).decode("utf-8"), parse_constant=reject_json_constant)
         except (UnicodeDecodeError, ValueError) as exc:
@@ -3205,7 +3560,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 "slots": {"busy": self.server.slots.busy, "waiting": self.server.slots.waiting,
                           "max": self.server.slots.size},
                 "processes": self._process_counts(),
-                "limits": self.server.limits.current(time.time())}
+                "limits": self.server.limits.current(time.time()),
+                "ignored_api_keys": self.server.ignored_api_keys}
 
     def _metrics(self) -> None:
         server = self.server
@@ -3226,27 +3582,27 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return dict(kinds, busy=busy, hits=self.server.reuse["hits"], misses=self.server.reuse["misses"])
 
     def _chat_completions(self) -> None:
-        call = cli_call_for(self._read_request(), self.server.config)
+        call = self._with_images(cli_call_for(self._read_json(), self.server.config))
         self._serve_call(call, ChatRenderer(call))
 
     def _completions(self) -> None:
-        call = completion_call_for(self._read_request(), self.server.config)
+        call = completion_call_for(self._read_json(), self.server.config)
         self._serve_call(call, CompletionRenderer(call))
 
-    def _read_request(self) -> Any:
-        body = self._read_json()
-        if self.server.config.allow_image_fetch:
-            body = with_fetched_images(body)
-        return body
+    def _with_images(self, call: CliCall) -> CliCall:
+        """The valid call with its remote images fetched (only with --allow-image-fetch)."""
+        urls = remote_images_in(call)
+        return call_with_images(call, ImageFetcher().fetch_all(urls)) if urls else call
 
     def _responses(self) -> None:
-        body = self._read_request()
+        body = self._read_json()
         store = self.server.responses
         if isinstance(body, dict) and isinstance(body.get("input"), list):
             body = dict(body, input=items_with_references_resolved(body["input"], store.item))
         call, conversation = responses_call_for(body, previous_messages_for(body, store), self.server.config)
         self.dropped_tools = ",".join(hosted_tools_of(body.get("tools")))
         inputs = input_item_resources(body["input"])
+        call = self._with_images(call)
 
         def keep(response: Dict[str, Any]) -> None:
             store.put(response, conversation + responses_output_messages(response["output"]), inputs)
@@ -3269,7 +3625,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         server, config = self.server, self.server.config
         self.log_model = call.requested_model
         if config.log_prompts:
-            self.log_prompt = json.dumps(call.prompt, ensure_ascii=False)[:500]
+            self.log_prompt = json.dumps(call.prompt)[:500]  # ASCII: no terminal escapes in the log
         now = time.time()
         refusal = overage_refusal(server.limits.current(now), now) if config.no_overage else None
         if refusal is not None:
@@ -3416,7 +3772,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         ttft = "%.3f" % (self.first_token_at - self.started) if self.first_token_at else "-"
         sys.stderr.write("%s %s %s %s %d model=%s dur=%.3f ttft=%s bytes=%d%s" % (
             time.strftime("%Y-%m-%dT%H:%M:%S"), self.request_id, method,
-            self.path.split("?", 1)[0][:200], self.status, self.log_model, elapsed, ttft,
+            json.dumps(self.path.split("?", 1)[0][:200])[1:-1], self.status, self.log_model, elapsed, ttft,
             self.sent_bytes, " reused=1" if self.reused_process else "")
             + (" dropped_tools=%s" % self.dropped_tools if getattr(self, "dropped_tools", "") else "")
             + (" prompt=%s" % self.log_prompt if self.log_prompt else "") + "\n")
@@ -3429,6 +3785,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 def serve(config: Config) -> int:
     claude = ClaudeInstall(config.claude)
     server = ProxyServer(config, claude)
+    remove_leftovers(config.workdir, dict(os.environ))
     host, port = server.server_address[:2]
     # Probing `claude --version` takes ~0.3 s: do it beside serving, not before.
     threading.Thread(target=claude.probe, daemon=True).start()
@@ -3439,9 +3796,13 @@ def serve(config: Config) -> int:
             server.idle.expire()
 
     threading.Thread(target=expire_idle, daemon=True).start()
-    if os.environ.get("ANTHROPIC_API_KEY"):
-        sys.stderr.write("warning: ANTHROPIC_API_KEY is set: the CLI will bill that API key, not your "
-                         "Claude subscription. Unset it to use the subscription.\n")
+    if server.ignored_api_keys:
+        sys.stderr.write("note: %s set but ignored: the CLI uses your Claude subscription login "
+                         "(--use-api-key would bill that API account instead).\n"
+                         % names_are(server.ignored_api_keys))
+    if config.use_api_key and any(os.environ.get(name) for name in API_KEY_NAMES):
+        sys.stderr.write("warning: --use-api-key: the CLI bills the API key in the environment, not your "
+                         "Claude subscription.\n")
     if not claude.path:
         sys.stderr.write("warning: the Claude CLI `%s` was not found; requests will get 503 until it "
                          "is installed.\n" % config.claude)
@@ -3454,9 +3815,14 @@ def serve(config: Config) -> int:
         if not stopping.is_set():
             stopping.set()
             threading.Thread(target=server.shutdown, daemon=True).start()
+        elif signum == signal.SIGINT:  # a second Ctrl-C: the user does not want to wait
+            end_all_runs_now()
+            os._exit(130)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # SIGHUP too: a closed terminal or `kill -HUP` drains like SIGTERM rather than dropping answers.
+    for name in ("SIGTERM", "SIGINT", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), on_signal)
     sys.stderr.write("claude-max-proxy %s listening on http://%s:%d/v1\n" % (
         __version__, host if ":" not in host else "[%s]" % host, port))
     sys.stderr.flush()
@@ -4028,13 +4394,26 @@ def login_finding(exit_code: int, output: str) -> Finding:
         method, status.get("apiProvider")))
 
 
-def api_key_finding(environ: Dict[str, str]) -> Finding:
-    if environ.get("ANTHROPIC_API_KEY"):
-        return Finding("WARN", "billing", "ANTHROPIC_API_KEY is set: the CLI bills that API key, "
-                       "not your Claude subscription",
-                       "unset ANTHROPIC_API_KEY (and remove it from your shell profile) to use the "
-                       "subscription; the installed service does not inherit it")
-    return Finding("OK", "billing", "ANTHROPIC_API_KEY is not set: requests use your login")
+def ignored_api_keys(config: Config, environ: Dict[str, str]) -> List[str]:
+    """The API credentials in our environment that the CLI does not get (no --use-api-key)."""
+    return [] if config.use_api_key else [name for name in API_KEY_NAMES if environ.get(name)]
+
+
+def names_are(names: List[str]) -> str:
+    """"A is" or "A and B are": for messages about the variables that are set."""
+    return "%s %s" % (" and ".join(names), "are" if len(names) > 1 else "is")
+
+
+def api_key_finding(environ: Dict[str, str], config: Config) -> Finding:
+    present = [name for name in API_KEY_NAMES if environ.get(name)]
+    if present and config.use_api_key:
+        return Finding("WARN", "billing", "%s set and --use-api-key is on: the CLI bills that API "
+                       "account, not your Claude subscription" % names_are(present),
+                       "drop --use-api-key (CLAUDE_MAX_PROXY_USE_API_KEY) to use the subscription")
+    if present:
+        return Finding("OK", "billing", "%s set but ignored: the CLI uses your subscription login "
+                       "(--use-api-key would bill that API account instead)" % names_are(present))
+    return Finding("OK", "billing", "no ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN: requests use your login")
 
 
 def port_finding(host: str, port: int, health: Optional[Dict[str, Any]],
@@ -4222,10 +4601,8 @@ def claude_findings(name: str, environ: Dict[str, str]) -> List[Finding]:
     code, output = run_tool([path, "--version"], 60, environ)
     if code != 0:
         return [cli_version_finding(path, name, None, "`--version` exited %d: %s" % (code, output[-300:]))]
-    env = dict(environ)
-    env.setdefault("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
     return [cli_version_finding(path, name, output, None),
-            login_finding(*run_tool([path, "auth", "status", "--json"], 60, env))]
+            login_finding(*run_tool([path, "auth", "status", "--json"], 60, environ))]
 
 
 def port_check(host: str, port: int) -> Finding:
@@ -4272,8 +4649,8 @@ def doctor_command(argv: List[str]) -> int:
     except ConfigError as exc:
         findings.append(Finding("FAIL", "config", str(exc), "fix the flag or environment variable"))
         config = Config()
-    findings += claude_findings(config.claude, environ)
-    findings.append(api_key_finding(environ))
+    findings += claude_findings(config.claude, cli_base_env(config, environ))  # as a request's CLI sees it
+    findings.append(api_key_finding(environ, config))
     findings.append(port_check(config.host, config.port))
     findings.append(service_check(args.platform))
     if args.live:

@@ -128,6 +128,8 @@ class Processes:
 
     def __init__(self):
         self.tag = uuid.uuid4().hex
+        # The proxy passes its CLIs only allow-listed variables: a TMPDIR of the run's own tags those.
+        self.tmp = tempfile.mkdtemp(prefix="bench-tmp-")
         self.started = []
         self.leftovers = 0  # tagged processes found alive after their parent was stopped
         self.lock = threading.Condition()
@@ -139,6 +141,7 @@ class Processes:
     def env(self, base):
         env = dict(base)
         env[TAG_VAR] = self.tag
+        env.setdefault("TMPDIR", self.tmp)
         return env
 
     def interrupt(self, signum, frame):
@@ -201,7 +204,7 @@ class Processes:
 
     def tagged(self):
         """PIDs of live (or unreaped) processes carrying this run's tag (Linux /proc)."""
-        return tagged_processes(TAG_VAR, self.tag)
+        return sorted(set(tagged_processes(TAG_VAR, self.tag)) | set(tagged_processes("TMPDIR", self.tmp)))
 
     def sweep(self, wait=5.0, count=True):
         """After a stop: wait (bounded) until two scans 0.2 s apart find no tagged process other
@@ -239,6 +242,7 @@ class Processes:
         for proc in started:
             self.end(proc)
         self.sweep(wait=2.0, count=False)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def descendants_cpu_ticks(root_pid):

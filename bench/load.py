@@ -31,13 +31,12 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROXY = os.path.join(ROOT, "claude_max_proxy.py")
 FAKE_CLAUDE = os.path.join(ROOT, "tests", "fake_claude.py")
 HELLO = "Hello from the fake CLI."  # what tests/fake_claude.py answers in its text/slow modes
-TAG_VAR = "CLAUDE_MAX_PROXY_BENCH_TAG"  # inherited by every process the proxy starts
+TAG_VAR = "TMPDIR"  # the proxy's own (see main), passed on to every process it starts
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from procs import tagged_processes  # noqa: E402  (the /proc scan the tests use too)
@@ -49,10 +48,9 @@ class ProxyProcess:
     """The proxy under test: started on an ephemeral port, its stderr drained, always ended."""
 
     def __init__(self, args, env, start_timeout=20.0):
-        self.tag = uuid.uuid4().hex
-        self.tmp = env.get("TMPDIR")  # the proxy's private temp files land here
+        self.tmp = env["TMPDIR"]  # the proxy's private temp files land here
+        self.tag = self.tmp
         env = dict(env, PYTHONUNBUFFERED="1")
-        env[TAG_VAR] = self.tag
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, env=env, cwd=ROOT)
         self.tail = collections.deque(maxlen=200)  # last stderr lines, for diagnostics

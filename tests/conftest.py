@@ -1,16 +1,21 @@
 """Shared fixtures: the fake upstream, the pinned real CLI, and proxies run as real processes.
 
-Every proxy a test starts runs as `python3 claude_max_proxy.py --port 0` in a subprocess, tagged
-with a unique environment variable that its CLI children inherit; teardown stops it and then
-looks through /proc for any process still carrying the tag, so a leaked `claude` fails the test.
+Every proxy a test starts runs as `python3 claude_max_proxy.py --port 0` in a subprocess with a
+TMPDIR of its own. The proxy passes its CLI children only an allow-list of variables, TMPDIR among
+them (nothing test-only gets through), so that directory tags every process the proxy starts;
+teardown stops the proxy and looks through /proc for any process still carrying it, so a leaked
+`claude` fails the test. The fake `claude` gets its FAKE_CLAUDE_* settings from a wrapper script.
 """
 
 import http.client
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -30,7 +35,7 @@ import real_cli  # noqa: E402
 MODULE = os.path.join(ROOT, "claude_max_proxy.py")
 FAKE_CLAUDE = os.path.join(HERE, "fake_claude.py")
 REQUIRE_E2E = os.environ.get("CLAUDE_MAX_PROXY_REQUIRE_E2E") == "1"
-TAG_VAR = "CLAUDE_MAX_PROXY_TEST_TAG"  # inherited by every process a test's proxy starts
+TAG_VAR = "TMPDIR"  # a directory of each test proxy's own, inherited by every process it starts
 
 
 # ---- the fake Anthropic API and the real CLI ----------------------------------------------------
@@ -71,8 +76,10 @@ def e2e_env(cli_home, upstream):
 class Proxy:
     """A running proxy process: its base URL, its stderr lines, and a tag its children carry."""
 
-    def __init__(self, args, env, cwd=None):
-        self.tag = uuid.uuid4().hex
+    def __init__(self, args, env, cwd=None, tmp=None):
+        self.tmp = tmp or tempfile.mkdtemp(prefix="proxy-tmp-")  # a given one: a restart's, kept
+        self.owns_tmp = tmp is None
+        self.tag = self.tmp
         env = dict(env)
         env[TAG_VAR] = self.tag
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -128,6 +135,10 @@ class Proxy:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+    def remove_tmp(self):
+        if self.owns_tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def tagged_pids(self):
         """Live processes this proxy started (directly or not), the proxy itself excluded."""
@@ -248,19 +259,21 @@ def start_proxy():
     """start_proxy(args, env) -> Proxy; each one stopped, and checked for leaks, at teardown."""
     proxies = []
 
-    def start(args=(), env=None):
-        proxy = Proxy(args, env if env is not None else dict(os.environ))
+    def start(args=(), env=None, tmp=None):
+        proxy = Proxy(args, env if env is not None else dict(os.environ), tmp=tmp)
         proxies.append(proxy)
         return proxy
 
     yield start
     leaks = []
-    for proxy in proxies:
+    for proxy in proxies:  # all of them first: a restarted proxy shares its predecessor's TMPDIR
         proxy.stop()
+    for proxy in proxies:
         deadline = time.monotonic() + 5
         while proxy.tagged_pids() and time.monotonic() < deadline:
             time.sleep(0.05)  # bounded wait for the kernel to finish tearing down killed groups
         leaks += proxy.tagged_pids()
+        proxy.remove_tmp()
     for pid in leaks:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -277,12 +290,24 @@ def e2e_proxy(start_proxy, real_claude, e2e_env):
 
 @pytest.fixture
 def fake_proxy(start_proxy, tmp_path):
-    """start a proxy on the fake `claude`: fake_proxy(extra_args, **env) -> Proxy."""
-    def start(args=(), **env):
+    """start a proxy on the fake `claude`: fake_proxy(extra_args, **env) -> Proxy.
+
+    FAKE_CLAUDE_* settings reach the fake through a wrapper script, since the proxy passes its CLI
+    only allow-listed variables; the rest of `env` is the proxy's environment."""
+    def start(args=(), tmp=None, **env):
         full = dict(os.environ)
         full["HOME"] = str(tmp_path)
-        full.update({k: str(v) for k, v in env.items()})
+        fake = {k: str(v) for k, v in env.items() if k.startswith("FAKE_CLAUDE_")}
+        full.update({k: str(v) for k, v in env.items() if k not in fake})
+        wrapper = os.path.join(tempfile.mkdtemp(prefix="fake-claude-", dir=str(tmp_path)), "claude")
+        with open(wrapper, "w") as handle:
+            handle.write("#!/bin/sh\n%sexec %s %s \"$@\"\n" % (
+                "".join("export %s=%s\n" % (k, shlex.quote(v)) for k, v in sorted(fake.items())),
+                shlex.quote(sys.executable), shlex.quote(FAKE_CLAUDE)))
+        os.chmod(wrapper, 0o755)
         # Fault tests watch single processes come and go: process reuse is tested on its own.
         reuse = [] if "--max-parked" in args else ["--max-parked", "0"]
-        return start_proxy(["--claude", FAKE_CLAUDE] + reuse + list(args), full)
+        proxy = start_proxy(["--claude", wrapper] + reuse + list(args), full, tmp)
+        proxy.claude = wrapper
+        return proxy
     return start

@@ -793,3 +793,32 @@ def test_fuzzed_request_heads_get_a_json_error(fake_proxy):
     check()
     assert len(sent) >= 300
     assert_server_fine(proxy)
+
+
+# ---- client text that looks like a CLI command or a file mention --------------------------------
+
+PROMPT_SIGILS = ["/", "@", "!", "#", "@~/", "@/", '@"', "/cost ", "/heapdump", "/context ", "@./"]
+prompt_texts = st.builds(lambda sigil, rest, lead: lead + sigil + rest, st.sampled_from(PROMPT_SIGILS),
+                         safe_text(40), st.sampled_from(["", " ", "\n", "see "]))
+
+
+def test_fuzzed_command_and_mention_texts_reach_the_cli_verbatim_and_marked(fake_proxy):
+    """Whatever `/`, `@`, `!` or `#` text a client sends is handed over unchanged, marked as not
+    typed (the real CLI's handling of that mark is pinned in tests/test_e2e_cli.py)."""
+    proxy = fake_proxy(FAKE_CLAUDE_MODE="echo_args")
+    sent = []
+
+    @settings(max_examples=150, **FUZZ_SETTINGS)
+    @given(text=prompt_texts, stream=st.booleans())
+    def check(text, stream):
+        sent.append(1)
+        status, headers, raw = proxy.chat({"model": "claude-sonnet-4", "stream": stream,
+                                           "messages": [user_message(text)]}, timeout=TIMEOUT)
+        assert status == 200, raw
+        echoed = json.loads(answer_text(headers, raw, text))
+        assert echoed["stdin"]["text_not_typed"] is True
+        assert echoed["stdin"]["message"]["content"] == ([{"type": "text", "text": text}] if text else [])
+        assert "--disable-slash-commands" in echoed["argv"] and "--restricted" in echoed["argv"]
+
+    check()
+    assert len(sent) >= 150

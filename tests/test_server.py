@@ -7,10 +7,13 @@ on observable events (a log record, a pid, a socket read, an access-log line) wi
 nothing sleeps a fixed time to let the server "catch up".
 """
 
+import base64
 import collections
+import errno
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -509,7 +512,7 @@ def test_health_reports_version_and_the_probed_cli(fake_proxy):
                         10, "the startup `claude --version` probe")
     assert report["status"] == "ok"
     assert report["version"] == claude_max_proxy.__version__
-    assert os.path.realpath(report["claude"]["path"]) == os.path.realpath(FAKE_CLAUDE)
+    assert os.path.realpath(report["claude"]["path"]) == os.path.realpath(proxy.claude)
     assert report["claude"]["version"].startswith(fake_claude.VERSION)
     assert report["claude"]["usable"] is True
 
@@ -825,12 +828,13 @@ def test_queue_timeout_is_429(fake_proxy, trace):
 
 # ---- shutdown -----------------------------------------------------------------------------------
 
-def test_sigterm_lets_the_streaming_request_finish_then_exits_0(fake_proxy):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: a closed terminal
+def test_sigterm_lets_the_streaming_request_finish_then_exits_0(fake_proxy, sig):
     proxy = fake_proxy()
     sock = open_raw(proxy.port, stream_body("slow:0.2"))
     with sock:
         raw = recv_until(sock, b"", b"Hello ")
-        proxy.proc.send_signal(signal.SIGTERM)
+        proxy.proc.send_signal(sig)
         raw = recv_until(sock, raw, b"\r\n0\r\n\r\n")
     status, headers, rest = split_response(raw)
     assert status == 200
@@ -845,13 +849,20 @@ def test_sigterm_lets_the_streaming_request_finish_then_exits_0(fake_proxy):
     wait_until(lambda: not proxy.tagged_pids(), 5, "no tagged processes left")
 
 
-def test_sigterm_ends_a_hung_request_after_the_grace_period(fake_proxy, trace):
-    proxy = fake_proxy(["--shutdown-grace", "0.5"], **trace.env)
+@pytest.mark.parametrize("signals, grace, code", [
+    ([signal.SIGTERM], "0.5", 0),
+    ([signal.SIGINT, signal.SIGINT], "600", 130),  # a second Ctrl-C exits at once, grace or not
+])
+def test_sigterm_ends_a_hung_request_after_the_grace_period(fake_proxy, trace, signals, grace, code):
+    proxy = fake_proxy(["--shutdown-grace", grace], **trace.env)
     sock = open_raw(proxy.port, stream_body("hang"))
     with sock:
         pid = trace.wait_for_turn()["pid"]
-        proxy.proc.send_signal(signal.SIGTERM)
-        assert proxy.proc.wait(timeout=15) == 0
+        for i, sig in enumerate(signals):
+            if i:  # the first was taken (it stops listening), so this one is not folded into it
+                wait_until(lambda: not port_open(proxy.port), 10, "the proxy to stop listening")
+            proxy.proc.send_signal(sig)
+        assert proxy.proc.wait(timeout=15) == code
         wait_reaped(pid)
         wait_until(lambda: not proxy.tagged_pids(), 5, "no tagged processes left")
 
@@ -868,3 +879,306 @@ def test_a_client_that_stops_reading_is_dropped_and_its_cli_ended(fake_proxy, tr
         assert proxy.wait_for_line(" 499 ", timeout=10)
     finally:
         sock.close()
+
+
+# ---- slow and numerous clients, smuggling, signals, leftovers -------------------------------------
+
+def is_closed(sock):
+    """True once the server has closed (or reset) the connection; never blocks long."""
+    try:
+        sock.settimeout(0.01)
+        return sock.recv(4096) == b""
+    except socket.timeout:
+        return False
+    except OSError:
+        return True
+
+
+def test_slow_header_senders_are_dropped_at_the_read_deadline_while_health_answers(fake_proxy):
+    proxy = fake_proxy(["--read-timeout", "2"])
+    socks = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5) for _ in range(40)]
+    try:
+        for sock in socks:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        open_socks, line = list(socks), 0
+        deadline = time.monotonic() + 30  # far past the 2 s deadline: only a per-read timeout misses it
+        while open_socks:
+            assert time.monotonic() < deadline, "%d slow connections still open" % len(open_socks)
+            line += 1
+            for sock in list(open_socks):
+                try:
+                    sock.sendall(b"X-Slow-%d: 1\r\n" % line)  # one more header line, each ~0.5 s
+                except OSError:
+                    open_socks.remove(sock)
+                    continue
+                if is_closed(sock):
+                    open_socks.remove(sock)
+            assert health(proxy)["status"] == "ok"
+            time.sleep(0.5)  # the attack's pace, not a synchronisation
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_connections_over_the_cap_get_a_clear_503(fake_proxy):
+    proxy = fake_proxy(["--max-connections", "3"])
+    idle = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5) for _ in range(3)]
+    try:
+        wait_until(lambda: health_status_over_fresh_connection(proxy.port) == 503, 10,
+                   "the connection cap to refuse")
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+            status, headers, body = split_response(recv_to_eof(sock))
+        assert status == 503 and headers["retry-after"] == "1" and headers["connection"] == "close"
+        assert json.loads(body)["error"]["code"] == "too_many_connections"
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_until(lambda: health_status_over_fresh_connection(proxy.port) == 200, 10, "the cap to free up")
+
+
+def health_status_over_fresh_connection(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        raw = recv_to_eof(sock)
+    return split_response(raw)[0] if raw else None
+
+
+@pytest.mark.parametrize("method", ["GET", "OPTIONS", "DELETE"])
+def test_a_body_on_a_request_that_takes_none_is_never_a_second_request(fake_proxy, method):
+    proxy = fake_proxy()
+    hidden = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"%s /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+                     % (method.encode(), len(hidden), hidden))
+        raw = recv_to_eof(sock)
+    assert raw.count(b"HTTP/1.1 ") == 1, raw
+    assert split_response(raw)[1]["connection"] == "close"
+    assert b'"object": "list"' not in raw
+
+
+def test_a_non_streamed_client_that_hangs_up_ends_its_busy_cli(fake_proxy, trace):
+    # The CLI writes without pause, so the proxy must look for the client between its lines too.
+    proxy = fake_proxy(**trace.env)
+    sock = open_raw(proxy.port, chat_body("words:50000000"))
+    pid = trace.wait_for_turn()["pid"]
+    sock.close()
+    wait_reaped(pid, timeout=5)
+    assert proxy.wait_for_line(" 499 ", timeout=10)
+
+
+def test_leftovers_of_a_dead_proxy_are_removed_and_nothing_else(tmp_path):
+    temp, home, workdir = tmp_path / "tmp", tmp_path / "home", tmp_path / "cwd"
+    for folder in (temp, home, workdir):
+        folder.mkdir()
+    environ = {"HOME": str(home)}
+    projects = os.path.join(claude_max_proxy.claude_projects_dir(environ),
+                            claude_max_proxy.project_key(os.path.realpath(str(workdir))))
+    os.makedirs(projects)
+    dead = subprocess_pid_that_exited()
+
+    def run_dir(name, session=None):
+        path = temp / name
+        path.mkdir()
+        (path / "system-prompt.txt").write_text("secret system prompt")
+        if session:
+            with open(session, "w") as handle:
+                handle.write("{}\n")
+            (path / claude_max_proxy.SESSION_POINTER).write_text(session)
+        return path
+
+    gone = run_dir("claude-max-proxy-%d-abc" % dead, os.path.join(projects, "%s.jsonl" % uuid.uuid4()))
+    foreign_session = str(tmp_path / "elsewhere.jsonl")
+    also_gone = run_dir("claude-max-proxy-%d-def" % dead, foreign_session)
+    alive = run_dir("claude-max-proxy-%d-ghi" % os.getpid(), os.path.join(projects, "%s.jsonl" % uuid.uuid4()))
+    unrelated = run_dir("claude-max-proxy-notapid")
+    removed = claude_max_proxy.remove_leftovers(str(workdir), environ, str(temp))
+    assert removed == 2 and not gone.exists() and not also_gone.exists()
+    assert os.listdir(projects) == [os.path.basename((alive / "session-file").read_text())]
+    assert os.path.exists(foreign_session)  # outside this workdir's project folder: not ours
+    assert alive.exists() and unrelated.exists()
+
+
+def subprocess_pid_that_exited():
+    import subprocess
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+# ---- ImageFetcher against local HTTP servers (the address check is widened to loopback here) ------
+
+class ImageServer:
+    """A loopback HTTP server whose answers a test scripts per path; it counts connections."""
+
+    def __init__(self, host="127.0.0.1"):
+        import http.server
+        owner = self
+        self.routes, self.connections = {}, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def setup(self):
+                owner.connections += 1
+                super().setup()
+
+            def do_GET(self):
+                route = owner.routes.get(self.path, (404, {}, b""))
+                status, headers, body = route
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                if callable(body):
+                    self.send_header("Content-Type", "image/png")
+                    self.end_headers()
+                    return body(self.wfile)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://%s:%d" % (host, self.server.server_address[1])
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+PNG_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
+
+
+@pytest.fixture
+def images():
+    servers = []
+
+    def start(host="127.0.0.1"):
+        servers.append(ImageServer(host))
+        return servers[-1]
+    yield start
+    for server in servers:
+        server.close()
+
+
+def loopback_only(address):
+    return address == "127.0.0.1"
+
+
+def fetch_error(urls, **kwargs):
+    with pytest.raises(claude_max_proxy.ApiError) as caught:
+        claude_max_proxy.ImageFetcher(loopback_only, **kwargs).fetch_all(urls)
+    error = caught.value
+    assert (error.status, error.code) == (400, "image_fetch_failed") or error.code == "too_many_images"
+    return error
+
+
+def test_a_fetched_image_becomes_a_base64_source_following_a_redirect(images):
+    server = images()
+    server.routes["/cat.png"] = (200, {"Content-Type": "image/png"}, PNG_BYTES)
+    server.routes["/moved"] = (302, {"Location": "/cat.png"}, b"")
+    fetched = claude_max_proxy.ImageFetcher(loopback_only).fetch_all([server.url + "/moved"])
+    assert fetched[server.url + "/moved"] == {"type": "base64", "media_type": "image/png",
+                                             "data": base64.b64encode(PNG_BYTES).decode("ascii")}
+
+
+def test_a_redirect_to_a_refused_address_or_scheme_connects_nowhere(images):
+    server, other = images(), images("127.0.0.2")
+    other.routes["/cat.png"] = (200, {"Content-Type": "image/png"}, PNG_BYTES)
+    server.routes["/to-other"] = (302, {"Location": other.url + "/cat.png"}, b"")
+    server.routes["/to-ftp"] = (301, {"Location": "ftp://127.0.0.1/cat.png"}, b"")
+    server.routes["/to-file"] = (307, {"Location": "file:///etc/passwd"}, b"")
+    for path in ("/to-other", "/to-ftp", "/to-file"):
+        fetch_error([server.url + path])
+    assert other.connections == 0
+
+
+def test_fetch_errors_say_nothing_about_the_target(images):
+    server = images()
+    server.routes["/page"] = (200, {"Content-Type": "text/html"}, b"<html>secret</html>")
+    server.routes["/cat.png"] = (200, {"Content-Type": "image/png"}, PNG_BYTES)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    messages = {fetch_error([url]).message.replace(url, "URL") for url in (
+        server.url + "/page", server.url + "/missing", "http://127.0.0.1:%d/x.png" % closed_port,
+        server.url.replace("127.0.0.1", "127.0.0.3") + "/cat.png")}
+    assert len(messages) == 1, messages  # one message, whatever happened
+    assert not re.search(r"refused|404|text/html|secret|Not Found", messages.pop())
+
+
+def test_a_trickling_image_is_cut_at_the_deadline(images):
+    server = images()
+
+    def trickle(out):
+        for _ in range(100):
+            out.write(b"x")
+            out.flush()
+            time.sleep(0.2)  # the slow target's pace
+    server.routes["/slow.png"] = (200, {}, trickle)
+    started = time.monotonic()
+    fetch_error([server.url + "/slow.png"], seconds=1.0)
+    assert time.monotonic() - started < 15  # cut by the deadline, not after all 20 s of it
+
+
+def test_images_are_capped_in_count_and_bytes(images):
+    server = images()
+    server.routes["/big.png"] = (200, {"Content-Type": "image/png"}, PNG_BYTES * 1000)
+    assert fetch_error([server.url + "/%d.png" % i for i in range(claude_max_proxy.IMAGE_FETCH_COUNT + 1)]
+                       ).code == "too_many_images"
+    assert server.connections == 0  # counted before any fetch
+    fetch_error([server.url + "/big.png"], budget=len(PNG_BYTES) * 10)
+
+
+def test_a_full_disk_is_a_503_that_says_so(monkeypatch, tmp_path):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path))
+    monkeypatch.setattr(claude_max_proxy.tempfile, "mkdtemp", full)
+    config = claude_max_proxy.Config(workdir=str(tmp_path / "cwd"))
+    call = claude_max_proxy.cli_call_for({"messages": [{"role": "user", "content": "hi"}]}, config)
+    run = claude_max_proxy.CliRun(call, config, "/nonexistent/claude", {"HOME": str(tmp_path)})
+    with pytest.raises(claude_max_proxy.ApiError) as caught:
+        run.start()
+    error = caught.value
+    assert (error.status, error.code) == (503, "storage_unavailable")
+    assert os.strerror(errno.ENOSPC) in error.message and str(tmp_path) in error.message
+    assert run.proc is None
+
+
+def test_control_bytes_in_the_path_are_escaped_in_the_access_log(fake_proxy):
+    proxy = fake_proxy()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/\x1b[31mred\x07\x9b HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert split_response(recv_to_eof(sock))[0] == 404
+    line = proxy.wait_for_line("/v1/")
+    assert "\x1b" not in line and "\x07" not in line and "\x9b" not in line
+    assert "\\u001b[31mred" in line
+
+
+def port_open(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_a_restart_removes_what_a_killed_proxy_left_behind(fake_proxy, trace, tmp_path):
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    first = fake_proxy(**trace.env)
+    sock = open_raw(first.port, chat_body(messages=history + [{"role": "user", "content": "c @@fake:hang@@"}]))
+    trace.wait_for_turn()
+    left = [os.path.join(first.tmp, name) for name in os.listdir(first.tmp)]
+    sessions = [os.path.join(folder, name) for folder, _, names in os.walk(str(tmp_path / ".claude"))
+                for name in names if name.endswith(".jsonl")]
+    assert left and sessions  # the system prompt's dir and the transcript, as a crash leaves them
+    first.proc.kill()
+    first.proc.wait()
+    sock.close()
+    for pid in first.tagged_pids():  # its CLI, which a real one would end at stdin EOF
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not first.tagged_pids(), 10, "the orphaned CLI to go")
+    fake_proxy(tmp=first.tmp)
+    assert not any(os.path.exists(path) for path in left + sessions)

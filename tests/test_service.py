@@ -648,21 +648,23 @@ def test_doctor_with_the_real_cli_and_no_login_fails_on_login(real_claude, tmp_p
     assert lines["port"][0] == "OK" and lines["service"][0] == "OK"
 
 
-def test_doctor_with_the_fake_upstream_reports_the_oauth_login_ok(real_claude, e2e_env):
-    out, lines = doctor(e2e_env, "--claude", real_claude, "--port", str(free_port()))
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert lines["login"][0] == "OK" and "OAuth" in lines["login"][1]
-    assert lines["billing"][0] == "OK"
-    assert "FAIL" not in out.stdout
-
-
-def test_doctor_with_the_fake_upstream_warns_about_an_api_key(real_claude, e2e_env):
-    env = dict(e2e_env, ANTHROPIC_API_KEY="sk-ant-api-not-real")
+def test_doctor_with_the_fake_upstream_reports_login_ok_and_an_ignored_api_key(real_claude, e2e_env):
+    env = dict(e2e_env, ANTHROPIC_API_KEY="sk-ant-api03-stray")
     out, lines = doctor(env, "--claude", real_claude, "--port", str(free_port()))
     assert out.returncode == 0, out.stdout + out.stderr
-    status, summary, fix = lines["billing"]
-    assert status == "WARN" and "bills" in summary and "unset ANTHROPIC_API_KEY" in fix
+    # The login the proxy's CLIs would use: the OAuth token, not the stray key they never get.
+    assert lines["login"][0] == "OK" and "OAuth token" in lines["login"][1]
+    status, summary, _ = lines["billing"]
+    assert status == "OK" and "ANTHROPIC_API_KEY is set but ignored" in summary
     assert "FAIL" not in out.stdout
+
+
+def test_doctor_warns_when_use_api_key_bills_the_key(real_claude, e2e_env):
+    env = dict(e2e_env, ANTHROPIC_API_KEY="sk-ant-api03-on-purpose")
+    out, lines = doctor(env, "--claude", real_claude, "--port", str(free_port()), "--use-api-key")
+    status, summary, fix = lines["billing"]
+    assert status == "WARN" and "bills" in summary and "--use-api-key" in fix
+    assert lines["login"][0] == "OK" and "ANTHROPIC_API_KEY" in lines["login"][1]
 
 
 def test_doctor_live_round_trip_through_a_running_proxy(real_claude, e2e_env, start_proxy):

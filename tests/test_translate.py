@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import json
 import os
+import re
 import string
 import time
 
@@ -1412,6 +1413,8 @@ def test_cli_args_for_without_session():
     assert value_after(args, "--setting-sources") == ""
     assert "--strict-mcp-config" in args
     assert "--no-session-persistence" in args
+    # The second line of defence for verbatim client text: no commands, no file mentions.
+    assert "--disable-slash-commands" in args and "--restricted" in args
     assert value_after(args, "--model") == "opus"
     # The system prompt travels in a file, never in argv.
     assert value_after(args, "--system-prompt-file") == "/tmp/p/system.txt"
@@ -1486,15 +1489,54 @@ def test_cli_env_for_max_output_tokens(params, environ, expected):
     assert env.get("CLAUDE_CODE_MAX_OUTPUT_TOKENS") == expected
 
 
-def test_cli_env_for_keeps_the_environment_and_sets_retries():
-    environ = {"PATH": "/bin", "HOME": "/home/u", "CLAUDE_CODE_MAX_RETRIES": "10"}
+def test_cli_env_for_keeps_the_allowed_environment_and_sets_retries():
+    environ = {"PATH": "/bin", "HOME": "/home/u", "CLAUDE_CODE_MAX_RETRIES": "10", "LC_ALL": "C",
+               "CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-x", "TMPDIR": "/tmp/x"}
     before = dict(environ)
     env = cmp.cli_env_for(call_for(user("hi")), config(cli_max_retries=5), environ)
     assert environ == before
-    assert env["PATH"] == "/bin" and env["HOME"] == "/home/u"
+    assert env["PATH"] == "/bin" and env["HOME"] == "/home/u" and env["LC_ALL"] == "C"
+    assert env["CLAUDE_CODE_OAUTH_TOKEN"] == "sk-ant-oat01-x" and env["TMPDIR"] == "/tmp/x"
     assert env["CLAUDE_CODE_MAX_RETRIES"] == "5"
     assert env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] == "1"
+    assert env["ENABLE_CLAUDEAI_MCP_SERVERS"] == "false"
     assert all(isinstance(v, str) for v in env.values())
+
+
+HOSTILE_ENV = {"ANTHROPIC_API_KEY": "sk-ant-api-x", "ANTHROPIC_AUTH_TOKEN": "bearer-x",
+               "ANTHROPIC_CUSTOM_HEADERS": "x-evil: 1", "CLAUDE_CODE_ENTRYPOINT": "claude-vscode",
+               "CLAUDE_MAX_PROXY_API_KEY": "proxy-secret", "CLAUDE_MAX_PROXY_TEST_TAG": "t",
+               "AWS_SECRET_ACCESS_KEY": "aws", "NODE_OPTIONS": "--require /tmp/evil.js",
+               "ENABLE_CLAUDEAI_MCP_SERVERS": "true", "CLAUDE_CODE_USE_BEDROCK": "1"}
+
+
+def test_cli_env_for_is_an_allow_list():
+    env = cmp.cli_env_for(call_for(user("hi")), config(), dict(HOSTILE_ENV, PATH="/bin"))
+    assert env == {"PATH": "/bin", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+                   "ENABLE_CLAUDEAI_MCP_SERVERS": "false", "CLAUDE_CODE_MAX_RETRIES": "0"}
+
+
+def test_api_keys_reach_the_cli_only_with_use_api_key():
+    env = cmp.cli_env_for(call_for(user("hi")), config(use_api_key=True), HOSTILE_ENV)
+    assert env["ANTHROPIC_API_KEY"] == "sk-ant-api-x" and env["ANTHROPIC_AUTH_TOKEN"] == "bearer-x"
+    assert not any(name.startswith(cmp.ENV_PREFIX) for name in env)
+    assert "ANTHROPIC_CUSTOM_HEADERS" not in env and "CLAUDE_CODE_ENTRYPOINT" not in env
+
+
+def test_ignored_api_keys_names_what_was_set_and_not_passed():
+    assert cmp.ignored_api_keys(config(), HOSTILE_ENV) == ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"]
+    assert cmp.ignored_api_keys(config(use_api_key=True), HOSTILE_ENV) == []
+    assert cmp.ignored_api_keys(config(), {"ANTHROPIC_API_KEY": ""}) == []
+
+
+def test_readme_lists_the_cli_environment_the_code_passes():
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
+              encoding="utf-8") as readme_file:
+        readme = readme_file.read()
+    section = readme[readme.index("### The CLI's environment"):]
+    section = section[:section.index("\n#")]
+    listed = set(re.findall(r"`([A-Za-z_]+\*?)`", section))
+    assert set(cmp.CLI_ENV_NAMES) | {p + "*" for p in cmp.CLI_ENV_PREFIXES} | set(cmp.API_KEY_NAMES) <= listed
 
 
 def test_cli_env_for_respects_an_explicit_nonessential_traffic_setting():
@@ -1508,8 +1550,10 @@ def test_stdin_line_for():
     line = cmp.stdin_line_for(blocks)
     assert isinstance(line, bytes) and line.endswith(b"\n") and line.count(b"\n") == 1
     line.decode("ascii")  # escaped: no encoding can go wrong between us and the CLI
+    # text_not_typed: the text is the client's, not typed at the CLI's prompt, so no `@path`
+    # is read and no `/command` runs (tests/test_e2e_cli.py checks the real CLI honours it).
     assert json.loads(line.decode("utf-8")) == {
-        "type": "user", "message": {"role": "user", "content": blocks}}
+        "type": "user", "text_not_typed": True, "message": {"role": "user", "content": blocks}}
 
 
 @PROPERTY
@@ -2042,6 +2086,26 @@ def test_streamed_text_held_back_for_a_stop_string_is_not_repeated_by_the_result
     _, out = translate(events, ("abc",))
     assert text_of(out) == "ab"
     assert len(finishes_of(out)) == 1
+
+
+def local_command_result(text):
+    """The CLI's result for a command it ran itself: no model call (num_turns 0, no stream)."""
+    return dict(result_event(text, None), num_turns=0, total_cost_usd=0, modelUsage={},
+                usage={"input_tokens": 0, "output_tokens": 0})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_local_command_result_is_an_error_not_an_answer(stream):
+    # e.g. `/cost` run by the CLI: its output must never look like Claude's answer.
+    assistant = assistant_event("Estimated cost: $0.0000")
+    assistant["message"]["model"] = "<synthetic>"
+    events = [init_event(), assistant, local_command_result("Estimated cost: $0.0000")]
+    translator = cmp.TurnTranslator((), call_for(user("/cost"), stream=stream))
+    with pytest.raises(cmp.ApiError) as caught:
+        for event in events:
+            translator.feed(event)
+    assert caught.value.status == 502 and caught.value.code == "cli_local_command"
+    assert "Estimated cost" not in caught.value.message and translator.events == []
 
 
 def test_empty_result_gives_an_empty_answer():
@@ -2934,3 +2998,94 @@ def test_text_completions_conform_to_the_openai_spec(openapi, events):
         for _, chunk in render.stream_events(event, "m"):
             failures += openapi.problems(openapi.as_last_chunk(chunk), "CreateCompletionResponse", "chunk")
     assert failures == []
+
+
+# ================================================================================================
+# Remote images (--allow-image-fetch): which URLs are fetched, and which addresses are public
+# ================================================================================================
+
+def fetching_call(*messages, **params):
+    return cmp.cli_call_for(body_with(*messages, **params), config(allow_image_fetch=True))
+
+
+def test_remote_images_are_fetched_only_from_user_content_parts_after_validation():
+    url = "https://example.com/cat.png"
+    call = fetching_call(user([{"type": "text", "text": "a"}, image_part(url)]), assistant("b"),
+                         user([image_part(url + "?2")]), metadata={"x": {"type": "image_url", "image_url": url}})
+    assert cmp.remote_images_in(call) == [url, url + "?2"]
+    source = {"type": "base64", "media_type": "image/png", "data": PNG}
+    fetched = cmp.call_with_images(call, {url: source, url + "?2": source})
+    assert cmp.remote_images_in(fetched) == [] and fetched.prompt == [{"type": "image", "source": source}]
+    assert fetched.history[0]["content"][1] == {"type": "image", "source": source}
+    # An invalid request is refused before anything is fetched: the error comes from validation.
+    assert error_of(fetching_call, user([image_part(url)]), temperature=7).param == "temperature"
+    assert error_of(fetching_call, system([image_part(url)]), user("x")).code == "unsupported_image_url"
+
+
+@pytest.mark.parametrize("address, public", [
+    ("8.8.8.8", True), ("2606:4700:4700::1111", True), ("1.1.1.1", True),
+    ("127.0.0.1", False), ("127.8.9.10", False), ("::1", False), ("10.1.2.3", False), ("172.16.0.1", False),
+    ("192.168.1.1", False), ("169.254.169.254", False), ("fe80::1", False), ("fe80::1%eth0", False),
+    ("224.0.0.1", False), ("ff02::1", False), ("0.0.0.0", False), ("::", False), ("240.0.0.1", False),
+    ("100.64.0.1", False), ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("fc00::1", False),
+])
+def test_public_address(address, public):
+    assert cmp.public_address(address) is public
+
+
+# ================================================================================================
+# Limits and exact-match checks a hostile request runs into
+# ================================================================================================
+
+def test_a_stop_string_over_the_length_limit_is_400():
+    assert call_for(user("hi"), stop=["x" * cmp.MAX_STOP_CHARS]).stop == ("x" * cmp.MAX_STOP_CHARS,)
+    error = error_of(call_for, user("hi"), stop=["ok", "x" * (cmp.MAX_STOP_CHARS + 1)])
+    assert (error.status, error.param, error.code) == (400, "stop", "string_above_max_length")
+
+
+def test_long_self_overlapping_stop_strings_are_found_across_any_number_of_deltas():
+    near = "a" * 999 + "b"
+    pieces = ["a"] * 3000 + ["a" * 998, "b", "tail"]
+    _, out = translate([message_start()] + [text_delta(p) for p in pieces] + [message_stop()],
+                       (near, "zz" * 500))
+    assert "".join(e[1] for e in out if e[0] == "text") == "a" * (3000 + 998 - 999)
+    assert [e[1] for e in out if e[0] == "finish"] == ["stop"]
+
+
+def test_kmp_table():
+    assert cmp.kmp_table("abab") == [0, 0, 1, 2]
+    assert cmp.kmp_table("aaab") == [0, 1, 2, 0]
+    assert cmp.kmp_table("") == []
+
+
+@pytest.mark.parametrize("arguments", ['{"a": "\\ud800"}', '{"a": "x\\udfff"}', '{"\\ud83d": 1}', '{"a": "\ud800"}'])
+def test_a_lone_surrogate_in_tool_call_arguments_is_400(arguments):
+    error = error_of(call_for, user("hi"), assistant_calls(None, tool_call("call_1", "get_weather", arguments)),
+                     tool_message("call_1", "18C"), tools=TOOLS)
+    assert (error.status, error.param) == (400, "messages[1].tool_calls[0].function.arguments")
+
+
+def test_a_tool_description_over_the_limit_is_400_not_cut():
+    at_limit = function_tool("t", {"type": "object"}, "d" * cmp.MAX_TOOL_DESCRIPTION_CHARS)
+    call = call_for(user("hi"), tools=[at_limit])
+    assert call.tools[0].description == "d" * cmp.MAX_TOOL_DESCRIPTION_CHARS
+    env = cmp.cli_env_for(call, config(), {})
+    assert env["CLAUDE_CODE_MAX_MCP_DESCRIPTION_LENGTH"] == str(cmp.MAX_TOOL_DESCRIPTION_CHARS)
+    over = function_tool("t", {"type": "object"}, "d" * (cmp.MAX_TOOL_DESCRIPTION_CHARS + 1))
+    error = error_of(call_for, user("hi"), tools=[over])
+    assert (error.status, error.param, error.code) == (400, "tools[0].function.description",
+                                                       "string_above_max_length")
+
+
+@pytest.mark.parametrize("messages, tools, param", [
+    ([user("hi")], [function_tool("get_weather\n", {"type": "object"})], "tools[0].function.name"),
+    ([user("hi"), assistant_calls(None, tool_call("call_1\n", "get_weather", "{}")), tool_message("call_1\n", "x")],
+     TOOLS, "messages[1].tool_calls[0].id"),
+    ([user("hi"), assistant_calls(None, tool_call("call_1", "get_weather\n", "{}")), tool_message("call_1", "x")],
+     TOOLS, "messages[1].tool_calls[0].function.name"),
+    ([user("hi"), assistant_calls(None, tool_call("call_1", "get_weather", "{}")), tool_message("call_1\n", "x")],
+     TOOLS, "messages[2].tool_call_id"),
+])
+def test_a_name_or_id_ending_in_a_newline_is_400(messages, tools, param):
+    error = error_of(call_for, *messages, tools=tools)
+    assert (error.status, error.param) == (400, param)
