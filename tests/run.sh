@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 venv=.cache/venv
-test_packages=(pytest openai hypothesis vermin)  # keep in step with pyproject.toml [test]
+test_packages=(pytest openai anthropic hypothesis vermin)  # keep in step with pyproject.toml [test]
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 
 if [ ! -x "$venv/bin/python" ]; then
