@@ -2312,7 +2312,9 @@ def message_blocks_of(content: Any, role: str, where: str, names: Dict[str, str]
             raise invalid(at + ".type", "%s content blocks of type %r are not supported (%s)"
                           % (role, kind, ", ".join(allowed)), "unsupported_content")
         if kind == "text":
-            blocks += text_blocks_of([block], at)
+            if not isinstance(block.get("text"), str):
+                raise invalid(at + ".text", "`%s.text` must be a string" % at, "invalid_type")
+            blocks += text_blocks_of(block["text"], at + ".text")
         elif kind == "image":
             blocks.append(messages_image_of(block, at, fetch_image))
         elif kind == "tool_result":
