@@ -2126,6 +2126,9 @@ MESSAGES_ERRORS = {
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
                 "content_filter": "refusal"}
 TOOL_USE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# A started stream that has sent nothing for this long gets a `ping`, so idle timeouts between
+# the client and the proxy do not cut it while the model thinks or waits.
+KEEP_ALIVE_SECONDS = 5.0
 
 
 def messages_readme_table() -> str:
@@ -2391,8 +2394,8 @@ class MessagesRenderer:
         out = []
         if not self.started:
             self.started = True
-            out += [("message_start", {"type": "message_start", "message": self._message(model, [], None, None)}),
-                    ("ping", {"type": "ping"})]
+            out += [("message_start", {"type": "message_start", "message": self._message(model, [], None, None)})]
+            out += self.keep_alive()  # Anthropic's API pings once right after message_start too
         kind = event[0]
         if kind in ("text", "reasoning"):
             block_type, field = ("text", "text") if kind == "text" else ("thinking", "thinking")
@@ -2426,6 +2429,9 @@ class MessagesRenderer:
 
     def stream_end(self) -> List[Tuple[Optional[str], Any]]:
         return []  # message_stop (or an error event) is the end
+
+    def keep_alive(self) -> List[Tuple[Optional[str], Any]]:
+        return [("ping", {"type": "ping"})]
 
     # -- content blocks ----------------------------------------------------------------------------
 
@@ -2921,6 +2927,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         self.headers_sent = True
+        self.last_frame_at = time.monotonic()
 
     def _send_sse(self, payload: Any, event: Optional[str] = None) -> None:
         text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
@@ -2928,6 +2935,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
         self.sent_bytes += len(data)
+        self.last_frame_at = time.monotonic()
+
+    def _keep_alive(self, renderer: Any) -> None:
+        """Send the renderer's keep-alive frames (if it has any) on a stream silent for too long."""
+        frames = getattr(renderer, "keep_alive", None)
+        if frames is not None and self.headers_sent and \
+                time.monotonic() - self.last_frame_at >= KEEP_ALIVE_SECONDS:
+            for name, payload in frames():
+                self._send_sse(payload, name)
 
     def _end_sse(self) -> None:
         self.wfile.write(b"0\r\n\r\n")
@@ -3088,7 +3104,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         events = translator.events
 
         def turn_events() -> Iterator[TurnEvent]:
-            for event in run.events(deadline, config.idle_timeout, gone):
+            # While the CLI is silent, or busy with what the client does not see, a started
+            # stream gets the renderer's keep-alive frames.
+            for event in run.events(deadline, config.idle_timeout, lambda: self._keep_alive(renderer) or gone()):
+                self._keep_alive(renderer)
                 if event.get("type") == "control_request":
                     run.on_control_request(event)
                     continue

@@ -330,3 +330,65 @@ def test_the_proxy_key_is_accepted_as_x_api_key_and_as_a_bearer_token(start_prox
     assert caught.value.body["error"]["type"] == "authentication_error"
     status, _, _ = proxy.request("GET", "/v1/models", headers={"x-api-key": key})
     assert status == 200
+
+
+# ---- faults the real CLI cannot produce on demand (tests/fake_claude.py) ----------------------
+
+def anthropic_frames(raw):
+    """(event name, data) of each SSE frame."""
+    frames = []
+    for block in raw.decode().split("\n\n"):
+        if block.strip():
+            name, data = block.split("\n")
+            frames.append((name[len("event: "):], json.loads(data[len("data: "):])))
+    return frames
+
+
+def test_an_error_after_output_ends_the_stream_with_an_error_event(fake_proxy):
+    proxy = fake_proxy()
+    body = {"model": MODEL, "max_tokens": 100, "stream": True, "messages": user("@@fake:error_mid@@ hi")}
+    status, _, raw = proxy.request("POST", "/v1/messages", body)
+    assert status == 200
+    frames = anthropic_frames(raw)
+    assert [name for name, _ in frames[:3]] == ["message_start", "ping", "content_block_start"]
+    assert frames[-1] == ("error", {"type": "error", "error": {"type": "api_error",
+                                                               "message": frames[-1][1]["error"]["message"]}})
+    assert "message_stop" not in [name for name, _ in frames]
+
+
+def test_a_silent_stretch_mid_stream_is_filled_with_pings(fake_proxy):
+    proxy = fake_proxy()
+    body = {"model": MODEL, "max_tokens": 100, "stream": True, "messages": user("@@fake:stall:8@@ hi")}
+    status, _, raw = proxy.request("POST", "/v1/messages", body)
+    names = [name for name, _ in anthropic_frames(raw)]
+    first_text = names.index("content_block_delta")
+    # the stall after the first delta is longer than KEEP_ALIVE_SECONDS: a ping fills it
+    assert names[first_text + 1] == "ping" and names.count("ping") >= 2
+    assert names[-2:] == ["message_delta", "message_stop"]
+
+
+@pytest.mark.parametrize("method, path, headers, body, status, kind", [
+    ("POST", "/v1/messages", {"Content-Type": "text/plain"}, b"{}", 415, "invalid_request_error"),
+    ("POST", "/v1/messages", {}, b"{not json", 400, "invalid_request_error"),
+    ("POST", "/v1/messages", {}, b"x" * 2048, 413, "request_too_large"),
+    ("GET", "/v1/messages", {}, None, 405, "invalid_request_error"),
+    ("POST", "/v1/messages/batches", {}, b"{}", 404, "not_found_error"),
+    ("POST", "/v1/messages", {"Origin": "http://evil.example"}, b"{}", 403, "permission_error"),
+])
+def test_every_error_on_the_messages_routes_is_in_anthropics_envelope(fake_proxy, method, path, headers, body,
+                                                                      status, kind):
+    proxy = fake_proxy(["--max-body-bytes", "1024"])
+    sent = dict({"Content-Type": "application/json"}, **headers) if body is not None else headers
+    got, _, raw = proxy.request(method, path, body, sent)
+    assert got == status
+    reply = json.loads(raw)
+    assert reply["type"] == "error" and reply["error"]["type"] == kind and reply["error"]["message"]
+
+
+def test_a_missing_key_is_an_authentication_error_and_the_rest_stays_openai(fake_proxy):
+    proxy = fake_proxy(["--api-key", "k1"])
+    status, _, raw = proxy.request("POST", "/v1/messages", {"model": MODEL, "max_tokens": 5, "messages": user("hi")})
+    assert status == 401 and json.loads(raw)["error"]["type"] == "authentication_error"
+    assert "x-api-key" in json.loads(raw)["error"]["message"]
+    status, _, raw = proxy.request("GET", "/v1/models")
+    assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key"  # OpenAI's envelope there
