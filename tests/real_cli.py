@@ -145,32 +145,32 @@ def cli_version(path):
     return output.splitlines()[0] if output else ""
 
 
-def npm_install():
-    """Install the pinned package into CACHE_DIR; raise RealCliUnavailable on any failure."""
+def npm_install(package=CLI_PACKAGE, version=PINNED_CLI_VERSION, cache_dir=CACHE_DIR):
+    """Install the pinned package into cache_dir; raise RealCliUnavailable on any failure."""
     npm = shutil.which("npm")
     if npm is None:
         raise RealCliUnavailable(
             "npm is not on PATH, so %s@%s cannot be installed (install Node.js and npm, or set %s)"
-            % (CLI_PACKAGE, PINNED_CLI_VERSION, CLI_OVERRIDE_ENV)
+            % (package, version, CLI_OVERRIDE_ENV)
         )
-    os.makedirs(CACHE_DIR, exist_ok=True)
+    os.makedirs(cache_dir, exist_ok=True)
     # The package's postinstall script puts the native binary in place. npm 11 warns about
     # unapproved install scripts and may block them; approving it here keeps the install
     # working (older npm ignores the field).
-    manifest = {"private": True, "allowScripts": {CLI_PACKAGE: True}}
-    with open(os.path.join(CACHE_DIR, "package.json"), "w") as f:
+    manifest = {"private": True, "allowScripts": {package: True}}
+    with open(os.path.join(cache_dir, "package.json"), "w") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")
     argv = [
-        npm, "install", "--no-audit", "--no-fund", "--save-exact", "--prefix", CACHE_DIR,
-        "%s@%s" % (CLI_PACKAGE, PINNED_CLI_VERSION),
+        npm, "install", "--no-audit", "--no-fund", "--save-exact", "--prefix", cache_dir,
+        "%s@%s" % (package, version),
     ]
     command = "npm " + " ".join(argv[1:])
     env = dict(os.environ, npm_config_update_notifier="false")
     # Own session so that a timeout also ends the install scripts npm started.
     proc = subprocess.Popen(
         argv,
-        cwd=CACHE_DIR,
+        cwd=cache_dir,
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -195,13 +195,13 @@ def npm_install():
 
 
 @contextlib.contextmanager
-def install_lock():
+def install_lock(cache_dir=CACHE_DIR):
     """Serialise installs between concurrent test processes (POSIX only)."""
     if fcntl is None:
         yield
         return
-    os.makedirs(CACHE_DIR, exist_ok=True)
-    with open(os.path.join(CACHE_DIR, ".install.lock"), "w") as lock:
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(os.path.join(cache_dir, ".install.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
