@@ -17,9 +17,12 @@ CLI's control channel; a tool call is caught at the CLI's permission question. P
 reused: a warm one waits for a first turn, and the one that answered waits for the conversation's
 next turn (``IdleRuns``), so later turns neither start a CLI nor replay history.
 
+Anthropic's Messages API (``/v1/messages``) is a second front door into the same runner: its
+requests become the same ``CliCall`` and its answers are rendered from the same ``TurnEvent``s.
+
 Sections, top to bottom: constants and tables, configuration, errors, request translation,
-CLI runner (``CliRun``, ``IdleRuns``), event translation, the Responses API, HTTP layer, the
-serve command, doctor and service commands, main().
+CLI runner (``CliRun``, ``IdleRuns``), event translation, the Responses API, the Messages API,
+HTTP layer, the serve command, doctor and service commands, main().
 """
 
 import argparse
@@ -660,7 +663,7 @@ def turns_from_messages(messages: Any, max_messages: int,
     if len(messages) > max_messages:
         raise invalid("messages", "too many messages (%d > %d)" % (len(messages), max_messages))
     names = {t.name: t.mcp_name for t in tools}
-    system_parts, turns = [], []
+    system_parts, role_blocks = [], []
     legacy_calls = []  # ids given to legacy function_call messages, answered in order by name
     for i, message in enumerate(messages):
         param = "messages[%d]" % i
@@ -699,15 +702,24 @@ def turns_from_messages(messages: Any, max_messages: int,
             role = "user"
         else:
             raise invalid(param + ".role", "unsupported role %r" % (role,), "invalid_value")
+        role_blocks.append((role, blocks))
+    return "\n\n".join(system_parts), alternating_turns(role_blocks)
+
+
+def alternating_turns(messages: List[Tuple[str, List[Dict[str, Any]]]]) -> List[Dict[str, Any]]:
+    """(role, content blocks) in order -> turns: empty ones dropped, same roles merged, and tool
+    results first in their user turn, as the Messages API requires."""
+    turns = []
+    for role, blocks in messages:
         if not blocks:
             continue
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"].extend(blocks)
         else:
-            turns.append({"role": role, "content": blocks})
-    for turn in turns:  # tool results open their user turn, as the Messages API requires
+            turns.append({"role": role, "content": list(blocks)})
+    for turn in turns:
         turn["content"].sort(key=lambda b: b["type"] != "tool_result")
-    return "\n\n".join(system_parts), turns
+    return turns
 
 
 def has_tool_blocks(turns: List[Dict[str, Any]]) -> bool:
@@ -2279,7 +2291,7 @@ def messages_turns_of(messages: Any, max_messages: int, tools: Tuple[ClientTool,
     if len(messages) > max_messages:
         raise invalid("messages", "too many messages (%d > %d)" % (len(messages), max_messages))
     names = {t.name: t.mcp_name for t in tools}
-    turns = []
+    role_blocks = []
     for i, message in enumerate(messages):
         where = "messages[%d]" % i
         if not isinstance(message, dict):
@@ -2288,16 +2300,9 @@ def messages_turns_of(messages: Any, max_messages: int, tools: Tuple[ClientTool,
         if role not in ("user", "assistant"):
             raise invalid(where + ".role", "`role` must be user or assistant (the system prompt is the "
                           "top-level `system`)", "invalid_value")
-        blocks = message_blocks_of(message.get("content"), role, where + ".content", names, fetch_image)
-        if not blocks:
-            continue
-        if turns and turns[-1]["role"] == role:
-            turns[-1]["content"].extend(blocks)
-        else:
-            turns.append({"role": role, "content": blocks})
-    for turn in turns:  # tool results open their user turn, as the Messages API requires
-        turn["content"].sort(key=lambda b: b["type"] != "tool_result")
-    return turns
+        role_blocks.append((role, message_blocks_of(message.get("content"), role, where + ".content",
+                                                    names, fetch_image)))
+    return alternating_turns(role_blocks)
 
 
 def message_blocks_of(content: Any, role: str, where: str, names: Dict[str, str],
