@@ -402,3 +402,68 @@ def test_readme_messages_table_matches_the_code():
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
     with open(path, encoding="utf-8") as handle:
         assert cmp.messages_readme_table() in handle.read()
+
+
+# ------------------------------------------------------------------------------------------------
+# Property: any body is a CliCall or a 400/404, never a crash
+# ------------------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2, 5000), st.floats(allow_nan=False),
+                    st.text(max_size=8), st.sampled_from(["get_weather", "toolu_1", "image/png", PNG, "auto"]))
+JSONISH = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                        st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                       max_leaves=8)
+
+
+def block_strategy():
+    kinds = st.sampled_from(["text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking",
+                             "document", None, 7])
+    fields = st.fixed_dictionaries({}, optional={
+        "text": st.one_of(st.text(max_size=10), JSONISH), "id": st.one_of(st.just("toolu_1"), JSONISH),
+        "name": st.one_of(st.just("get_weather"), JSONISH), "input": JSONISH,
+        "tool_use_id": st.one_of(st.just("toolu_1"), JSONISH), "content": JSONISH, "is_error": JSONISH,
+        "source": st.one_of(st.just({"type": "base64", "media_type": "image/png", "data": PNG}), JSONISH),
+        "cache_control": JSONISH})
+    return st.builds(lambda kind, rest: dict(rest, type=kind), kinds, fields)
+
+
+def messages_strategy(roles, contents):
+    return st.lists(st.fixed_dictionaries({"role": roles, "content": contents}), min_size=1, max_size=4)
+
+
+# Mostly well-formed bodies with junk inside content blocks, and bodies with junk anywhere.
+GOOD_VALUES = {
+    "system": st.one_of(st.text(max_size=5), st.just([text("s")])), "stop_sequences": st.just(["END"]),
+    "stream": st.booleans(), "tools": st.just([WEATHER]), "thinking": st.just({"type": "adaptive"}),
+    "tool_choice": st.sampled_from([{"type": "auto"}, {"type": "any"}, {"type": "none"},
+                                    {"type": "tool", "name": "get_weather"}]),
+    "metadata": st.just({"user_id": "u"}), "temperature": st.just(0.5), "top_p": st.just(0.5),
+    "top_k": st.just(3), "service_tier": st.just("auto")}
+MOSTLY_VALID = st.fixed_dictionaries(
+    {"model": st.just("claude-sonnet-4"), "max_tokens": st.just(64),
+     "messages": messages_strategy(st.sampled_from(["user", "assistant"]),
+                                   st.one_of(st.text(max_size=10), st.lists(block_strategy(), max_size=4)))},
+    optional=GOOD_VALUES)
+ANYTHING = st.fixed_dictionaries(
+    {"model": st.one_of(st.just("claude-sonnet-4"), JSONISH), "max_tokens": st.one_of(st.just(64), JSONISH),
+     "messages": st.one_of(messages_strategy(JSONISH, JSONISH), JSONISH)},
+    optional={name: JSONISH for name in list(cmp.MESSAGES_PARAMETERS) + ["unknown"]
+              if name not in ("model", "max_tokens", "messages")})
+BODIES = st.one_of(MOSTLY_VALID, ANYTHING)
+
+
+@settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(BODIES)
+def test_any_body_is_a_call_or_a_clean_4xx(request):
+    try:
+        call = cmp.messages_call_for(request, config())
+    except cmp.ApiError as exc:
+        assert exc.status in (400, 404) and exc.message
+        assert cmp.messages_error_of(exc)[0] == exc.status
+        return
+    assert call.prompt and json.loads(cmp.stdin_line_for(call.prompt))
+    cmp.conversation_key(call, call.history)
+    assert json.dumps(cmp.MessagesRenderer(call).whole([("text", "x"), ("finish", "stop", {})], "m"))
