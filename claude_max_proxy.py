@@ -2168,7 +2168,7 @@ def messages_call_for(body: Any, config: Config,
         if name not in MESSAGES_PARAMETERS:
             raise invalid(name, "%s: Extra inputs are not permitted" % name, "unknown_parameter")
         if MESSAGES_PARAMETERS[name][0] == "rejected":
-            raise invalid(name, "`%s` is not supported %s" % (name, MESSAGES_PARAMETERS[name][1][2:]),
+            raise invalid(name, "`%s` is not supported: %s" % (name, MESSAGES_PARAMETERS[name][1].split(": ", 1)[-1]),
                           "unsupported_parameter")
     for name in ("model", "messages", "max_tokens"):
         if name not in body:

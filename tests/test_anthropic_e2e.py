@@ -265,16 +265,23 @@ def test_unknown_model_is_the_sdks_not_found_error(client, upstream):
     assert upstream.messages_requests(mark) == []
 
 
+@pytest.mark.parametrize("scenario, error_class, status, kind", [
+    ("429", anthropic.RateLimitError, 429, "rate_limit_error"),
+    ("401", anthropic.AuthenticationError, 401, "authentication_error"),
+    ("529", anthropic.InternalServerError, 529, "overloaded_error"),
+    ("500", anthropic.InternalServerError, 502, "api_error"),
+])
 @pytest.mark.parametrize("stream", [False, True])
-def test_upstream_429_is_the_sdks_rate_limit_error(client, stream):
-    kwargs = dict(model=MODEL, max_tokens=100, messages=user("@@scenario:429@@ " + marker()))
-    with pytest.raises(anthropic.RateLimitError) as caught:
+def test_upstream_errors_are_the_sdks_error_classes(client, stream, scenario, error_class, status, kind):
+    kwargs = dict(model=MODEL, max_tokens=100, messages=user("@@scenario:%s@@ %s" % (scenario, marker())))
+    with pytest.raises(error_class) as caught:
         if stream:
             with client.messages.stream(**kwargs) as running:
                 list(running)
         else:
             client.messages.create(**kwargs)
-    assert caught.value.body["error"]["type"] == "rate_limit_error"
+    assert caught.value.status_code == status
+    assert caught.value.body["type"] == "error" and caught.value.body["error"]["type"] == kind
     assert client.messages.create(model=MODEL, max_tokens=50, messages=user("again " + marker())).content
 
 
@@ -392,3 +399,38 @@ def test_a_missing_key_is_an_authentication_error_and_the_rest_stays_openai(fake
     assert "x-api-key" in json.loads(raw)["error"]["message"]
     status, _, raw = proxy.request("GET", "/v1/models")
     assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key"  # OpenAI's envelope there
+
+
+def test_image_url_is_fetched_only_when_the_user_allows_it(start_proxy, real_claude, e2e_env, upstream):
+    import base64
+    import http.server
+    import threading
+
+    png = base64.b64decode(PNG_1PX)
+
+    class Images(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Images)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        proxy = start_proxy(["--claude", real_claude, "--allow-image-fetch"], e2e_env)
+        client = anthropic.Anthropic(base_url=proxy.url, api_key="unused", max_retries=0)
+        mark = marker()
+        url = "http://127.0.0.1:%d/cat.png" % server.server_address[1]
+        content = [{"type": "text", "text": "what is this? " + mark}, {"type": "image", "source": {"type": "url", "url": url}}]
+        client.messages.create(model=MODEL, max_tokens=100, messages=[{"role": "user", "content": content}])
+        blocks = [b for m in only_request(upstream, mark)["messages"] if m["role"] == "user"
+                  for b in m["content"] if isinstance(b, dict) and b.get("type") == "image"]
+        assert [b["source"] for b in blocks] == [{"type": "base64", "media_type": "image/png", "data": PNG_1PX}]
+    finally:
+        server.shutdown()
+        server.server_close()
