@@ -2113,11 +2113,17 @@ MESSAGES_PARAMETERS = collections.OrderedDict([
                                  "only the first call and ends the CLI")),
     ("thinking", ("emulated", "`enabled` or `adaptive` returns the thinking blocks the model writes; "
                               "`budget_tokens` is checked, the CLI sets its own budget")),
+    ("output_config", ("honored", "`effort` -> `--effort`; `format` (`json_schema`) -> `--json-schema`, "
+                                  "the JSON is the answer's text")),
+    ("cache_control", ("ignored", "accepted; the CLI caches prompts on its own")),
     ("metadata", ("ignored", "accepted (`user_id`)")),
     ("temperature", ("ignored", "accepted (0-1), the CLI has no sampling controls")),
     ("top_p", ("ignored", "accepted (0-1)")),
     ("top_k", ("ignored", "accepted")),
     ("service_tier", ("ignored", "accepted")),
+    ("speed", ("ignored", "accepted")),
+    ("diagnostics", ("ignored", "accepted")),
+    ("inference_geo", ("rejected", "-> 400: the CLI cannot choose where inference runs")),
     ("mcp_servers", ("rejected", "-> 400: the proxy offers no remote MCP connector")),
     ("container", ("rejected", "-> 400: there is no code-execution container")),
 ])
@@ -2186,11 +2192,12 @@ def messages_call_for(body: Any, config: Config,
                       "continue a prefilled assistant turn)")
     system_prompt, tools = tool_choice_applied(choice, chosen, tools, turns,
                                                messages_system_of(body.get("system")) or NEUTRAL_SYSTEM_PROMPT)
+    effort, schema = output_config_of(body.get("output_config"))
     return CliCall(
         model=model, requested_model=requested, system_prompt=system_prompt,
         history=turns[:-1], prompt=turns[-1]["content"], stream=bool(body.get("stream")),
         max_output_tokens=max_tokens, stop=stop_sequences_of(body.get("stop_sequences")),
-        tools=tools, parallel_tool_calls=parallel,
+        tools=tools, parallel_tool_calls=parallel, json_schema=schema, effort=effort,
         include_reasoning=thinking_wanted(body.get("thinking"), max_tokens))
 
 
@@ -2202,9 +2209,28 @@ def check_messages_parameters(body: Dict[str, Any]) -> None:
                                   or value < low or (high is not None and value > high)):
             raise invalid(name, "`%s` must be a number from %s%s" % (
                 name, low, " to %s" % high if high is not None else ""))
-    for name, kind in (("stream", bool), ("metadata", dict), ("service_tier", str)):
+    for name, kind in (("stream", bool), ("metadata", dict), ("service_tier", str), ("speed", str),
+                       ("cache_control", dict), ("diagnostics", dict)):
         if body.get(name) is not None and not isinstance(body[name], kind):
             raise invalid(name, "`%s` has the wrong type" % name, "invalid_type")
+
+
+def output_config_of(config: Any) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """`output_config` -> (the CLI's --effort, the JSON schema the answer must follow)."""
+    if config is None:
+        return None, None
+    if not isinstance(config, dict):
+        raise invalid("output_config", "`output_config` must be an object", "invalid_type")
+    effort, fmt = config.get("effort"), config.get("format")
+    if effort is not None and (not isinstance(effort, str) or effort not in EFFORTS):
+        raise invalid("output_config.effort", "`output_config.effort` must be one of low, medium, high, xhigh, max")
+    if fmt is None:
+        return effort and EFFORTS[effort], None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise invalid("output_config.format", "`output_config.format` must be {type: json_schema, schema: {...}}")
+    if len(json.dumps(fmt["schema"])) > 100000:
+        raise invalid("output_config.format.schema", "the schema is over 100 KB")
+    return effort and EFFORTS[effort], fmt["schema"]
 
 
 def stop_sequences_of(value: Any) -> Tuple[str, ...]:

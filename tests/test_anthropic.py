@@ -148,11 +148,25 @@ def test_disable_parallel_tool_use_allows_one_call():
     ({"thinking": {"type": "adaptive"}}, (), True),
     ({"thinking": {"type": "disabled"}}, (), False),
     ({"metadata": {"user_id": "u1"}, "temperature": 0.2, "top_p": 1, "top_k": 5, "service_tier": "auto",
-      "stream": True}, (), False),
+      "stream": True, "speed": "fast", "cache_control": {"type": "ephemeral"}, "diagnostics": {}}, (), False),
 ])
 def test_options(params, stop, reasoning):
     call = call_for(user("hi"), **params)
     assert (call.stop, call.include_reasoning) == (stop, reasoning)
+
+
+@pytest.mark.parametrize("output_config, effort, schema", [
+    (None, None, None),
+    ({}, None, None),
+    ({"effort": "high"}, "high", None),
+    ({"effort": "max", "format": {"type": "json_schema", "schema": {"type": "object"}}}, "max", {"type": "object"}),
+    ({"format": None}, None, None),
+])
+def test_output_config_sets_effort_and_the_answers_schema(output_config, effort, schema):
+    call = call_for(user("hi"), **({} if output_config is None else {"output_config": output_config}))
+    assert (call.effort, call.json_schema) == (effort, schema)
+    if schema is not None:
+        assert "--json-schema" in cmp.cli_args_for(call, "claude", None, "/tmp/p")
 
 
 # Every way a request can be wrong: (the change to a valid body, the param the 400 names). Fields
@@ -167,6 +181,13 @@ INVALID = [
     ({"frequency_penalty": 1}, "frequency_penalty"),
     ({"mcp_servers": []}, "mcp_servers"),
     ({"container": "c"}, "container"),
+    ({"inference_geo": "us"}, "inference_geo"),
+    ({"speed": 1}, "speed"),
+    ({"cache_control": "yes"}, "cache_control"),
+    ({"output_config": "high"}, "output_config"),
+    ({"output_config": {"effort": "huge"}}, "output_config.effort"),
+    ({"output_config": {"format": {"type": "json_schema"}}}, "output_config.format"),
+    ({"output_config": {"format": {"type": "text", "schema": {}}}}, "output_config.format"),
     ({"temperature": 1.5}, "temperature"),
     ({"top_k": -1}, "top_k"),
     ({"stream": "yes"}, "stream"),

@@ -255,6 +255,25 @@ def test_thinking_blocks_come_back_only_when_asked(client):
     assert [(b.type, b.text) for b in plain.content] == [("text", "Thought done.")]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_output_config_format_makes_the_answer_the_structured_json_and_effort_reaches_upstream(
+        client, upstream, stream):
+    mark = marker()
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    kwargs = dict(model=MODEL, max_tokens=200, messages=user(tool_prompt(mark, {"city": "Paris"}, "Sure,_here:")),
+                  output_config={"effort": "high", "format": {"type": "json_schema", "schema": schema}})
+    if stream:
+        with client.messages.stream(**kwargs) as running:
+            message = running.get_final_message()
+    else:
+        message = client.messages.create(**kwargs)
+    assert [b.type for b in message.content] == ["text"] and json.loads(message.content[0].text) == {"city": "Paris"}
+    assert message.stop_reason == "end_turn"
+    sent = only_request(upstream, mark)
+    assert [t["input_schema"] for t in sent["tools"] if t["name"] == "StructuredOutput"] == [schema]
+    assert sent["output_config"]["effort"] == "high"
+
+
 # ---- errors ----------------------------------------------------------------------------------
 
 def test_unknown_model_is_the_sdks_not_found_error(client, upstream):
