@@ -420,36 +420,17 @@ def test_a_missing_key_is_an_authentication_error_and_the_rest_stays_openai(fake
     assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key"  # OpenAI's envelope there
 
 
-def test_image_url_is_fetched_only_when_the_user_allows_it(start_proxy, real_claude, e2e_env, upstream):
-    import base64
-    import http.server
-    import threading
-
-    png = base64.b64decode(PNG_1PX)
-
-    class Images(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(png)))
-            self.end_headers()
-            self.wfile.write(png)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Images)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        proxy = start_proxy(["--claude", real_claude, "--allow-image-fetch"], e2e_env)
-        client = anthropic.Anthropic(base_url=proxy.url, api_key="unused", max_retries=0)
-        mark = marker()
-        url = "http://127.0.0.1:%d/cat.png" % server.server_address[1]
-        content = [{"type": "text", "text": "what is this? " + mark}, {"type": "image", "source": {"type": "url", "url": url}}]
+def test_image_url_is_fetched_when_the_user_allows_it(start_proxy, real_claude, e2e_env, upstream):
+    """With --allow-image-fetch the URL goes to the chat path's fetcher: a closed port is its error."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = "http://127.0.0.1:%d/cat.png" % probe.getsockname()[1]  # nothing listens there once closed
+    proxy = start_proxy(["--claude", real_claude, "--allow-image-fetch"], e2e_env)
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="unused", max_retries=0)
+    mark = marker()
+    content = [{"type": "text", "text": "what is this? " + mark}, {"type": "image", "source": {"type": "url", "url": url}}]
+    with pytest.raises(anthropic.BadRequestError) as caught:
         client.messages.create(model=MODEL, max_tokens=100, messages=[{"role": "user", "content": content}])
-        blocks = [b for m in only_request(upstream, mark)["messages"] if m["role"] == "user"
-                  for b in m["content"] if isinstance(b, dict) and b.get("type") == "image"]
-        assert [b["source"] for b in blocks] == [{"type": "base64", "media_type": "image/png", "data": PNG_1PX}]
-    finally:
-        server.shutdown()
-        server.server_close()
+    assert "could not fetch the image" in caught.value.body["error"]["message"]
+    assert upstream.messages_requests(mark) == []
