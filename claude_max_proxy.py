@@ -2100,7 +2100,8 @@ MESSAGES_PARAMETERS = collections.OrderedDict([
     ("model", ("honored", "required; the model table above, or any full `claude-…` ID")),
     ("messages", ("honored", "text, base64 images, `tool_use` and `tool_result` blocks as real turns; "
                              "thinking blocks sent back are dropped, as the API drops earlier turns' "
-                             "thinking; `cache_control` is accepted (the CLI caches on its own)")),
+                             "thinking; `system` messages join the system prompt; `cache_control` is "
+                             "accepted (the CLI caches on its own)")),
     ("max_tokens", ("honored", "required; -> `CLAUDE_CODE_MAX_OUTPUT_TOKENS`")),
     ("system", ("honored", "a string or text blocks -> the system prompt (blocks joined by a blank line)")),
     ("stop_sequences", ("emulated", "the stream is cut at the first one and the CLI ended; "
@@ -2116,6 +2117,7 @@ MESSAGES_PARAMETERS = collections.OrderedDict([
     ("output_config", ("honored", "`effort` -> `--effort`; `format` (`json_schema`) -> `--json-schema`, "
                                   "the JSON is the answer's text")),
     ("cache_control", ("ignored", "accepted; the CLI caches prompts on its own")),
+    ("context_management", ("ignored", "accepted; the CLI manages its own context")),
     ("metadata", ("ignored", "accepted (`user_id`)")),
     ("temperature", ("ignored", "accepted (0-1), the CLI has no sampling controls")),
     ("top_p", ("ignored", "accepted (0-1)")),
@@ -2186,12 +2188,12 @@ def messages_call_for(body: Any, config: Config,
     check_messages_parameters(body)
     tools = messages_tools_of(body.get("tools"))
     choice, chosen, parallel = messages_tool_choice_of(body.get("tool_choice"), tools)
-    turns = messages_turns_of(body["messages"], config.max_messages, tools, fetch_image)
+    system_parts, turns = messages_turns_of(body["messages"], config.max_messages, tools, fetch_image)
     if not turns or turns[-1]["role"] != "user":
         raise invalid("messages", "the last message must be a non-empty user message (the CLI cannot "
                       "continue a prefilled assistant turn)")
-    system_prompt, tools = tool_choice_applied(choice, chosen, tools, turns,
-                                               messages_system_of(body.get("system")) or NEUTRAL_SYSTEM_PROMPT)
+    system_prompt = "\n\n".join(p for p in [messages_system_of(body.get("system"))] + system_parts if p)
+    system_prompt, tools = tool_choice_applied(choice, chosen, tools, turns, system_prompt or NEUTRAL_SYSTEM_PROMPT)
     effort, schema = output_config_of(body.get("output_config"))
     return CliCall(
         model=model, requested_model=requested, system_prompt=system_prompt,
@@ -2210,7 +2212,7 @@ def check_messages_parameters(body: Dict[str, Any]) -> None:
             raise invalid(name, "`%s` must be a number from %s%s" % (
                 name, low, " to %s" % high if high is not None else ""))
     for name, kind in (("stream", bool), ("metadata", dict), ("service_tier", str), ("speed", str),
-                       ("cache_control", dict), ("diagnostics", dict)):
+                       ("cache_control", dict), ("diagnostics", dict), ("context_management", dict)):
         if body.get(name) is not None and not isinstance(body[name], kind):
             raise invalid(name, "`%s` has the wrong type" % name, "invalid_type")
 
@@ -2310,25 +2312,30 @@ def messages_tool_choice_of(choice: Any, tools: Tuple[ClientTool, ...]) -> Tuple
 
 
 def messages_turns_of(messages: Any, max_messages: int, tools: Tuple[ClientTool, ...],
-                      fetch_image: Optional[Callable[[str, str], str]]) -> List[Dict[str, Any]]:
-    """Messages API messages -> alternating turns of content blocks the CLI takes as they are."""
+                      fetch_image: Optional[Callable[[str, str], str]]
+                      ) -> Tuple[List[str], List[Dict[str, Any]]]:
+    """Messages API messages -> (texts of `system` messages, alternating turns of content blocks).
+
+    The CLI has one system prompt: a system message anywhere in the conversation joins it."""
     if not isinstance(messages, list):
         raise invalid("messages", "`messages` must be an array", "invalid_type")
     if len(messages) > max_messages:
         raise invalid("messages", "too many messages (%d > %d)" % (len(messages), max_messages))
     names = {t.name: t.mcp_name for t in tools}
-    role_blocks = []
+    system_parts, role_blocks = [], []
     for i, message in enumerate(messages):
         where = "messages[%d]" % i
         if not isinstance(message, dict):
             raise invalid(where, "`%s` must be an object" % where, "invalid_type")
         role = message.get("role")
-        if role not in ("user", "assistant"):
-            raise invalid(where + ".role", "`role` must be user or assistant (the system prompt is the "
-                          "top-level `system`)", "invalid_value")
-        role_blocks.append((role, message_blocks_of(message.get("content"), role, where + ".content",
-                                                    names, fetch_image)))
-    return alternating_turns(role_blocks)
+        if role not in ("user", "assistant", "system"):
+            raise invalid(where + ".role", "`role` must be user, assistant or system", "invalid_value")
+        blocks = message_blocks_of(message.get("content"), role, where + ".content", names, fetch_image)
+        if role == "system":
+            system_parts += [b["text"] for b in blocks]
+        else:
+            role_blocks.append((role, blocks))
+    return system_parts, alternating_turns(role_blocks)
 
 
 def message_blocks_of(content: Any, role: str, where: str, names: Dict[str, str],
@@ -2337,7 +2344,7 @@ def message_blocks_of(content: Any, role: str, where: str, names: Dict[str, str]
     if not isinstance(content, list):
         return text_blocks_of(content, where)  # a string, or the error for anything else
     allowed = {"user": ("text", "image", "tool_result"),
-               "assistant": ("text", "tool_use", "thinking", "redacted_thinking")}[role]
+               "assistant": ("text", "tool_use", "thinking", "redacted_thinking"), "system": ("text",)}[role]
     blocks = []
     for i, block in enumerate(content):
         at = "%s[%d]" % (where, i)

@@ -61,6 +61,14 @@ def test_system_as_string_or_blocks(system, expected):
     assert call_for(user("hi"), system=system).system_prompt == expected
 
 
+def test_system_messages_in_the_conversation_join_the_system_prompt():
+    call = call_for(user("hi"), {"role": "system", "content": [text("Env: linux.")]}, assistant("yo"),
+                    {"role": "system", "content": "Be terse."}, user("again"), system="Top.")
+    assert call.system_prompt == "Top.\n\nEnv: linux.\n\nBe terse."
+    assert call.history == [{"role": "user", "content": [text("hi")]}, {"role": "assistant", "content": [text("yo")]}]
+    assert call_for(user("hi"), {"role": "system", "content": "Only this."}).system_prompt == "Only this."
+
+
 @pytest.mark.parametrize("model, cli_model", [
     ("claude-opus-4", "opus"), ("haiku", "haiku"), ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5-20250929"),
     ("anthropic/claude-opus-4", "opus"),
@@ -213,7 +221,9 @@ INVALID = [
     ({"messages": "hi"}, "messages"),
     ({"messages": []}, "messages"),
     ({"messages": [5]}, "messages[0]"),
-    ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "system", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "system", "content": [{"type": "image"}]}, user("hi")]}, "messages[0].content[0].type"),
     ({"messages": [user("hi"), assistant("prefill")]}, "messages"),
     ({"messages": [user(5)]}, "messages[0].content"),
     ({"messages": [user([{"type": "document"}])]}, "messages[0].content[0].type"),

@@ -434,3 +434,20 @@ def test_image_url_is_fetched_when_the_user_allows_it(start_proxy, real_claude, 
         client.messages.create(model=MODEL, max_tokens=100, messages=[{"role": "user", "content": content}])
     assert "could not fetch the image" in caught.value.body["error"]["message"]
     assert upstream.messages_requests(mark) == []
+
+
+def test_claude_code_itself_works_as_an_anthropic_client_of_the_proxy(e2e_proxy, upstream, tmp_path):
+    """The pinned CLI pointed at the proxy (ANTHROPIC_BASE_URL) sends what today's API takes (system
+    messages in `messages`, context_management, output_config, its own tools) and gets its answer."""
+    import subprocess
+    import real_cli
+    mark = marker()
+    env = real_cli.cli_env(str(tmp_path), e2e_proxy.url)
+    done = subprocess.run([real_cli.ensure_real_cli(install=False), "-p", "Say hi " + mark], env=env,
+                          cwd=str(tmp_path), stdin=subprocess.DEVNULL, capture_output=True, timeout=180)
+    assert done.returncode == 0, done.stdout.decode()[-500:] + done.stderr.decode()[-500:]
+    assert done.stdout.decode().strip() == TEXT
+    sent = only_request(upstream, mark)  # one model call, made by the proxy's own CLI
+    assert "Claude agent" in "\n".join(system_texts(sent))  # the client CLI's system prompt reached it
+    offered = [t["name"] for t in sent["tools"] if t["name"].startswith("mcp__client__")]
+    assert "mcp__client__Bash" in offered  # the client's tools, offered to run on the client's side
