@@ -2112,8 +2112,9 @@ MESSAGES_PARAMETERS = collections.OrderedDict([
     ("tool_choice", ("emulated", "`auto` honored; `none` hides the tools; `any` and `tool` become an "
                                  "instruction in the system prompt; `disable_parallel_tool_use` returns "
                                  "only the first call and ends the CLI")),
-    ("thinking", ("emulated", "`enabled` or `adaptive` returns the thinking blocks the model writes; "
-                              "`budget_tokens` is checked, the CLI sets its own budget")),
+    ("thinking", ("emulated", "`enabled` or `adaptive` returns the thinking blocks the model writes "
+                              "(none with `display: omitted`); `budget_tokens` is checked, the CLI sets "
+                              "its own budget")),
     ("output_config", ("honored", "`effort` -> `--effort`; `format` (`json_schema`) -> `--json-schema`, "
                                   "the JSON is the answer's text")),
     ("cache_control", ("ignored", "accepted; the CLI caches prompts on its own")),
@@ -2257,7 +2258,7 @@ def thinking_wanted(thinking: Any, max_tokens: int) -> bool:
             raise invalid("thinking.budget_tokens", "`thinking.budget_tokens` must be an integer of at least 1024")
         if budget >= max_tokens:
             raise invalid("max_tokens", "`max_tokens` must be greater than `thinking.budget_tokens`")
-    return thinking["type"] != "disabled"
+    return thinking["type"] != "disabled" and thinking.get("display") != "omitted"
 
 
 def messages_system_of(system: Any) -> str:

@@ -154,6 +154,7 @@ def test_disable_parallel_tool_use_allows_one_call():
     ({"stop_sequences": ["END", "\n\n"]}, ("END", "\n\n"), False),
     ({"thinking": {"type": "enabled", "budget_tokens": 1024}, "max_tokens": 2000}, (), True),
     ({"thinking": {"type": "adaptive"}}, (), True),
+    ({"thinking": {"type": "adaptive", "display": "omitted"}}, (), False),
     ({"thinking": {"type": "disabled"}}, (), False),
     ({"metadata": {"user_id": "u1"}, "temperature": 0.2, "top_p": 1, "top_k": 5, "service_tier": "auto",
       "stream": True, "speed": "fast", "cache_control": {"type": "ephemeral"}, "diagnostics": {}}, (), False),
