@@ -23,9 +23,12 @@ Every ``rate_limit_event`` and ``result`` a CLI prints is observed by the server
 the plan's latest limit state (headers on every answer, /health, ``--no-overage``), ``Metrics``
 counts for GET /metrics. Limit and billing errors map through ``RESULT_ERRORS``/``UPSTREAM_ERRORS``.
 
+Anthropic's Messages API (``/v1/messages``) is a second front door into the same runner: its
+requests become the same ``CliCall`` and its answers are rendered from the same ``TurnEvent``s.
+
 Sections, top to bottom: constants and tables, configuration, errors, request translation,
-CLI runner (``CliRun``, ``IdleRuns``), event translation, the Responses API, HTTP layer, the
-serve command, doctor and service commands, main().
+CLI runner (``CliRun``, ``IdleRuns``), event translation, the Responses API, the Messages API,
+HTTP layer, the serve command, doctor and service commands, main().
 """
 
 import argparse
@@ -637,7 +640,7 @@ def tools_of(body: Dict[str, Any]) -> Tuple[ClientTool, ...]:
         return ()
     if not isinstance(raw, list):
         raise invalid(param, "`%s` must be an array" % param, "invalid_type")
-    tools, seen, upstream_names = [], set(), set()
+    specs = []
     for i, entry in enumerate(raw):
         where = "%s[%d]" % (param, i)
         if not isinstance(entry, dict) or entry.get("type") != "function" or not isinstance(entry.get("function"), dict):
@@ -645,27 +648,35 @@ def tools_of(body: Dict[str, Any]) -> Tuple[ClientTool, ...]:
                           "unsupported_tool")
         function = entry["function"]
         field = where + (".function." if param == "tools" else ".")  # the path the client wrote
-        name = function.get("name")
+        specs.append((field, "parameters", function.get("name"), function.get("description"),
+                      function.get("parameters")))
+    return client_tools_from(specs, "function")
+
+
+def client_tools_from(specs: List[Tuple[str, str, Any, Any, Any]], noun: str) -> Tuple[ClientTool, ...]:
+    """(client's field prefix, its schema field, name, description, schema) per tool -> ClientTools,
+    checked the same way whichever API they came in (`noun` is that API's word for a tool)."""
+    tools, seen, upstream_names = [], set(), set()
+    for field, schema_field, name, description, schema in specs:
         if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
-            raise invalid(field + "name", "function names must match ^[a-zA-Z0-9_-]{1,64}$")
+            raise invalid(field + "name", "%s names must match ^[a-zA-Z0-9_-]{1,64}$" % noun)
         if name in seen:
-            raise invalid(field + "name", "duplicate function name %r" % name)
+            raise invalid(field + "name", "duplicate %s name %r" % (noun, name))
         if mcp_name_for(name) in upstream_names:
-            raise invalid(field + "name", "function name %r collides with another one once shortened to "
-                          "fit the model's 64 characters" % name)
+            raise invalid(field + "name", "%s name %r collides with another one once shortened to "
+                          "fit the model's 64 characters" % (noun, name))
         seen.add(name)
         upstream_names.add(mcp_name_for(name))
-        description = function.get("description") or ""
+        description = description or ""
         if not isinstance(description, str):
             raise invalid(field + "description", "`description` must be a string", "invalid_type")
         if len(description) > MAX_TOOL_DESCRIPTION_CHARS:  # rather than cut short without a word
             raise invalid(field + "description", "`description` is over %d characters"
                           % MAX_TOOL_DESCRIPTION_CHARS, "string_above_max_length")
-        schema = function.get("parameters")
         if schema is None:
             schema = {"type": "object", "properties": {}}
         if not isinstance(schema, dict):
-            raise invalid(field + "parameters", "`parameters` must be a JSON schema object", "invalid_type")
+            raise invalid(field + schema_field, "`%s` must be a JSON schema object" % schema_field, "invalid_type")
         if schema.get("type") is None:
             schema = dict(schema, type="object")
         tools.append(ClientTool(name, mcp_name_for(name), description, json.dumps(schema, sort_keys=True)))
@@ -775,7 +786,7 @@ def turns_from_messages(messages: Any, max_messages: int, tools: Tuple[ClientToo
     if len(messages) > max_messages:
         raise invalid("messages", "too many messages (%d > %d)" % (len(messages), max_messages))
     names = {t.name: t.mcp_name for t in tools}
-    system_parts, turns = [], []
+    system_parts, role_blocks = [], []
     legacy_calls = []  # ids given to legacy function_call messages, answered in order by name
     for i, message in enumerate(messages):
         param = "messages[%d]" % i
@@ -814,19 +825,43 @@ def turns_from_messages(messages: Any, max_messages: int, tools: Tuple[ClientToo
             role = "user"
         else:
             raise invalid(param + ".role", "unsupported role %r" % (role,), "invalid_value")
+        role_blocks.append((role, blocks))
+    return "\n\n".join(system_parts), alternating_turns(role_blocks)
+
+
+def alternating_turns(messages: List[Tuple[str, List[Dict[str, Any]]]]) -> List[Dict[str, Any]]:
+    """(role, content blocks) in order -> turns: empty ones dropped, same roles merged, and tool
+    results first in their user turn, as the Messages API requires."""
+    turns = []
+    for role, blocks in messages:
         if not blocks:
             continue
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"].extend(blocks)
         else:
-            turns.append({"role": role, "content": blocks})
-    for turn in turns:  # tool results open their user turn, as the Messages API requires
+            turns.append({"role": role, "content": list(blocks)})
+    for turn in turns:
         turn["content"].sort(key=lambda b: b["type"] != "tool_result")
-    return "\n\n".join(system_parts), turns
+    return turns
 
 
 def has_tool_blocks(turns: List[Dict[str, Any]]) -> bool:
     return any(b["type"] in ("tool_use", "tool_result") for t in turns for b in t["content"])
+
+
+def tool_choice_applied(choice: str, chosen: Optional[str], tools: Tuple[ClientTool, ...],
+                        turns: List[Dict[str, Any]], system_prompt: str) -> Tuple[str, Tuple[ClientTool, ...]]:
+    """(system prompt, tools offered) for a tool choice: the CLI has no tool_choice of its own."""
+    if choice == "none" and not has_tool_blocks(turns):
+        tools = ()
+    elif choice == "none":  # the tools must stay defined for the earlier calls to be valid
+        system_prompt += "\n\nDo not call any tool in this turn; answer in text."
+    elif choice == "required":
+        system_prompt += "\n\nIn this turn you must call at least one of the available tools."
+    elif choice == "named":
+        system_prompt += "\n\nIn this turn you must call the tool `%s%s`." % (
+            MCP_PREFIX, next(t.mcp_name for t in tools if t.name == chosen))
+    return system_prompt, tools
 
 
 def cli_call_for(body: Any, config: Config) -> CliCall:
@@ -843,16 +878,7 @@ def cli_call_for(body: Any, config: Config) -> CliCall:
                                                config.allow_image_fetch)
     if not turns or turns[-1]["role"] != "user":
         raise invalid("messages", "the last message must be a non-empty user or tool message")
-    system_prompt = system_prompt or NEUTRAL_SYSTEM_PROMPT
-    if choice == "none" and not has_tool_blocks(turns):
-        tools = ()
-    elif choice == "none":  # the tools must stay defined for the earlier calls to be valid
-        system_prompt += "\n\nDo not call any tool in this turn; answer in text."
-    elif choice == "required":
-        system_prompt += "\n\nIn this turn you must call at least one of the available tools."
-    elif choice == "named":
-        system_prompt += "\n\nIn this turn you must call the tool `%s%s`." % (
-            MCP_PREFIX, next(t.mcp_name for t in tools if t.name == chosen))
+    system_prompt, tools = tool_choice_applied(choice, chosen, tools, turns, system_prompt or NEUTRAL_SYSTEM_PROMPT)
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
         raise invalid("parallel_tool_calls", "`parallel_tool_calls` must be a boolean", "invalid_type")
@@ -1552,6 +1578,8 @@ class ClaudeInstall:
 
 # TurnEvent kinds, in the order a turn produces them:
 #   ("text", str)                 answer text, after stop-string handling
+#   ("reasoning", str)            thinking text, when the call includes reasoning
+#   ("signature", str)            the signature that closes a thinking block (Messages API only)
 #   ("finish", reason, usage)     the end: an OpenAI finish_reason and a usage dict
 TurnEvent = Tuple[Any, ...]
 
@@ -1708,6 +1736,7 @@ class TurnTranslator:
         self.held_text = ""      # in JSON mode, text is kept until we know it is the answer
         self.cut = False         # ended early by a stop string (the model was still writing)
         self.model_called = False  # an upstream message started (a local command starts none)
+        self.stop_sequence = None  # type: Optional[str]  # the stop string that cut it
         self.events = []         # type: List[TurnEvent]  # what the turn produced, for its caller
         self.rate_limit = None   # type: Optional[Dict[str, Any]]  # the turn's rate_limit_info
 
@@ -1791,6 +1820,8 @@ class TurnTranslator:
             return self._emit(delta.get("partial_json") or "")
         if kind == "thinking_delta" and self.call is not None and self.call.include_reasoning:
             return [("reasoning", delta.get("thinking") or "")] if delta.get("thinking") else []
+        if kind == "signature_delta" and self.call is not None and self.call.include_reasoning:
+            return [("signature", delta.get("signature") or "")] if delta.get("signature") else []
         return []
 
     def _text(self, text: str) -> List[TurnEvent]:
@@ -1804,19 +1835,22 @@ class TurnTranslator:
         # Each stop string is matched as the text streams by (Knuth-Morris-Pratt), so a delta
         # costs its own length, however long the stop strings or the answer.
         for i, char in enumerate(text):
-            done = 0
+            done, winner = 0, None
             for n, stop in enumerate(self.stop):
                 matched, table = self.stop_matched[n], self.stop_tables[n]
                 while matched and char != stop[matched]:
                     matched = table[matched - 1]
                 matched += char == stop[matched]
                 if matched == len(stop):
-                    done, matched = max(done, matched), table[matched - 1]
+                    if matched > done:
+                        done, winner = matched, stop
+                    matched = table[matched - 1]
                 self.stop_matched[n] = matched
             if done:  # the stop string that ends first wins (the longest, if several end here)
                 cut = len(self.pending) + i + 1 - done
                 self.pending = ""
                 self.cut = True
+                self.stop_sequence = winner
                 return self._emit(buffer[:cut]) + self._finish("stop")
         keep = max(self.stop_matched)  # what may still begin a stop string is held back
         self.pending = buffer[len(buffer) - keep:] if keep else ""
@@ -2774,6 +2808,433 @@ def input_items_page(items: List[Dict[str, Any]], query: Dict[str, str]) -> Dict
 
 
 # ================================================================================================
+# Anthropic Messages API (pure): /v1/messages requests -> CliCall, turns -> message objects/events
+# ================================================================================================
+
+# How each Messages API parameter is treated: (support, note). Anything else is a 400, as
+# Anthropic answers; the README's table is generated from this one.
+MESSAGES_PARAMETERS = collections.OrderedDict([
+    ("model", ("honored", "required; the model table above, or any full `claude-…` ID")),
+    ("messages", ("honored", "text, base64 images, `tool_use` and `tool_result` blocks as real turns; "
+                             "thinking blocks sent back are dropped, as the API drops earlier turns' "
+                             "thinking; `system` messages join the system prompt; `cache_control` is "
+                             "accepted (the CLI caches on its own)")),
+    ("max_tokens", ("honored", "required; -> `CLAUDE_CODE_MAX_OUTPUT_TOKENS`")),
+    ("system", ("honored", "a string or text blocks -> the system prompt (blocks joined by a blank line)")),
+    ("stop_sequences", ("emulated", "the stream is cut at the first one and the CLI ended; "
+                                    "`stop_reason: stop_sequence`")),
+    ("stream", ("honored", "Anthropic's SSE events as the CLI streams tokens")),
+    ("tools", ("honored", "custom tools, offered to the model with their input schemas; server tools "
+                          "(web search, bash, text editor, computer use...) -> 400")),
+    ("tool_choice", ("emulated", "`auto` honored; `none` hides the tools; `any` and `tool` become an "
+                                 "instruction in the system prompt; `disable_parallel_tool_use` returns "
+                                 "only the first call and ends the CLI")),
+    ("thinking", ("emulated", "`enabled` or `adaptive` returns the thinking blocks the model writes "
+                              "(none with `display: omitted`); `budget_tokens` is checked, the CLI sets "
+                              "its own budget")),
+    ("output_config", ("honored", "`effort` -> `--effort`; `format` (`json_schema`) -> `--json-schema`, "
+                                  "the JSON is the answer's text")),
+    ("cache_control", ("ignored", "accepted; the CLI caches prompts on its own")),
+    ("context_management", ("ignored", "accepted; the CLI manages its own context")),
+    ("metadata", ("ignored", "accepted (`user_id`)")),
+    ("temperature", ("ignored", "accepted (0-1), the CLI has no sampling controls")),
+    ("top_p", ("ignored", "accepted (0-1)")),
+    ("top_k", ("ignored", "accepted")),
+    ("service_tier", ("ignored", "accepted")),
+    ("speed", ("ignored", "accepted")),
+    ("diagnostics", ("ignored", "accepted")),
+    ("inference_geo", ("rejected", "-> 400: the CLI cannot choose where inference runs")),
+    ("mcp_servers", ("rejected", "-> 400: the proxy offers no remote MCP connector")),
+    ("container", ("rejected", "-> 400: there is no code-execution container")),
+])
+# The Messages API's error type for each HTTP status (other 4xx: invalid_request_error, 5xx: api_error).
+MESSAGES_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+# A turn's OpenAI finish reason -> the Messages API's stop_reason (a stop string: stop_sequence).
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                "content_filter": "refusal"}
+TOOL_USE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# A started stream that has sent nothing for this long gets a `ping`, so idle timeouts between
+# the client and the proxy do not cut it while the model thinks or waits.
+KEEP_ALIVE_SECONDS = 5.0
+
+
+def messages_readme_table() -> str:
+    """The README's Messages API parameter table, generated so it cannot drift from the code."""
+    lines = ["| parameter | support | how |", "|---|---|---|"]
+    lines += ["| `%s` | %s | %s |" % (name, support, note) for name, (support, note) in MESSAGES_PARAMETERS.items()]
+    return "\n".join(lines)
+
+
+def messages_error_of(error: ApiError) -> Tuple[int, Dict[str, Any]]:
+    """An ApiError as the Messages API says it: (HTTP status, error envelope); headers stay as they are."""
+    status = 529 if error.code == "overloaded" else error.status
+    kind = MESSAGES_ERRORS.get(status) or ("invalid_request_error" if status < 500 else "api_error")
+    return status, {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+def messages_call_for(body: Any, config: Config,
+                      remote_images: bool = False) -> CliCall:
+    """Validate a Messages API body and decide the CLI turn that answers it.
+
+    With `remote_images` an image URL becomes a `url` image block, fetched once the request
+    validates (--allow-image-fetch); without it URLs are refused."""
+    if not isinstance(body, dict):
+        raise invalid(None, "the request body must be a JSON object", "invalid_type")
+    for name in body:
+        if name not in MESSAGES_PARAMETERS:
+            raise invalid(name, "%s: Extra inputs are not permitted" % name, "unknown_parameter")
+        if MESSAGES_PARAMETERS[name][0] == "rejected":
+            raise invalid(name, "`%s` is not supported: %s" % (name, MESSAGES_PARAMETERS[name][1].split(": ", 1)[-1]),
+                          "unsupported_parameter")
+    for name in ("model", "messages", "max_tokens"):
+        if name not in body:
+            raise invalid(name, "%s: Field required" % name, "missing_required_parameter")
+    requested, model = resolve_model(body["model"], config.default_model)
+    max_tokens = body["max_tokens"]
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise invalid("max_tokens", "`max_tokens` must be a positive integer")
+    check_messages_parameters(body)
+    tools = messages_tools_of(body.get("tools"))
+    choice, chosen, parallel = messages_tool_choice_of(body.get("tool_choice"), tools)
+    system_parts, turns = messages_turns_of(body["messages"], config.max_messages, tools, remote_images)
+    if not turns or turns[-1]["role"] != "user":
+        raise invalid("messages", "the last message must be a non-empty user message (the CLI cannot "
+                      "continue a prefilled assistant turn)")
+    system_prompt = "\n\n".join(p for p in [messages_system_of(body.get("system"))] + system_parts if p)
+    system_prompt, tools = tool_choice_applied(choice, chosen, tools, turns, system_prompt or NEUTRAL_SYSTEM_PROMPT)
+    effort, schema = output_config_of(body.get("output_config"))
+    return CliCall(
+        model=model, requested_model=requested, system_prompt=system_prompt,
+        history=turns[:-1], prompt=turns[-1]["content"], stream=bool(body.get("stream")),
+        max_output_tokens=max_tokens, stop=stop_sequences_of(body.get("stop_sequences")),
+        tools=tools, parallel_tool_calls=parallel, json_schema=schema, effort=effort,
+        include_reasoning=thinking_wanted(body.get("thinking"), max_tokens))
+
+
+def check_messages_parameters(body: Dict[str, Any]) -> None:
+    """Type- and range-check the parameters that are accepted and ignored."""
+    for name, low, high in (("temperature", 0, 1), ("top_p", 0, 1), ("top_k", 0, None)):
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or value < low or (high is not None and value > high)):
+            raise invalid(name, "`%s` must be a number from %s%s" % (
+                name, low, " to %s" % high if high is not None else ""))
+    for name, kind in (("stream", bool), ("metadata", dict), ("service_tier", str), ("speed", str),
+                       ("cache_control", dict), ("diagnostics", dict), ("context_management", dict)):
+        if body.get(name) is not None and not isinstance(body[name], kind):
+            raise invalid(name, "`%s` has the wrong type" % name, "invalid_type")
+
+
+def output_config_of(config: Any) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """`output_config` -> (the CLI's --effort, the JSON schema the answer must follow)."""
+    if config is None:
+        return None, None
+    if not isinstance(config, dict):
+        raise invalid("output_config", "`output_config` must be an object", "invalid_type")
+    effort, fmt = config.get("effort"), config.get("format")
+    if effort is not None and (not isinstance(effort, str) or effort not in EFFORTS):
+        raise invalid("output_config.effort", "`output_config.effort` must be one of low, medium, high, xhigh, max")
+    if fmt is None:
+        return effort and EFFORTS[effort], None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise invalid("output_config.format", "`output_config.format` must be {type: json_schema, schema: {...}}")
+    if len(json.dumps(fmt["schema"])) > 100000:
+        raise invalid("output_config.format.schema", "the schema is over 100 KB")
+    return effort and EFFORTS[effort], fmt["schema"]
+
+
+def stop_sequences_of(value: Any) -> Tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+        raise invalid("stop_sequences", "`stop_sequences` must be an array of non-empty strings")
+    for i, text in enumerate(value):
+        check_encodable(text, "stop_sequences[%d]" % i)
+    return tuple(value)
+
+
+def thinking_wanted(thinking: Any, max_tokens: int) -> bool:
+    """Whether the answer carries thinking blocks; the budget is checked as Anthropic checks it."""
+    if thinking is None:
+        return False
+    if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "disabled", "adaptive"):
+        raise invalid("thinking", "`thinking.type` must be enabled, disabled or adaptive")
+    if thinking["type"] == "enabled":
+        budget = thinking.get("budget_tokens")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1024:
+            raise invalid("thinking.budget_tokens", "`thinking.budget_tokens` must be an integer of at least 1024")
+        if budget >= max_tokens:
+            raise invalid("max_tokens", "`max_tokens` must be greater than `thinking.budget_tokens`")
+    return thinking["type"] != "disabled" and thinking.get("display") != "omitted"
+
+
+def messages_system_of(system: Any) -> str:
+    if system is None:
+        return ""
+    if isinstance(system, list) and any(isinstance(b, dict) and b.get("type") != "text" for b in system):
+        raise invalid("system", "`system` blocks must be of type `text`", "invalid_type")
+    return "\n\n".join(b["text"] for b in text_blocks_of(system, "system"))
+
+
+def messages_tools_of(raw: Any) -> Tuple[ClientTool, ...]:
+    """Custom `tools` -> ClientTools; server tools (those with a versioned `type`) are refused."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise invalid("tools", "`tools` must be an array", "invalid_type")
+    specs = []
+    for i, tool in enumerate(raw):
+        where = "tools[%d]" % i
+        if not isinstance(tool, dict):
+            raise invalid(where, "`%s` must be an object" % where, "invalid_type")
+        if tool.get("type") not in (None, "custom"):
+            raise invalid(where + ".type", "tools of type %r are not supported: only custom tools (name, "
+                          "description, input_schema); the proxy runs no server tools" % (tool["type"],),
+                          "unsupported_tool")
+        if "input_schema" not in tool:
+            raise invalid(where + ".input_schema", "%s.input_schema: Field required" % where,
+                          "missing_required_parameter")
+        specs.append((where + ".", "input_schema", tool.get("name"), tool.get("description"),
+                      tool["input_schema"]))
+    return client_tools_from(specs, "tool")
+
+
+def messages_tool_choice_of(choice: Any, tools: Tuple[ClientTool, ...]) -> Tuple[str, Optional[str], bool]:
+    """`tool_choice` -> (auto|none|required|named, the named tool, whether parallel calls are allowed)."""
+    if choice is None:
+        return "auto", None, True
+    if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool", "none"):
+        raise invalid("tool_choice", "`tool_choice.type` must be auto, any, tool or none")
+    disable = choice.get("disable_parallel_tool_use", False)
+    if not isinstance(disable, bool):
+        raise invalid("tool_choice.disable_parallel_tool_use", "`disable_parallel_tool_use` must be a boolean",
+                      "invalid_type")
+    kind, chosen = choice["type"], None
+    if kind in ("any", "tool") and not tools:
+        raise invalid("tool_choice", "`tool_choice: %s` needs `tools`" % kind)
+    if kind == "tool":
+        chosen = choice.get("name")
+        if not any(t.name == chosen for t in tools):
+            raise invalid("tool_choice.name", "`tool_choice.name` is not a tool in `tools`: %r" % (chosen,))
+    return {"any": "required", "tool": "named"}.get(kind, kind), chosen, not disable
+
+
+def messages_turns_of(messages: Any, max_messages: int, tools: Tuple[ClientTool, ...],
+                      remote_images: bool
+                      ) -> Tuple[List[str], List[Dict[str, Any]]]:
+    """Messages API messages -> (texts of `system` messages, alternating turns of content blocks).
+
+    The CLI has one system prompt: a system message anywhere in the conversation joins it."""
+    if not isinstance(messages, list):
+        raise invalid("messages", "`messages` must be an array", "invalid_type")
+    if len(messages) > max_messages:
+        raise invalid("messages", "too many messages (%d > %d)" % (len(messages), max_messages))
+    names = {t.name: t.mcp_name for t in tools}
+    system_parts, role_blocks = [], []
+    for i, message in enumerate(messages):
+        where = "messages[%d]" % i
+        if not isinstance(message, dict):
+            raise invalid(where, "`%s` must be an object" % where, "invalid_type")
+        role = message.get("role")
+        if role not in ("user", "assistant", "system"):
+            raise invalid(where + ".role", "`role` must be user, assistant or system", "invalid_value")
+        blocks = message_blocks_of(message.get("content"), role, where + ".content", names, remote_images)
+        if role == "system":
+            system_parts += [b["text"] for b in blocks]
+        else:
+            role_blocks.append((role, blocks))
+    return system_parts, alternating_turns(role_blocks)
+
+
+def message_blocks_of(content: Any, role: str, where: str, names: Dict[str, str],
+                      remote_images: bool) -> List[Dict[str, Any]]:
+    """One message's content -> content blocks for the CLI (thinking blocks dropped)."""
+    if not isinstance(content, list):
+        return text_blocks_of(content, where)  # a string, or the error for anything else
+    allowed = {"user": ("text", "image", "tool_result"),
+               "assistant": ("text", "tool_use", "thinking", "redacted_thinking"), "system": ("text",)}[role]
+    blocks = []
+    for i, block in enumerate(content):
+        at = "%s[%d]" % (where, i)
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind not in allowed:
+            raise invalid(at + ".type", "%s content blocks of type %r are not supported (%s)"
+                          % (role, kind, ", ".join(allowed)), "unsupported_content")
+        if kind == "text":
+            if not isinstance(block.get("text"), str):
+                raise invalid(at + ".text", "`%s.text` must be a string" % at, "invalid_type")
+            blocks += text_blocks_of(block["text"], at + ".text")
+        elif kind == "image":
+            blocks.append(messages_image_of(block, at, remote_images))
+        elif kind == "tool_result":
+            if not isinstance(block.get("tool_use_id"), str) or not TOOL_USE_ID.match(block["tool_use_id"]):
+                raise invalid(at + ".tool_use_id", "`tool_use_id` must match ^[A-Za-z0-9_-]{1,128}$")
+            if not isinstance(block.get("is_error", False), bool):
+                raise invalid(at + ".is_error", "`is_error` must be a boolean", "invalid_type")
+            blocks.append(tool_result_of(block["tool_use_id"], block.get("content"), at))
+        elif kind == "tool_use":
+            if not isinstance(block.get("input"), dict):
+                raise invalid(at + ".input", "`input` must be an object", "invalid_type")
+            call = {"id": block.get("id"), "function": {"name": block.get("name"),
+                                                         "arguments": json.dumps(block["input"])}}
+            blocks.append(tool_use_of(call, at, names, at + "."))
+    return blocks
+
+
+def messages_image_of(block: Dict[str, Any], where: str,
+                      remote_images: bool) -> Dict[str, Any]:
+    """An image block (base64 or URL source) -> a checked base64 image block, as the chat path checks it."""
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "base64":
+        media_type, data = source.get("media_type"), source.get("data")
+        if media_type not in IMAGE_TYPES:
+            raise invalid(where + ".source.media_type", "image type %r is not supported (%s)"
+                          % (media_type, ", ".join(IMAGE_TYPES)), "unsupported_image_type")
+        if not isinstance(data, str):
+            raise invalid(where + ".source.data", "`source.data` must be a base64 string", "invalid_type")
+        url = "data:%s;base64,%s" % (media_type, data)
+    elif kind == "url":
+        url = source.get("url")
+        if not isinstance(url, str) or not re.match(r"^https?://", url, re.I):
+            raise invalid(where + ".source.url", "`source.url` must be an http(s) URL", "invalid_image_url")
+        if not remote_images:
+            raise invalid(where + ".source.url", "image URLs are not fetched (the proxy does not go to the "
+                          "internet on a prompt's behalf unless started with --allow-image-fetch): send "
+                          "the image as a base64 source", "unsupported_image_url")
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    else:
+        raise invalid(where + ".source", "`source` must be a base64 or url image source", "invalid_type")
+    try:
+        return image_block_of({"image_url": {"url": url}}, where)
+    except ApiError as exc:
+        raise invalid(where + ".source", exc.message, exc.code)
+
+
+class MessagesRenderer:
+    """How a turn looks in the Messages API: a `message` object, or Anthropic's SSE events.
+
+    One state machine serves both, so streamed events and the whole message agree. It owns the
+    turn's TurnTranslator, whose usage and stop string the events do not carry."""
+
+    def __init__(self, call: CliCall):
+        self.call = call
+        self.translator = TurnTranslator(call=call)
+        self.message_id = "msg_" + uuid.uuid4().hex
+        self.content = []       # content blocks so far; a tool_use's input is kept as JSON text
+        self.open = None        # type: Optional[str]  # the type of the block still receiving deltas
+        self.tool_blocks = {}   # TurnEvent tool call number -> its block index
+        self.started = False
+        self.message = None     # type: Optional[Dict[str, Any]]
+
+    # -- the interface the HTTP layer uses (same as ChatRenderer) ---------------------------------
+
+    def whole(self, events: List[TurnEvent], model: str) -> Dict[str, Any]:
+        for event in events:
+            self.stream_events(event, model)
+        if self.message is None:
+            self.stream_events(("finish", "stop", usage_from({})), model)
+        return self.message
+
+    def stream_events(self, event: TurnEvent, model: str) -> List[Tuple[Optional[str], Any]]:
+        out = []
+        if not self.started:
+            self.started = True
+            out += [("message_start", {"type": "message_start", "message": self._message(model, [], None, None)})]
+            out += self.keep_alive()  # Anthropic's API pings once right after message_start too
+        kind = event[0]
+        if kind in ("text", "reasoning"):
+            block_type, field = ("text", "text") if kind == "text" else ("thinking", "thinking")
+            if self.open != block_type:
+                out += self._close() + self._start(
+                    {"type": "text", "text": ""} if kind == "text" else {"type": "thinking", "thinking": "", "signature": ""})
+            self.content[-1][field] += event[1]
+            out.append(self._delta({"type": block_type + "_delta", field: event[1]}))
+        elif kind == "signature" and self.open == "thinking":
+            self.content[-1]["signature"] += event[1]
+            out.append(self._delta({"type": "signature_delta", "signature": event[1]}))
+        elif kind == "tool_call":
+            out += self._close() + self._start({"type": "tool_use", "id": event[2], "name": event[3], "input": ""})
+            self.tool_blocks[event[1]] = len(self.content) - 1
+        elif kind == "tool_args" and event[1] in self.tool_blocks:
+            index = self.tool_blocks[event[1]]
+            self.content[index]["input"] += event[2]
+            out.append(self._delta({"type": "input_json_delta", "partial_json": event[2]}, index))
+        elif kind == "finish":
+            out += self._close()
+            stop_sequence = self.translator.stop_sequence
+            stop_reason = "stop_sequence" if stop_sequence is not None else STOP_REASONS.get(event[1], "end_turn")
+            self.message = self._message(model, self._final_content(), stop_reason, stop_sequence)
+            out += [("message_delta", {"type": "message_delta", "usage": self._usage(),
+                                       "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence}}),
+                    ("message_stop", {"type": "message_stop"})]
+        return out
+
+    def stream_error(self, error: ApiError) -> List[Tuple[Optional[str], Any]]:
+        return [("error", messages_error_of(error)[1])]
+
+    def stream_end(self) -> List[Tuple[Optional[str], Any]]:
+        return []  # message_stop (or an error event) is the end
+
+    def keep_alive(self) -> List[Tuple[Optional[str], Any]]:
+        return [("ping", {"type": "ping"})]
+
+    # -- content blocks ----------------------------------------------------------------------------
+
+    def _start(self, block: Dict[str, Any]) -> List[Tuple[Optional[str], Any]]:
+        self.content.append(block)
+        self.open = block["type"]
+        shown = dict(block, input={}) if block["type"] == "tool_use" else dict(block)
+        return [("content_block_start", {"type": "content_block_start", "index": len(self.content) - 1,
+                                         "content_block": shown})]
+
+    def _delta(self, delta: Dict[str, Any], index: Optional[int] = None) -> Tuple[Optional[str], Any]:
+        index = len(self.content) - 1 if index is None else index
+        return "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
+
+    def _close(self) -> List[Tuple[Optional[str], Any]]:
+        if self.open is None:
+            return []
+        self.open = None
+        return [("content_block_stop", {"type": "content_block_stop", "index": len(self.content) - 1})]
+
+    def _final_content(self) -> List[Dict[str, Any]]:
+        content = []
+        for block in self.content:
+            if block["type"] == "tool_use":
+                try:
+                    block = dict(block, input=json.loads(block["input"] or "{}"))
+                except ValueError:
+                    block = dict(block, input={})
+            content.append(block)
+        return content
+
+    # -- the message object --------------------------------------------------------------------
+
+    def _usage(self) -> Dict[str, int]:
+        usage = self.translator.usage
+        return {name: int(usage.get(name) or 0) for name in (
+            "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")}
+
+    def _message(self, model: str, content: List[Dict[str, Any]], stop_reason: Optional[str],
+                 stop_sequence: Optional[str]) -> Dict[str, Any]:
+        return {"id": self.message_id, "type": "message", "role": "assistant", "model": model,
+                "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+                "usage": self._usage()}
+
+
+# ================================================================================================
 # HTTP layer: routing, guards, body limits, SSE, access log
 # ================================================================================================
 
@@ -3340,6 +3801,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             ("/v1/responses", ("POST",), self._responses),
             ("/metrics", ("GET",), self._metrics),
             ("/v1/completions", ("POST",), self._completions),
+            ("/v1/messages", ("POST",), self._messages),
+            ("/v1/messages/count_tokens", ("POST",), self._count_tokens),
         ]
         self.endpoint = endpoint_label(path, [route for route, _, _ in routes])
         self._guard(method, path)
@@ -3406,14 +3869,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if method == "OPTIONS" or path == "/health":
             return
         if config.api_keys and not self._authorized():
-            raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+            raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
                            "authentication_error", "invalid_api_key")
 
     def _authorized(self) -> bool:
+        """The key as OpenAI clients send it (`Authorization: Bearer`) or as Anthropic's do (`x-api-key`)."""
         given = self.headers.get("Authorization") or ""
-        token = (given[7:].strip() if given[:7].lower() == "bearer " else "").encode("utf-8", "replace")
+        tokens = [(given[7:].strip() if given[:7].lower() == "bearer " else "").encode("utf-8", "replace"),
+                  (self.headers.get("x-api-key") or "").strip().encode("utf-8", "replace")]
         # Compare against every key, in constant time each, so timing says nothing about a key.
-        matches = [hmac.compare_digest(token, key.encode("utf-8")) for key in self.server.config.api_keys]
+        matches = [hmac.compare_digest(token, key.encode("utf-8"))
+                   for key in self.server.config.api_keys for token in tokens]
         return any(matches)
 
     def _preflight(self) -> None:
@@ -3422,7 +3888,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self._common_headers()
         self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
         self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type, OpenAI-Organization, "
-                         "OpenAI-Project, X-Stainless-Lang, X-Stainless-Package-Version")
+                         "OpenAI-Project, X-Stainless-Lang, X-Stainless-Package-Version, "
+                         "x-api-key, anthropic-version, anthropic-beta, anthropic-dangerous-direct-browser-access")
         self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Content-Length", "0")
         if self.close_connection:
@@ -3519,8 +3986,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _send_error(self, error: ApiError) -> None:
         if self.headers_sent:
             return
+        status, body = error.status, error.body()
+        if self._is_messages_api():  # Anthropic's clients read Anthropic's envelope
+            status, body = messages_error_of(error)
         try:
-            self._send_json(error.status, error.body(), error.headers)
+            self._send_json(status, body, error.headers)
         except OSError:
             self.close_connection = True
 
@@ -3536,6 +4006,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         self.headers_sent = True
+        self.last_frame_at = time.monotonic()
 
     def _send_sse(self, payload: Any, event: Optional[str] = None) -> None:
         text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
@@ -3543,6 +4014,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
         self.sent_bytes += len(data)
+        self.last_frame_at = time.monotonic()
+
+    def _keep_alive(self, renderer: Any) -> None:
+        """Send the renderer's keep-alive frames (if it has any) on a stream silent for too long."""
+        frames = getattr(renderer, "keep_alive", None)
+        if frames is not None and self.headers_sent and \
+                time.monotonic() - self.last_frame_at >= KEEP_ALIVE_SECONDS:
+            for name, payload in frames():
+                self._send_sse(payload, name)
 
     def _end_sse(self) -> None:
         self.wfile.write(b"0\r\n\r\n")
@@ -3608,6 +4088,24 @@ class ProxyHandler(BaseHTTPRequestHandler):
             store.put(response, conversation + responses_output_messages(response["output"]), inputs)
 
         self._serve_call(call, ResponsesRenderer(call, body, None if body.get("store") is False else keep))
+
+    def _messages(self) -> None:
+        body = self._read_json()
+        config = self.server.config
+        call = self._with_images(messages_call_for(body, config, config.allow_image_fetch))
+        self._serve_call(call, MessagesRenderer(call))
+
+    def _count_tokens(self) -> None:
+        self._read_json()  # read, so the connection stays usable for the client's next request
+        # The CLI has no way to count tokens without a model call; a guess would mislead the client.
+        raise ApiError(501, "token counting is not available through claude-max-proxy: the Claude CLI "
+                       "offers no way to count tokens without calling the model, and the proxy does not "
+                       "guess. The `usage` of a real answer reports its exact input tokens.",
+                       "server_error", "not_implemented", headers={"x-should-retry": "false"})
+
+    def _is_messages_api(self) -> bool:
+        path = (getattr(self, "path", "") or "").split("?", 1)[0].rstrip("/")
+        return path == "/v1/messages" or path.startswith("/v1/messages/")
 
     def _stored(self, response_id: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]], List[Dict[str, Any]]]:
         found = self.server.responses.entry(response_id)
@@ -3713,11 +4211,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Relay one turn to the client (streamed or whole); the translator keeps its events."""
         config = self.server.config
         deadline = time.monotonic() + config.request_timeout
-        translator = TurnTranslator(call=call)
+        # A renderer that reads the turn's state beyond its events (usage, stop string) brings its own.
+        translator = getattr(renderer, "translator", None) or TurnTranslator(call=call)
         events = translator.events
 
         def turn_events() -> Iterator[TurnEvent]:
-            for event in run.events(deadline, config.idle_timeout, gone):
+            # While the CLI is silent, or busy with what the client does not see, a started
+            # stream gets the renderer's keep-alive frames.
+            for event in run.events(deadline, config.idle_timeout, lambda: self._keep_alive(renderer) or gone()):
+                self._keep_alive(renderer)
                 if event.get("type") == "control_request":
                     run.on_control_request(event)
                     continue

@@ -12,6 +12,7 @@ Modes:
   text                "Hello from the fake CLI." in 5 deltas (default)
   words:N             N deltas "w0 ", "w1 ", ... as fast as possible (stdout flushed every 64 lines)
   slow:SECONDS        like text, but sleeps SECONDS before each delta
+  stall:SECONDS       like text, but silent for SECONDS after the first delta (default 6)
   crash               "fatal: something broke" on stderr, exit 3 before any stdout
   crash_mid           init, message_start, two deltas, then exit 3 (no result; a line on stderr)
   hang                init, then sleep until killed
@@ -218,7 +219,7 @@ def start_message(transcript):
     return message_id
 
 
-def stream_answer(transcript, pieces, stop_reason="end_turn", delay=0.0):
+def stream_answer(transcript, pieces, stop_reason="end_turn", delay=0.0, pause_after_first=0.0):
     """A complete successful turn streaming `pieces` as text deltas, ending in a result line."""
     started = time.monotonic()
     transcript.init()
@@ -229,6 +230,8 @@ def stream_answer(transcript, pieces, stop_reason="end_turn", delay=0.0):
             time.sleep(delay)
         transcript.text_delta(piece)
         sent.append(piece)
+        if pause_after_first and len(sent) == 1:
+            time.sleep(pause_after_first)
     text = "".join(sent)
     output_tokens = len(sent)
     # The real CLI emits the whole assistant message before the block/message stop events.
@@ -298,6 +301,10 @@ def turn_words(transcript, arg, user_line):
 
 def turn_slow(transcript, arg, user_line):
     stream_answer(transcript, HELLO_PIECES, delay=number_arg(arg, 0.2, float))
+
+
+def turn_stall(transcript, arg, user_line):
+    stream_answer(transcript, HELLO_PIECES, pause_after_first=number_arg(arg, 6.0, float))
 
 
 def turn_crash(transcript, arg, user_line):
@@ -377,6 +384,7 @@ TURNS = {
     "text": turn_text,
     "words": turn_words,
     "slow": turn_slow,
+    "stall": turn_stall,
     "crash": turn_crash,
     "crash_mid": turn_crash_mid,
     "hang": turn_hang,

