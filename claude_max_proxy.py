@@ -35,6 +35,7 @@ import argparse
 import base64
 import binascii
 import collections
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -61,7 +62,7 @@ import time
 import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 __version__ = "0.1.0"
 
@@ -1116,8 +1117,6 @@ class CliRun:
         self.permissions = {}   # tool_use_id -> (control request id, tool input): asked, unanswered
         self.mcp_calls = {}     # tool_use_id -> (control request id, JSON-RPC id): asked, unanswered
         self.tool_results = {}  # tool_use_id -> result text the client sent, to hand to the CLI
-        self.turns_done = 0      # turns this process has answered (0: a warm process)
-        self.at_tool_call = False  # stopped at a client tool call, waiting for its results
 
     # -- starting -------------------------------------------------------------------------------
 
@@ -1188,12 +1187,21 @@ class CliRun:
 
     # -- the CLI's questions (control requests) ------------------------------------------------
 
-    def send_user(self, blocks: List[Dict[str, Any]]) -> None:
-        """Start the next turn of a waiting process."""
-        self.result_seen = False
-        with self.stdin_lock:
-            self.proc.stdin.write(stdin_line_for(blocks))
-            self.proc.stdin.flush()
+    def next_turn(self, call: CliCall, results: Dict[str, str]) -> None:
+        """Continue a kept process with its conversation's next turn: the client's results for the
+        tool calls it stopped at, or the next user message."""
+        if not results:
+            self.result_seen = False
+            with self.stdin_lock:
+                self.proc.stdin.write(stdin_line_for(call.prompt))
+                self.proc.stdin.flush()
+        self.call = call
+        if results:
+            self.tool_results.update(results)
+            self.hand_over_results()
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def initialize(self, timeout: float) -> bool:
         """Have a warm process finish loading now (the SDK's handshake), not at its first turn."""
@@ -1406,74 +1414,6 @@ class CliRun:
             self.session_file = None
 
 
-class IdleRuns:
-    """CLI processes waiting for the next turn of their conversation (bounded, expiring).
-
-    Each is filed under the `conversation_key` of what it has seen: a warm process (nothing yet)
-    under the key of an empty conversation, a finished turn under the conversation so far, a
-    caught tool call under the conversation up to that call. A request whose earlier turns have
-    that key continues in the process: no cold start, no replay. Idle processes keep their
-    concurrency slot; `release` gives it back when one is ended."""
-
-    def __init__(self, size: int, ttl: float, release: Callable[[], None]):
-        self.size, self.ttl, self.release = size, ttl, release
-        self.lock = threading.Lock()
-        self.runs = collections.OrderedDict()  # id(run) -> (key, run, expiry), oldest first
-
-    def park(self, key: str, run: "CliRun") -> None:
-        evicted = []
-        with self.lock:
-            if self.size <= 0:
-                evicted.append(run)
-            else:
-                self.runs[id(run)] = (key, run, time.monotonic() + self.ttl)
-                while len(self.runs) > self.size:
-                    evicted.append(self.runs.popitem(last=False)[1][1])
-        for old in evicted:
-            self._end(old)
-
-    def take(self, key: str) -> Optional["CliRun"]:
-        while True:
-            with self.lock:
-                found = next((run_id for run_id, entry in self.runs.items() if entry[0] == key), None)
-                if found is None:
-                    return None
-                run = self.runs.pop(found)[1]
-            if run.proc.poll() is None:
-                return run
-            self._end(run)
-
-    def count(self, key: str) -> int:
-        with self.lock:
-            return sum(1 for entry in self.runs.values() if entry[0] == key)
-
-    def evict_oldest(self) -> bool:
-        """End the longest-idle process to free its slot; False if none is idle."""
-        with self.lock:
-            if not self.runs:
-                return False
-            run = self.runs.popitem(last=False)[1][1]
-        self._end(run)
-        return True
-
-    def expire(self) -> None:
-        now = time.monotonic()
-        with self.lock:
-            expired = [run_id for run_id, entry in self.runs.items() if entry[2] <= now]
-            runs = [self.runs.pop(run_id)[1] for run_id in expired]
-        for run in runs:
-            self._end(run)
-
-    def _end(self, run: "CliRun") -> None:
-        run.close()
-        self.release()
-
-    def kinds(self) -> Dict[str, int]:
-        with self.lock:
-            warm = sum(1 for entry in self.runs.values() if not entry[1].turns_done)
-            return {"warm": warm, "parked": len(self.runs) - warm}
-
-
 def close_all_runs() -> None:
     with LIVE_RUNS_LOCK:
         runs = list(LIVE_RUNS)
@@ -1570,6 +1510,271 @@ class ClaudeInstall:
                            "server_error", "cli_unavailable")
         self.path = path
         return path
+
+
+# ================================================================================================
+# Process pool (I/O): the one owner of CLI processes across requests
+# ================================================================================================
+
+class Kept(NamedTuple):
+    """A CLI process kept between turns: `warm` (started for a first turn, nothing seen yet) or
+    parked (holding a conversation, filed under the `conversation_key` of what it has seen)."""
+    key: str
+    run: CliRun
+    expiry: float
+    warm: bool
+    at_tool_call: bool  # stopped at a client tool call, waiting for its results
+
+
+class ProcessPool:
+    """Every CLI process the proxy runs: at most `max_concurrency` of them, answering (busy) or
+    kept (warm and parked); at most `max_queue` requests waiting for a slot.
+
+    A request whose earlier turns match a parked process's key continues in it: no cold start, no
+    replay. A kept process gives way (oldest first) to a request that needs a slot. A process is
+    either busy or kept; `_end` is the only place one ends and its slot is freed."""
+
+    def __init__(self, config: Config, claude: Any, observe: Callable[[Dict[str, Any]], None],
+                 run_class: Callable[..., CliRun] = CliRun):
+        self.config, self.claude, self.observe, self.run_class = config, claude, observe, run_class
+        self.size, self.queue = config.max_concurrency, config.max_queue
+        self.keep = min(config.max_parked, config.max_concurrency)  # kept processes at most
+        self.lock = threading.Condition()
+        self.busy = 0      # processes answering, starting or ending
+        self.waiting = 0   # requests waiting for a slot
+        self.kept = collections.OrderedDict()  # type: Dict[int, Kept]  # id(run) -> entry, oldest first
+        self.hits = self.misses = 0
+
+    # -- turns ----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def turn(self, call: CliCall, client_gone: Callable[[], bool],
+             translator: Optional["TurnTranslator"] = None) -> Iterator["Turn"]:
+        """A turn for this call, on a parked process of its conversation or a new one; on leaving,
+        the process is ended unless the turn parked it."""
+        claude_path = self.claude.resolve()
+        run = self._parked_run_for(call)
+        reused = run is not None
+        if run is None:
+            self.acquire(self.config.queue_timeout, client_gone)
+            try:
+                run = self.run_class(call, self.config, claude_path, observe=self.observe).start()
+            except BaseException:
+                self._end(None)
+                raise
+        turn = Turn(self, call, run, reused, client_gone, translator or TurnTranslator(call=call))
+        try:
+            yield turn
+        finally:
+            if not turn.parked:
+                self._end(run)
+            if not call.history:
+                # After the answer, so its start-up does not compete with this turn for the CPU.
+                self.prestart(call)
+
+    def _parked_run_for(self, call: CliCall) -> Optional[CliRun]:
+        """A process already holding this conversation, given the new turn; None for a cold start."""
+        results = tool_results_in(call.prompt)
+        entry = self._take(conversation_key(call, call.history))
+        run = entry.run if entry is not None else None
+        if entry is not None and entry.at_tool_call != bool(results):
+            self._end(run)  # a tool call answered with text, or results for no call: start afresh
+            run = None
+        if run is not None:
+            try:
+                run.next_turn(call, results)
+            except (OSError, ValueError):  # it died just now: a cold start serves the turn
+                self._end(run)
+                run = None
+        with self.lock:
+            if run is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+        return run
+
+    def park(self, key: str, run: CliRun, at_tool_call: bool = False, warm: bool = False) -> bool:
+        """Keep a busy process for the turn filed under `key`; the oldest kept one makes room."""
+        if self.keep <= 0:
+            return False
+        with self.lock:
+            self.busy -= 1
+            self.kept[id(run)] = Kept(key, run, time.monotonic() + self.config.parked_ttl, warm, at_tool_call)
+        while self._end_oldest(lambda entries: len(entries) > self.keep):
+            pass
+        return True
+
+    def _take(self, key: str) -> Optional[Kept]:
+        while True:
+            with self.lock:
+                found = next((run_id for run_id, entry in self.kept.items() if entry.key == key), None)
+                if found is None:
+                    return None
+                entry = self.kept.pop(found)
+                self.busy += 1
+            if entry.run.running():
+                return entry
+            self._end(entry.run)
+
+    # -- slots ----------------------------------------------------------------------------------
+
+    def try_acquire(self) -> bool:
+        with self.lock:
+            if self.busy + len(self.kept) < self.size:
+                self.busy += 1
+                return True
+            return False
+
+    def acquire(self, timeout: float, client_gone: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + timeout
+        # A kept process gives way to a request that needs a slot.
+        while not self.try_acquire():
+            if not self.evict_oldest():
+                break
+        else:
+            return
+        with self.lock:
+            if self.waiting >= self.queue:
+                raise ApiError(429, "too many requests in flight (%d running, %d waiting); retry "
+                               "shortly" % (self.busy + len(self.kept), self.waiting), "rate_limit_error",
+                               "rate_limit_exceeded", headers={"Retry-After": "1"})
+            self.waiting += 1
+        try:
+            while not self.try_acquire():
+                if self.evict_oldest():  # a process kept meanwhile gives way too
+                    continue
+                with self.lock:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ApiError(429, "no free slot within %.0f s" % timeout, "rate_limit_error",
+                                       "rate_limit_exceeded", headers={"Retry-After": "2"})
+                    self.lock.wait(min(left, 0.5))
+                if client_gone():
+                    raise ClientGone()
+        finally:
+            with self.lock:
+                self.waiting -= 1
+
+    def evict_oldest(self) -> bool:
+        """End the longest-kept process to free its slot; False if none is kept."""
+        return self._end_oldest(lambda entries: bool(entries))
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        while self._end_oldest(lambda entries: any(e.expiry <= now for e in entries.values()), now):
+            pass
+
+    def _end_oldest(self, due: Callable[[Dict[int, Kept]], bool], now: Optional[float] = None) -> bool:
+        """End the oldest kept process (the oldest expired one, given `now`) if `due`."""
+        with self.lock:
+            if not due(self.kept):
+                return False
+            run_id = next(i for i, e in self.kept.items() if now is None or e.expiry <= now)
+            run = self.kept.pop(run_id).run
+            self.busy += 1
+        self._end(run)
+        return True
+
+    def _end(self, run: Optional[CliRun]) -> None:
+        """End a busy process (None: one that failed to start) and free its slot."""
+        try:
+            if run is not None:
+                run.close()
+        finally:
+            with self.lock:
+                self.busy -= 1
+                self.lock.notify()
+
+    # -- warm processes -------------------------------------------------------------------------
+
+    def prestart(self, call: CliCall) -> None:
+        """Keep `--warm` processes loaded for first turns like this one (in the background)."""
+        key = conversation_key(call, [])
+        with self.lock:
+            warm = sum(1 for entry in self.kept.values() if entry.key == key)
+        if self.config.warm <= warm or self.config.max_parked <= 0 or call.tools:
+            return  # tool calls need the MCP handshake answered: those are not pre-started
+        # The least recently used kept process makes room, as it would for a request.
+        if not self.try_acquire() and not (self.evict_oldest() and self.try_acquire()):
+            return
+        threading.Thread(target=self._start_warm, args=(call, key), daemon=True).start()
+
+    def _start_warm(self, call: CliCall, key: str) -> None:
+        run = None
+        try:
+            run = self.run_class(call, self.config, self.claude.resolve(), observe=self.observe)
+            run.start(send_prompt=False)
+            # Filed as warm only once it can answer at once.
+            if run.initialize(60.0) and self.park(key, run, warm=True):
+                return
+        except (ApiError, OSError):
+            pass
+        self._end(run)
+
+    # -- numbers for /health and /metrics -------------------------------------------------------
+
+    def counts(self) -> Dict[str, int]:
+        """CLI processes by state (busy: answering; warm, parked: kept), reuse hits and misses."""
+        with self.lock:
+            warm = sum(1 for entry in self.kept.values() if entry.warm)
+            return {"busy": self.busy, "warm": warm, "parked": len(self.kept) - warm,
+                    "hits": self.hits, "misses": self.misses}
+
+
+class Turn:
+    """One turn on one CLI process, iterated as TurnEvents. It answers the CLI's questions (control
+    requests) through the runner, and just before the final event asks the pool to park the
+    process when it can continue the conversation faithfully."""
+
+    def __init__(self, pool: ProcessPool, call: CliCall, run: CliRun, reused: bool,
+                 client_gone: Callable[[], bool], translator: "TurnTranslator"):
+        self.pool, self.call, self.run, self.reused = pool, call, run, reused
+        self.client_gone, self.translator = client_gone, translator
+        self.events = []  # type: List["TurnEvent"]  # what the turn produced so far
+        self.parked = False
+
+    @property
+    def model(self) -> str:
+        return self.translator.model or self.call.requested_model
+
+    def __iter__(self) -> Iterator["TurnEvent"]:
+        config = self.pool.config
+        deadline = time.monotonic() + config.request_timeout
+        for event in self.run.events(deadline, config.idle_timeout, self.client_gone):
+            if event.get("type") == "control_request":
+                self.run.on_control_request(event)
+                continue
+            for out in self.translator.feed(event):
+                self.events.append(out)
+                if out[0] == "finish":
+                    self._before_end(out)
+                yield out
+            if self.translator.finished:
+                return
+        raise self.run.failure()
+
+    def _before_end(self, finish: "TurnEvent") -> None:
+        # Before the answer's last bytes: a client's next turn must find the process waiting.
+        translator = self.translator
+        self.parked = self._park(finish)
+        if not self.parked and translator.stop_reason == "end_turn" and not translator.cut \
+                and not self.run.result_seen:
+            self.run.wait_for_result(2.0)  # a 200's rate_limit_event follows its message
+
+    def _park(self, finish: "TurnEvent") -> bool:
+        """Park the process for the conversation's next turn when it can continue it faithfully."""
+        call, run, translator = self.call, self.run, self.translator
+        if self.pool.keep <= 0 or not run.running():
+            return False
+        if any(b["type"] == "tool_result" for b in call.prompt) and not self.reused:
+            return False  # that process saw the replay's extra lines; later turns should not
+        turns = call.history + [{"role": "user", "content": call.prompt}, assistant_turn_from(self.events, call)]
+        at_tool_call = finish[1] == "tool_calls" and call.parallel_tool_calls
+        if not at_tool_call and not (finish[1] == "stop" and translator.stop_reason == "end_turn"
+                                     and not translator.cut and turns[-1]["content"]
+                                     and run.wait_for_result(10.0)):
+            return False
+        return self.pool.park(conversation_key(call, turns), run, at_tool_call)
 
 
 # ================================================================================================
@@ -1737,7 +1942,6 @@ class TurnTranslator:
         self.cut = False         # ended early by a stop string (the model was still writing)
         self.model_called = False  # an upstream message started (a local command starts none)
         self.stop_sequence = None  # type: Optional[str]  # the stop string that cut it
-        self.events = []         # type: List[TurnEvent]  # what the turn produced, for its caller
         self.rate_limit = None   # type: Optional[Dict[str, Any]]  # the turn's rate_limit_info
 
     def feed(self, event: Dict[str, Any]) -> List[TurnEvent]:
@@ -2033,6 +2237,24 @@ class CompletionRenderer:
 
     def stream_end(self) -> List[Tuple[Optional[str], Any]]:
         return [(None, "[DONE]")]
+
+
+def stream_frames(turn: Any, renderer: Any) -> Iterator[Tuple[Optional[str], Any]]:
+    """A turn's (TurnEvents with the `model` answering) SSE frames, (event name or None, payload), ending with the renderer's end marker.
+
+    An error before the first frame propagates (it can still be an HTTP status); after it, the
+    stream ends with the renderer's error frame, since the status is already 200."""
+    started = False
+    try:
+        for event in turn:
+            for frame in renderer.stream_events(event, turn.model):
+                started = True
+                yield frame
+    except ApiError as exc:
+        if not started:
+            raise
+        yield from renderer.stream_error(exc)
+    yield from renderer.stream_end()
 
 
 def assistant_turn_from(events: List[TurnEvent], call: CliCall) -> Dict[str, Any]:
@@ -3238,58 +3460,6 @@ class MessagesRenderer:
 # HTTP layer: routing, guards, body limits, SSE, access log
 # ================================================================================================
 
-class Slots:
-    """The concurrency cap: at most `size` CLI processes, at most `queue` requests waiting."""
-
-    def __init__(self, size: int, queue: int, evict_idle: Callable[[], bool] = lambda: False):
-        self.size, self.queue, self.evict_idle = size, queue, evict_idle
-        self.lock = threading.Condition()
-        self.busy = 0      # live CLI processes, idle ones included
-        self.waiting = 0
-
-    def try_acquire(self) -> bool:
-        with self.lock:
-            if self.busy < self.size:
-                self.busy += 1
-                return True
-            return False
-
-    def acquire(self, timeout: float, client_gone: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + timeout
-        # An idle process gives way to a request that needs a slot.
-        while not self.try_acquire():
-            if not self.evict_idle():
-                break
-        else:
-            return
-        with self.lock:
-            if self.waiting >= self.queue:
-                raise ApiError(429, "too many requests in flight (%d running, %d waiting); retry "
-                               "shortly" % (self.busy, self.waiting), "rate_limit_error",
-                               "rate_limit_exceeded", headers={"Retry-After": "1"})
-            self.waiting += 1
-        try:
-            while not self.try_acquire():
-                if self.evict_idle():  # a process that went idle meanwhile gives way too
-                    continue
-                with self.lock:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise ApiError(429, "no free slot within %.0f s" % timeout, "rate_limit_error",
-                                       "rate_limit_exceeded", headers={"Retry-After": "2"})
-                    self.lock.wait(min(left, 0.5))
-                if client_gone():
-                    raise ClientGone()
-        finally:
-            with self.lock:
-                self.waiting -= 1
-
-    def release(self) -> None:
-        with self.lock:
-            self.busy -= 1
-            self.lock.notify()
-
-
 class Limits:
     """The latest limit state the CLI reported, shared by every request. It is kept from what
     answers already bring; no model call is ever made to refresh it."""
@@ -3409,15 +3579,10 @@ class ProxyServer(ThreadingHTTPServer):
         super().__init__((config.host, config.port), ProxyHandler)
         self.config = config
         self.claude = claude
-        self.slots = Slots(config.max_concurrency, config.max_queue)
+        self.pool = ProcessPool(config, claude, self.observe_cli_event)
         self.responses = ResponseStore()
-        self.idle = IdleRuns(min(config.max_parked, config.max_concurrency), config.parked_ttl,
-                             self.slots.release)
-        self.slots.evict_idle = self.idle.evict_oldest
-        self.reuse = {"hits": 0, "misses": 0}
         self.limits = Limits()
         self.metrics = Metrics()
-        self.started = time.time()
         self.inflight = 0
         self.inflight_lock = threading.Condition()
         self.ignored_api_keys = ignored_api_keys(config, dict(os.environ))
@@ -3441,29 +3606,6 @@ class ProxyServer(ThreadingHTTPServer):
         finally:
             with self.connections_lock:
                 self.connections -= 1
-
-    def prespawn(self, call: CliCall) -> None:
-        """Keep `--warm` processes loaded for first turns like this one (in the background)."""
-        key = conversation_key(call, [])
-        if self.config.warm <= self.idle.count(key) or self.config.max_parked <= 0 or call.tools:
-            return  # tool calls need the MCP handshake answered: those are not pre-started
-        # The least recently used idle process makes room, as it would for a request.
-        if not self.slots.try_acquire() and not (self.idle.evict_oldest() and self.slots.try_acquire()):
-            return
-
-        def spawn():
-            try:
-                run = CliRun(call, self.config, self.claude.resolve(),
-                             observe=self.observe_cli_event).start(send_prompt=False)
-            except (ApiError, OSError):
-                self.slots.release()
-                return
-            if not run.initialize(60.0):  # filed as warm only once it can answer at once
-                run.close()
-                self.slots.release()
-                return
-            self.idle.park(key, run)
-        threading.Thread(target=spawn, daemon=True).start()
 
     def observe_cli_event(self, event: Dict[str, Any]) -> None:
         """A CLI's `rate_limit_event` updates the limit state; its `result` counts a model call."""
@@ -4031,35 +4173,29 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- endpoints ------------------------------------------------------------------------------
 
     def _health(self) -> Dict[str, Any]:
-        claude = self.server.claude
+        claude, pool = self.server.claude, self.server.pool
+        counts = pool.counts()
         if self.server.config.api_keys and not self._authorized():
             return {"status": "ok", "version": __version__}  # details only for key holders
         return {"status": "ok", "version": __version__,
                 "claude": {"path": claude.path, "version": claude.version,
                            "usable": bool(claude.path and claude.version), "error": claude.probe_error},
-                "slots": {"busy": self.server.slots.busy, "waiting": self.server.slots.waiting,
-                          "max": self.server.slots.size},
-                "processes": self._process_counts(),
+                "slots": {"busy": counts["busy"], "waiting": pool.waiting, "max": pool.size},
+                "processes": counts,
                 "limits": self.server.limits.current(time.time()),
                 "ignored_api_keys": self.server.ignored_api_keys}
 
     def _metrics(self) -> None:
         server = self.server
         samples = server.metrics.samples()
-        counts = self._process_counts()
+        counts = server.pool.counts()
         samples["claude_max_proxy_cli_processes"] = [({"state": state}, counts[state])
                                                      for state in ("busy", "warm", "parked")]
-        samples["claude_max_proxy_requests_waiting"] = [({}, server.slots.waiting)]
-        samples["claude_max_proxy_process_reuse_total"] = [({"result": "hit"}, server.reuse["hits"]),
-                                                           ({"result": "miss"}, server.reuse["misses"])]
+        samples["claude_max_proxy_requests_waiting"] = [({}, server.pool.waiting)]
+        samples["claude_max_proxy_process_reuse_total"] = [({"result": "hit"}, counts["hits"]),
+                                                           ({"result": "miss"}, counts["misses"])]
         samples.update(limit_samples(server.limits.current(time.time())))
         self._send_body(200, metrics_text(samples).encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
-
-    def _process_counts(self) -> Dict[str, int]:
-        """CLI processes by state: answering a request (busy), waiting idle (warm, parked)."""
-        kinds = self.server.idle.kinds()
-        busy = max(0, self.server.slots.busy - kinds["warm"] - kinds["parked"])
-        return dict(kinds, busy=busy, hits=self.server.reuse["hits"], misses=self.server.reuse["misses"])
 
     def _chat_completions(self) -> None:
         call = self._with_images(cli_call_for(self._read_json(), self.server.config))
@@ -4118,8 +4254,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         query = self.path.partition("?")[2]
         return {key: values[-1] for key, values in urllib.parse.parse_qs(query).items()}
 
-    def _serve_call(self, call: CliCall, renderer: Any) -> List[TurnEvent]:
-        """Run one CLI turn for a call and answer with the renderer's shapes; returns its events."""
+    def _serve_call(self, call: CliCall, renderer: Any) -> None:
+        """Run one CLI turn for a call and answer with the renderer's shapes."""
         server, config = self.server, self.server.config
         self.log_model = call.requested_model
         if config.log_prompts:
@@ -4129,135 +4265,28 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if refusal is not None:
             raise refusal  # before any process or model call: nothing is spent
         gone = client_gone_check(self.connection)
-        claude_path = server.claude.resolve()
-        results = tool_results_in(call.prompt)
-        run = self._waiting_run(call, results)
-        if run is None:
-            server.slots.acquire(config.queue_timeout, gone)
-            try:
-                run = CliRun(call, config, claude_path, observe=server.observe_cli_event).start()
-            except BaseException:
-                server.slots.release()
-                raise
-        parked = []
+        # While the CLI is silent, or busy with what the client does not see, a started stream
+        # gets the renderer's keep-alive frames.
+        with server.pool.turn(call, lambda: self._keep_alive(renderer) or gone(),
+                              getattr(renderer, "translator", None)) as turn:
+            self.reused_process = turn.reused
+            if not call.stream:
+                events = list(turn)
+                return self._send_json(200, renderer.whole(events, turn.model))
+            self._relay(stream_frames(turn, renderer))
 
-        def park(translator):
-            # Before the answer's last bytes: a client's next turn must find the process waiting.
-            parked.append(self._park_if_reusable(call, run, translator))
-            if not parked[-1] and translator.stop_reason == "end_turn" and not translator.cut \
-                    and not run.result_seen:
-                run.wait_for_result(2.0)  # a 200's rate_limit_event follows its message
+    def _relay(self, frames: Iterator[Tuple[Optional[str], Any]]) -> None:
+        """Write a stream's SSE frames; the headers wait for the first one, so an error before any
+        output is still a proper HTTP status."""
         try:
-            translator = self._answer(call, run, gone, renderer, park)
-            if any(parked):
-                run = None  # the idle registry owns it (and its slot) now
-            return translator.events
-        finally:
-            if run is not None:
-                run.close()
-                server.slots.release()
-            if not call.history:
-                # After the answer, so its start-up does not compete with this turn for the CPU.
-                server.prespawn(call)
-
-    def _waiting_run(self, call: CliCall, results: Dict[str, str]) -> Optional[CliRun]:
-        """A process already holding this conversation, given the new turn; None for a cold start."""
-        server = self.server
-        run = server.idle.take(conversation_key(call, call.history))
-        if run is not None and run.at_tool_call != bool(results):
-            run.close()  # a tool call answered with text, or results for no call: start afresh
-            server.slots.release()
-            run = None
-        if run is not None and not results:
-            try:
-                run.send_user(call.prompt)
-            except (OSError, ValueError):  # it died just now: a cold start serves the turn
-                run.close()
-                server.slots.release()
-                run = None
-        if run is None:
-            server.reuse["misses"] += 1
-            return None
-        server.reuse["hits"] += 1
-        self.reused_process = True
-        run.call = call
-        if results:
-            run.tool_results.update(results)
-            run.at_tool_call = False
-            run.hand_over_results()
-        return run
-
-    def _park_if_reusable(self, call: CliCall, run: CliRun, translator: "TurnTranslator") -> bool:
-        """Keep the process for the conversation's next turn when it can continue it faithfully."""
-        config = self.server.config
-        finish = translator.events[-1] if translator.events and translator.events[-1][0] == "finish" else None
-        if finish is None or config.max_parked <= 0 or run.proc.poll() is not None:
-            return False
-        tool_results_replayed = any(b["type"] == "tool_result" for b in call.prompt) and not self.reused_process
-        if tool_results_replayed:
-            return False  # that process saw the replay's extra lines; later turns should not
-        turns = call.history + [{"role": "user", "content": call.prompt}, assistant_turn_from(translator.events, call)]
-        if finish[1] == "tool_calls" and call.parallel_tool_calls:
-            run.at_tool_call = True
-        elif not (finish[1] == "stop" and translator.stop_reason == "end_turn" and not translator.cut
-                  and turns[-1]["content"] and run.wait_for_result(10.0)):
-            return False
-        run.turns_done += 1
-        self.server.idle.park(conversation_key(call, turns), run)
-        return True
-
-    def _answer(self, call: CliCall, run: CliRun, gone: Callable[[], bool], renderer: Any,
-                before_end: Callable[["TurnTranslator"], None] = lambda translator: None) -> "TurnTranslator":
-        """Relay one turn to the client (streamed or whole); the translator keeps its events."""
-        config = self.server.config
-        deadline = time.monotonic() + config.request_timeout
-        # A renderer that reads the turn's state beyond its events (usage, stop string) brings its own.
-        translator = getattr(renderer, "translator", None) or TurnTranslator(call=call)
-        events = translator.events
-
-        def turn_events() -> Iterator[TurnEvent]:
-            # While the CLI is silent, or busy with what the client does not see, a started
-            # stream gets the renderer's keep-alive frames.
-            for event in run.events(deadline, config.idle_timeout, lambda: self._keep_alive(renderer) or gone()):
-                self._keep_alive(renderer)
-                if event.get("type") == "control_request":
-                    run.on_control_request(event)
-                    continue
-                for out in translator.feed(event):
-                    events.append(out)
-                    yield out
-                if translator.finished:
-                    return
-            raise run.failure()
-
-        if not call.stream:
-            list(turn_events())
-            before_end(translator)
-            self._send_json(200, renderer.whole(events, translator.model or call.requested_model))
-            return translator
-        started = False
-        try:
-            for event in turn_events():
-                if not started:
-                    started = True
+            for name, payload in frames:
+                if not self.headers_sent:
                     self.first_token_at = time.monotonic()
                     self._start_sse()
-                for name, payload in renderer.stream_events(event, translator.model or call.requested_model):
-                    self._send_sse(payload, name)
-            before_end(translator)
-        except ApiError as exc:
-            if not started:
-                raise
-            # Output has started, so the status is already 200: end the stream with the error.
-            for name, payload in renderer.stream_error(exc):
                 self._send_sse(payload, name)
-            events.clear()
         except OSError:
             raise ClientGone()
-        for name, payload in renderer.stream_end():
-            self._send_sse(payload, name)
         self._end_sse()
-        return translator
 
     # -- access log and metrics -----------------------------------------------------------------
 
@@ -4295,7 +4324,7 @@ def serve(config: Config) -> int:
     def expire_idle():
         while True:
             time.sleep(1.0)
-            server.idle.expire()
+            server.pool.expire()
 
     threading.Thread(target=expire_idle, daemon=True).start()
     if server.ignored_api_keys:
