@@ -3607,6 +3607,73 @@ class ProxyServer(ThreadingHTTPServer):
             with self.connections_lock:
                 self.connections -= 1
 
+    # -- what the routes answer -----------------------------------------------------------------
+
+    def health(self, full: bool) -> Dict[str, Any]:
+        """GET /health: the details only for key holders (`full`)."""
+        if not full:
+            return {"status": "ok", "version": __version__}
+        claude, counts = self.claude, self.pool.counts()
+        return {"status": "ok", "version": __version__,
+                "claude": {"path": claude.path, "version": claude.version,
+                           "usable": bool(claude.path and claude.version), "error": claude.probe_error},
+                "slots": {"busy": counts["busy"], "waiting": self.pool.waiting, "max": self.pool.size},
+                "processes": counts,
+                "limits": self.limits.current(time.time()),
+                "ignored_api_keys": self.ignored_api_keys}
+
+    def metrics_samples(self) -> Dict[str, List[Tuple[Dict[str, str], Any]]]:
+        """GET /metrics: the counters, the pool's processes and the limit state."""
+        samples, counts = self.metrics.samples(), self.pool.counts()
+        samples["claude_max_proxy_cli_processes"] = [({"state": state}, counts[state])
+                                                     for state in ("busy", "warm", "parked")]
+        samples["claude_max_proxy_requests_waiting"] = [({}, self.pool.waiting)]
+        samples["claude_max_proxy_process_reuse_total"] = [({"result": "hit"}, counts["hits"]),
+                                                           ({"result": "miss"}, counts["misses"])]
+        samples.update(limit_samples(self.limits.current(time.time())))
+        return samples
+
+    def responses_call(self, body: Any) -> Tuple[CliCall, Callable[[CliCall], Any]]:
+        """POST /v1/responses: the call, and its renderer, which keeps the answer for
+        previous_response_id unless `store` is false."""
+        store = self.responses
+        if isinstance(body, dict) and isinstance(body.get("input"), list):
+            body = dict(body, input=items_with_references_resolved(body["input"], store.item))
+        call, conversation = responses_call_for(body, previous_messages_for(body, store), self.config)
+        inputs = input_item_resources(body["input"])
+
+        def keep(response: Dict[str, Any]) -> None:
+            store.put(response, conversation + responses_output_messages(response["output"]), inputs)
+
+        return call, lambda call: ResponsesRenderer(call, body, None if body.get("store") is False else keep)
+
+    def stored_response(self, method: str, path: str, query: Dict[str, str]) -> Dict[str, Any]:
+        """/v1/responses/{id}, its /input_items and /cancel: what the response store can answer."""
+        response_id, _, action = path[len("/v1/responses/"):].partition("/")
+        if action == "input_items":
+            check_method(method, path, ("GET",))
+            return input_items_page(self.stored(response_id)[2], query)
+        if action == "cancel":
+            check_method(method, path, ("POST",))
+            self.stored(response_id)
+            raise invalid(None, "Only responses created with `background: true` can be cancelled; response "
+                          "'%s' was answered synchronously" % response_id, "response_not_cancellable")
+        if action:
+            raise ApiError(404, "no route for %s %s" % (method, path), "invalid_request_error", "not_found")
+        check_method(method, path, ("GET", "DELETE"))
+        if method == "DELETE":
+            self.stored(response_id)
+            self.responses.delete(response_id)
+            return {"id": response_id, "object": "response", "deleted": True}
+        return self.stored(response_id)[0]
+
+    def stored(self, response_id: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]], List[Dict[str, Any]]]:
+        found = self.responses.entry(response_id)
+        if found is None:
+            raise ApiError(404, "Response with id '%s' not found" % response_id, "invalid_request_error",
+                           "not_found")
+        return found
+
     def observe_cli_event(self, event: Dict[str, Any]) -> None:
         """A CLI's `rate_limit_event` updates the limit state; its `result` counts a model call."""
         if event["type"] == "rate_limit_event":
@@ -3800,6 +3867,47 @@ def client_gone_check(sock: socket.socket) -> Callable[[], bool]:
     return gone
 
 
+def guard(config: Config, headers: Any, method: str, path: str) -> None:
+    """Refuse what a browser page or another machine could abuse, before any work."""
+    host = (headers.get("Host") or "").strip()
+    hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if host.startswith("["):
+        hostname = host[:host.index("]") + 1] if "]" in host else host
+    if not host or not (is_loopback_host(hostname) or hostname in config.allowed_hosts
+                        or hostname == config.host):
+        raise ApiError(421, "Host %r is not served here (DNS-rebinding guard); add it with "
+                       "--allowed-hosts" % host, "invalid_request_error", "host_not_allowed")
+    origin = headers.get("Origin")
+    if origin is not None and origin not in config.allowed_origins:
+        raise ApiError(403, "requests from web origin %r are not allowed; add it with "
+                       "--allowed-origins" % origin, "permission_error", "origin_not_allowed")
+    if method == "OPTIONS" or path == "/health":
+        return
+    if config.api_keys and not authorized(config, headers):
+        raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
+                       "authentication_error", "invalid_api_key")
+
+
+def authorized(config: Config, headers: Any) -> bool:
+    """The key as OpenAI clients send it (`Authorization: Bearer`) or as Anthropic's do (`x-api-key`)."""
+    given = headers.get("Authorization") or ""
+    tokens = [(given[7:].strip() if given[:7].lower() == "bearer " else "").encode("utf-8", "replace"),
+              (headers.get("x-api-key") or "").strip().encode("utf-8", "replace")]
+    # Compare against every key, in constant time each, so timing says nothing about a key.
+    matches = [hmac.compare_digest(token, key.encode("utf-8"))
+               for key in config.api_keys for token in tokens]
+    return any(matches)
+
+
+def check_method(method: str, path: str, methods: Tuple[str, ...]) -> None:
+    """405 for a method the route lacks; HEAD is answered wherever GET is (headers only)."""
+    if method in methods or (method == "HEAD" and "GET" in methods):
+        return
+    allow = list(methods) + (["HEAD"] if "GET" in methods and "HEAD" not in methods else [])
+    raise ApiError(405, "method %s not allowed on %s" % (method, path), "invalid_request_error",
+                   "method_not_allowed", headers={"Allow": ", ".join(allow)})
+
+
 class ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "claude-max-proxy/" + __version__
@@ -3846,26 +3954,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.reader.deadline = time.monotonic() + self.server.config.read_timeout
         super().handle_one_request()
 
-    def do_GET(self):
-        self._dispatch("GET")
+    def _do(self):
+        self._dispatch(self.command)
 
-    def do_POST(self):
-        self._dispatch("POST")
-
-    def do_OPTIONS(self):
-        self._dispatch("OPTIONS")
-
-    def do_PUT(self):
-        self._dispatch("PUT")
-
-    def do_DELETE(self):
-        self._dispatch("DELETE")
-
-    def do_PATCH(self):
-        self._dispatch("PATCH")
-
-    def do_HEAD(self):
-        self._dispatch("HEAD")
+    do_GET = do_POST = do_OPTIONS = do_PUT = do_DELETE = do_PATCH = do_HEAD = _do
 
     def log_message(self, format, *args):
         pass  # one access-log line per request is written by _access_log instead
@@ -3935,94 +4027,41 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _route(self, method: str) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        server, config = self.server, self.server.config
         routes = [
-            ("/health", ("GET", "HEAD"), lambda: self._send_json(200, self._health())),
+            ("/health", ("GET", "HEAD"), lambda: self._send_json(200, server.health(
+                not config.api_keys or authorized(config, self.headers)))),
             ("/v1/models", ("GET",), lambda: self._send_json(200, {
                 "object": "list", "data": [model_object(m) for m in list(MODELS) + list(CLI_ALIASES)]})),
-            ("/v1/chat/completions", ("POST",), self._chat_completions),
+            ("/v1/chat/completions", ("POST",), lambda: self._serve_call(
+                cli_call_for(self._read_json(), config), ChatRenderer)),
             ("/v1/responses", ("POST",), self._responses),
-            ("/metrics", ("GET",), self._metrics),
-            ("/v1/completions", ("POST",), self._completions),
-            ("/v1/messages", ("POST",), self._messages),
+            ("/metrics", ("GET",), lambda: self._send_body(200, metrics_text(server.metrics_samples()).encode(
+                "utf-8"), "text/plain; version=0.0.4; charset=utf-8")),
+            ("/v1/completions", ("POST",), lambda: self._serve_call(
+                completion_call_for(self._read_json(), config), CompletionRenderer)),
+            ("/v1/messages", ("POST",), lambda: self._serve_call(
+                messages_call_for(self._read_json(), config, config.allow_image_fetch), MessagesRenderer)),
             ("/v1/messages/count_tokens", ("POST",), self._count_tokens),
         ]
         self.endpoint = endpoint_label(path, [route for route, _, _ in routes])
-        self._guard(method, path)
+        guard(config, self.headers, method, path)
         if method == "OPTIONS":
             return self._preflight()
         for route, methods, action in routes:
             if path == route:
-                self._check_method(method, path, methods)
+                check_method(method, path, methods)
                 return action()
         if path.startswith("/v1/models/"):
-            self._check_method(method, path, ("GET",))
+            check_method(method, path, ("GET",))
             name = path[len("/v1/models/"):]
-            requested, _ = resolve_model(name, self.server.config.default_model)
+            requested, _ = resolve_model(name, config.default_model)
             return self._send_json(200, model_object(requested))
         if path.startswith("/v1/responses/"):
-            return self._stored_response_route(method, path)
+            return self._send_json(200, server.stored_response(method, path, self._query()))
         raise ApiError(404, "no route for %s %s" % (method, path), "invalid_request_error", "not_found")
 
-    def _check_method(self, method: str, path: str, methods: Tuple[str, ...]) -> None:
-        """405 for a method the route lacks; HEAD is answered wherever GET is (headers only)."""
-        if method in methods or (method == "HEAD" and "GET" in methods):
-            return
-        allow = list(methods) + (["HEAD"] if "GET" in methods and "HEAD" not in methods else [])
-        raise ApiError(405, "method %s not allowed on %s" % (method, path), "invalid_request_error",
-                       "method_not_allowed", headers={"Allow": ", ".join(allow)})
-
-    def _stored_response_route(self, method: str, path: str) -> None:
-        """/v1/responses/{id}, its /input_items and /cancel: what the response store can answer."""
-        response_id, _, action = path[len("/v1/responses/"):].partition("/")
-        if action == "input_items":
-            self._check_method(method, path, ("GET",))
-            return self._send_json(200, input_items_page(self._stored(response_id)[2], self._query()))
-        if action == "cancel":
-            self._check_method(method, path, ("POST",))
-            self._stored(response_id)
-            raise invalid(None, "Only responses created with `background: true` can be cancelled; response "
-                          "'%s' was answered synchronously" % response_id, "response_not_cancellable")
-        if action:
-            raise ApiError(404, "no route for %s %s" % (method, path), "invalid_request_error", "not_found")
-        self._check_method(method, path, ("GET", "DELETE"))
-        if method == "DELETE":
-            self._stored(response_id)
-            self.server.responses.delete(response_id)
-            return self._send_json(200, {"id": response_id, "object": "response", "deleted": True})
-        self._send_json(200, self._stored(response_id)[0])
-
     # -- guards ---------------------------------------------------------------------------------
-
-    def _guard(self, method: str, path: str) -> None:
-        """Refuse what a browser page or another machine could abuse, before any work."""
-        config = self.server.config
-        host = (self.headers.get("Host") or "").strip()
-        hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        if host.startswith("["):
-            hostname = host[:host.index("]") + 1] if "]" in host else host
-        if not host or not (is_loopback_host(hostname) or hostname in config.allowed_hosts
-                            or hostname == config.host):
-            raise ApiError(421, "Host %r is not served here (DNS-rebinding guard); add it with "
-                           "--allowed-hosts" % host, "invalid_request_error", "host_not_allowed")
-        origin = self.headers.get("Origin")
-        if origin is not None and origin not in config.allowed_origins:
-            raise ApiError(403, "requests from web origin %r are not allowed; add it with "
-                           "--allowed-origins" % origin, "permission_error", "origin_not_allowed")
-        if method == "OPTIONS" or path == "/health":
-            return
-        if config.api_keys and not self._authorized():
-            raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
-                           "authentication_error", "invalid_api_key")
-
-    def _authorized(self) -> bool:
-        """The key as OpenAI clients send it (`Authorization: Bearer`) or as Anthropic's do (`x-api-key`)."""
-        given = self.headers.get("Authorization") or ""
-        tokens = [(given[7:].strip() if given[:7].lower() == "bearer " else "").encode("utf-8", "replace"),
-                  (self.headers.get("x-api-key") or "").strip().encode("utf-8", "replace")]
-        # Compare against every key, in constant time each, so timing says nothing about a key.
-        matches = [hmac.compare_digest(token, key.encode("utf-8"))
-                   for key in self.server.config.api_keys for token in tokens]
-        return any(matches)
 
     def _preflight(self) -> None:
         self.status = 204
@@ -4047,7 +4086,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Vary", "Origin")
         # Every answer carries the latest known plan-limit state, as Anthropic's own headers do.
-        if not self.server.config.api_keys or self._authorized():
+        if not self.server.config.api_keys or authorized(self.server.config, self.headers):
             for key, value in ratelimit_headers_for(self.server.limits.current(time.time())).items():
                 self.send_header(key, value)
 
@@ -4172,64 +4211,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- endpoints ------------------------------------------------------------------------------
 
-    def _health(self) -> Dict[str, Any]:
-        claude, pool = self.server.claude, self.server.pool
-        counts = pool.counts()
-        if self.server.config.api_keys and not self._authorized():
-            return {"status": "ok", "version": __version__}  # details only for key holders
-        return {"status": "ok", "version": __version__,
-                "claude": {"path": claude.path, "version": claude.version,
-                           "usable": bool(claude.path and claude.version), "error": claude.probe_error},
-                "slots": {"busy": counts["busy"], "waiting": pool.waiting, "max": pool.size},
-                "processes": counts,
-                "limits": self.server.limits.current(time.time()),
-                "ignored_api_keys": self.server.ignored_api_keys}
-
-    def _metrics(self) -> None:
-        server = self.server
-        samples = server.metrics.samples()
-        counts = server.pool.counts()
-        samples["claude_max_proxy_cli_processes"] = [({"state": state}, counts[state])
-                                                     for state in ("busy", "warm", "parked")]
-        samples["claude_max_proxy_requests_waiting"] = [({}, server.pool.waiting)]
-        samples["claude_max_proxy_process_reuse_total"] = [({"result": "hit"}, counts["hits"]),
-                                                           ({"result": "miss"}, counts["misses"])]
-        samples.update(limit_samples(server.limits.current(time.time())))
-        self._send_body(200, metrics_text(samples).encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
-
-    def _chat_completions(self) -> None:
-        call = self._with_images(cli_call_for(self._read_json(), self.server.config))
-        self._serve_call(call, ChatRenderer(call))
-
-    def _completions(self) -> None:
-        call = completion_call_for(self._read_json(), self.server.config)
-        self._serve_call(call, CompletionRenderer(call))
-
-    def _with_images(self, call: CliCall) -> CliCall:
-        """The valid call with its remote images fetched (only with --allow-image-fetch)."""
-        urls = remote_images_in(call)
-        return call_with_images(call, ImageFetcher().fetch_all(urls)) if urls else call
-
     def _responses(self) -> None:
         body = self._read_json()
-        store = self.server.responses
-        if isinstance(body, dict) and isinstance(body.get("input"), list):
-            body = dict(body, input=items_with_references_resolved(body["input"], store.item))
-        call, conversation = responses_call_for(body, previous_messages_for(body, store), self.server.config)
+        call, renderer_for = self.server.responses_call(body)
         self.dropped_tools = ",".join(hosted_tools_of(body.get("tools")))
-        inputs = input_item_resources(body["input"])
-        call = self._with_images(call)
-
-        def keep(response: Dict[str, Any]) -> None:
-            store.put(response, conversation + responses_output_messages(response["output"]), inputs)
-
-        self._serve_call(call, ResponsesRenderer(call, body, None if body.get("store") is False else keep))
-
-    def _messages(self) -> None:
-        body = self._read_json()
-        config = self.server.config
-        call = self._with_images(messages_call_for(body, config, config.allow_image_fetch))
-        self._serve_call(call, MessagesRenderer(call))
+        self._serve_call(call, renderer_for)
 
     def _count_tokens(self) -> None:
         self._read_json()  # read, so the connection stays usable for the client's next request
@@ -4243,20 +4229,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
         path = (getattr(self, "path", "") or "").split("?", 1)[0].rstrip("/")
         return path == "/v1/messages" or path.startswith("/v1/messages/")
 
-    def _stored(self, response_id: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]], List[Dict[str, Any]]]:
-        found = self.server.responses.entry(response_id)
-        if found is None:
-            raise ApiError(404, "Response with id '%s' not found" % response_id, "invalid_request_error",
-                           "not_found")
-        return found
-
     def _query(self) -> Dict[str, str]:
         query = self.path.partition("?")[2]
         return {key: values[-1] for key, values in urllib.parse.parse_qs(query).items()}
 
-    def _serve_call(self, call: CliCall, renderer: Any) -> None:
-        """Run one CLI turn for a call and answer with the renderer's shapes."""
+    def _serve_call(self, call: CliCall, renderer_for: Callable[[CliCall], Any]) -> None:
+        """Run one CLI turn for a valid call and answer in its renderer's shapes."""
         server, config = self.server, self.server.config
+        urls = remote_images_in(call)  # fetched only with --allow-image-fetch (else refused already)
+        call = call_with_images(call, ImageFetcher().fetch_all(urls)) if urls else call
+        renderer = renderer_for(call)
         self.log_model = call.requested_model
         if config.log_prompts:
             self.log_prompt = json.dumps(call.prompt)[:500]  # ASCII: no terminal escapes in the log
