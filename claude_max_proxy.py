@@ -11,13 +11,15 @@ The path of a request:
      its own process group and a private empty directory, with an allow-listed environment
      (``cli_env_for``); the client's text goes in verbatim, never as a CLI command or file mention
      (``stdin_line_for``); JSON events read line by line.
-  4. Event translation (pure): CLI events -> ``TurnEvent``s -> OpenAI chunks or a completion.
-  5. HTTP layer again: headers wait for the first token, then SSE; errors in OpenAI's envelope.
+  4. Process pool (I/O): ``ProcessPool.turn`` gives the call a process (a parked or warm one, or a
+     new one in a free slot) as a ``Turn``, which iterates the turn's ``TurnEvent``s.
+  5. Event translation (pure): CLI events -> ``TurnEvent``s -> a renderer's SSE frames or object;
+     the HTTP layer writes them: headers wait for the first frame; errors in the client's envelope.
 
 Client functions are offered to the model through an MCP server the proxy answers itself over the
 CLI's control channel; a tool call is caught at the CLI's permission question. Processes are
-reused: a warm one waits for a first turn, and the one that answered waits for the conversation's
-next turn (``IdleRuns``), so later turns neither start a CLI nor replay history.
+kept between turns (``ProcessPool``): a warm one waits for a first turn, and the one that answered
+is parked for the conversation's next turn, so later turns neither start a CLI nor replay history.
 
 Every ``rate_limit_event`` and ``result`` a CLI prints is observed by the server: ``Limits`` keeps
 the plan's latest limit state (headers on every answer, /health, ``--no-overage``), ``Metrics``
@@ -27,8 +29,9 @@ Anthropic's Messages API (``/v1/messages``) is a second front door into the same
 requests become the same ``CliCall`` and its answers are rendered from the same ``TurnEvent``s.
 
 Sections, top to bottom: constants and tables, configuration, errors, request translation,
-CLI runner (``CliRun``, ``IdleRuns``), event translation, the Responses API, the Messages API,
-HTTP layer, the serve command, doctor and service commands, main().
+CLI runner (``CliRun``), process pool (``ProcessPool``, ``Turn``), event translation, the Responses
+API, the Messages API, HTTP layer (server state, the application, the handler), the serve command,
+doctor and service commands, main().
 """
 
 import argparse
@@ -62,7 +65,7 @@ import time
 import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 __version__ = "0.1.0"
 
@@ -303,9 +306,9 @@ OPTIONS = [
     ("--log-prompts", bool, "debug: log prompt text in the access log"),
     ("--shutdown-grace", float, "seconds in-flight requests get on SIGTERM (default 30)"),
     ("--include-reasoning", bool, "stream the model's thinking as `reasoning_content` by default"),
-    ("--max-parked", int, "idle CLI processes kept for the next turn of their conversation or for "
+    ("--max-parked", int, "CLI processes parked for the next turn of their conversation or for "
                           "tool results (default 4; 0 turns process reuse off)"),
-    ("--parked-ttl", float, "seconds an idle process is kept before it is ended (default 300)"),
+    ("--parked-ttl", float, "seconds a parked or warm process is kept before it is ended (default 300)"),
     ("--warm", int, "processes pre-started per kind of first turn (default 1; 0 = none)"),
     ("--client-timeout", float, "seconds a client may stall sending or reading before it is dropped "
                                 "and its CLI ended (default 30)"),
@@ -1095,8 +1098,28 @@ def claude_projects_dir(environ: Dict[str, str]) -> str:
     return os.path.join(base, "projects")
 
 
+def mcp_reply_for(message: Dict[str, Any], tools: Tuple[ClientTool, ...]) -> Dict[str, Any]:
+    """The proxy's MCP server: the answer to one JSON-RPC message from the CLI (tools/call aside)."""
+    method, message_id = message.get("method"), message.get("id")
+    if message_id is None:
+        return {"jsonrpc": "2.0", "result": {}}  # a notification: acknowledged, nothing to say
+    if method == "initialize":
+        version = (message.get("params") or {}).get("protocolVersion") or "2025-06-18"
+        result = {"protocolVersion": version, "capabilities": {"tools": {}},
+                  "serverInfo": {"name": "claude-max-proxy", "version": __version__}}
+    elif method == "tools/list":
+        result = {"tools": [t.listing() for t in tools]}
+    elif method == "ping":
+        result = {}
+    else:
+        return {"jsonrpc": "2.0", "id": message_id,
+                "error": {"code": -32601, "message": "method not found: %s" % method}}
+    return {"jsonrpc": "2.0", "id": message_id, "result": result}
+
+
 class CliRun:
-    """One claude process answering one turn: always ended and reaped by close()."""
+    """One claude process started for a call: it answers that turn and, when the pool keeps it,
+    the conversation's next ones (`next_turn`). Always ended and reaped by close()."""
 
     def __init__(self, call: CliCall, config: Config, claude_path: str,
                  environ: Optional[Dict[str, str]] = None,
@@ -1482,7 +1505,6 @@ class ClaudeInstall:
         self.path = shutil.which(name)
         self.version = None  # type: Optional[str]
         self.probe_error = None  # type: Optional[str]
-        self.probed = threading.Event()
 
     def probe(self) -> None:
         try:
@@ -1498,8 +1520,6 @@ class ClaudeInstall:
                 self.probe_error = "`claude --version` failed (exit %s)" % out.returncode
         except (OSError, subprocess.TimeoutExpired) as exc:
             self.probe_error = "`claude --version` failed: %s" % exc
-        finally:
-            self.probed.set()
 
     def resolve(self) -> str:
         """The executable to run for a request, or a 503 if there is none."""
@@ -1746,7 +1766,7 @@ class Turn:
                 continue
             for out in self.translator.feed(event):
                 self.events.append(out)
-                if out[0] == "finish":
+                if out.kind == "finish":
                     self._before_end(out)
                 yield out
             if self.translator.finished:
@@ -1769,8 +1789,8 @@ class Turn:
         if any(b["type"] == "tool_result" for b in call.prompt) and not self.reused:
             return False  # that process saw the replay's extra lines; later turns should not
         turns = call.history + [{"role": "user", "content": call.prompt}, assistant_turn_from(self.events, call)]
-        at_tool_call = finish[1] == "tool_calls" and call.parallel_tool_calls
-        if not at_tool_call and not (finish[1] == "stop" and translator.stop_reason == "end_turn"
+        at_tool_call = finish.reason == "tool_calls" and call.parallel_tool_calls
+        if not at_tool_call and not (finish.reason == "stop" and translator.stop_reason == "end_turn"
                                      and not translator.cut and turns[-1]["content"]
                                      and run.wait_for_result(10.0)):
             return False
@@ -1778,15 +1798,61 @@ class Turn:
 
 
 # ================================================================================================
-# Event translation (pure): CLI events -> TurnEvents -> OpenAI chunks / completions
+# Event translation (pure): CLI events -> TurnEvents -> renderers' SSE frames / whole objects
 # ================================================================================================
 
-# TurnEvent kinds, in the order a turn produces them:
-#   ("text", str)                 answer text, after stop-string handling
-#   ("reasoning", str)            thinking text, when the call includes reasoning
-#   ("signature", str)            the signature that closes a thinking block (Messages API only)
-#   ("finish", reason, usage)     the end: an OpenAI finish_reason and a usage dict
-TurnEvent = Tuple[Any, ...]
+# TurnEvents: what a turn produced, translated from the CLI's JSON lines, in the order a turn
+# produces them. Each is a tuple whose first item names its kind, so it also reads as one.
+
+class Text(collections.namedtuple("Text", "kind text")):
+    """Answer text, after stop-string handling."""
+    __slots__ = ()
+
+    def __new__(cls, text: str):
+        return super().__new__(cls, "text", text)
+
+
+class Reasoning(collections.namedtuple("Reasoning", "kind text")):
+    """Thinking text, when the call includes reasoning."""
+    __slots__ = ()
+
+    def __new__(cls, text: str):
+        return super().__new__(cls, "reasoning", text)
+
+
+class Signature(collections.namedtuple("Signature", "kind signature")):
+    """The signature that closes a thinking block (the Messages API shows it)."""
+    __slots__ = ()
+
+    def __new__(cls, signature: str):
+        return super().__new__(cls, "signature", signature)
+
+
+class ToolCall(collections.namedtuple("ToolCall", "kind number id name")):
+    """A client tool call starts: its number in the turn, its id and the client's tool name."""
+    __slots__ = ()
+
+    def __new__(cls, number: int, tool_call_id: str, name: str):
+        return super().__new__(cls, "tool_call", number, tool_call_id, name)
+
+
+class ToolArgs(collections.namedtuple("ToolArgs", "kind number fragment")):
+    """A fragment of a tool call's JSON arguments."""
+    __slots__ = ()
+
+    def __new__(cls, number: int, fragment: str):
+        return super().__new__(cls, "tool_args", number, fragment)
+
+
+class Finish(collections.namedtuple("Finish", "kind reason usage")):
+    """The end: an OpenAI finish_reason and a usage dict."""
+    __slots__ = ()
+
+    def __new__(cls, reason: str, usage: Dict[str, Any]):
+        return super().__new__(cls, "finish", reason, usage)
+
+
+TurnEvent = Union[Text, Reasoning, Signature, ToolCall, ToolArgs, Finish]
 
 
 def error_from_result(result: Dict[str, Any], rate_limit: Optional[Dict[str, Any]] = None,
@@ -1922,9 +1988,9 @@ class TurnTranslator:
     the CLI is ended before it could retry or run a tool), or at the CLI's `result`.
     """
 
-    def __init__(self, stop: Tuple[str, ...] = (), call: Optional[CliCall] = None):
+    def __init__(self, call: Optional[CliCall] = None, stop: Optional[Tuple[str, ...]] = None):
         self.call = call
-        self.stop = stop if call is None else call.stop
+        self.stop = stop if stop is not None else call.stop if call is not None else ()
         self.model = None  # type: Optional[str]
         self.usage = {}    # type: Dict[str, Any]
         self.stop_reason = None  # type: Optional[str]
@@ -1971,7 +2037,7 @@ class TurnTranslator:
             block = self.blocks.get(event.get("index"), ("other", None))
             out = []
             if block[0] == "tool" and block[1] not in self.args_seen:
-                out.append(("tool_args", block[1], "{}"))
+                out.append(ToolArgs(block[1], "{}"))
             if block[0] == "tool" and self.call is not None and not self.call.parallel_tool_calls:
                 return out + self._finish("tool_calls")  # one call only: end before the next
             return out
@@ -2000,7 +2066,7 @@ class TurnTranslator:
             number = self.tool_calls
             self.tool_calls += 1
             self.blocks[index] = ("tool", number)
-            return [("tool_call", number, block.get("id") or "call_%d" % number, client_name)]
+            return [ToolCall(number, block.get("id") or "call_%d" % number, client_name)]
         self.blocks[index] = ("thinking", None) if kind in ("thinking", "redacted_thinking") else ("text", None)
         return []
 
@@ -2018,14 +2084,14 @@ class TurnTranslator:
             if not fragment:
                 return []  # the API opens every input with an empty fragment
             self.args_seen.add(block[1])
-            return [("tool_args", block[1], fragment)]
+            return [ToolArgs(block[1], fragment)]
         if kind == "input_json_delta" and block[0] == "structured":
             self.received_text = True
             return self._emit(delta.get("partial_json") or "")
         if kind == "thinking_delta" and self.call is not None and self.call.include_reasoning:
-            return [("reasoning", delta.get("thinking") or "")] if delta.get("thinking") else []
+            return [Reasoning(delta["thinking"])] if delta.get("thinking") else []
         if kind == "signature_delta" and self.call is not None and self.call.include_reasoning:
-            return [("signature", delta.get("signature") or "")] if delta.get("signature") else []
+            return [Signature(delta["signature"])] if delta.get("signature") else []
         return []
 
     def _text(self, text: str) -> List[TurnEvent]:
@@ -2061,7 +2127,7 @@ class TurnTranslator:
         return self._emit(buffer[:len(buffer) - keep])
 
     def _emit(self, text: str) -> List[TurnEvent]:
-        return [("text", text)] if text else []
+        return [Text(text)] if text else []
 
     def _result(self, result: Dict[str, Any]) -> List[TurnEvent]:
         if result.get("is_error"):
@@ -2093,7 +2159,7 @@ class TurnTranslator:
             out += self._emit(self.held_text)  # no structured answer came: the text is the answer
         self.pending = self.held_text = ""
         self.finished = True
-        return out + [("finish", reason, usage_from(self.usage))]
+        return out + [Finish(reason, usage_from(self.usage))]
 
 
 class ChatChunks:
@@ -2159,7 +2225,7 @@ def completion_from(events: List[TurnEvent], completion_id: str, created: int, m
                     legacy_functions: bool = False) -> Dict[str, Any]:
     """The non-streamed chat.completion for a whole turn (legacy `functions` get `function_call`)."""
     text = "".join(e[1] for e in events if e[0] == "text")
-    finish = next((e for e in events if e[0] == "finish"), ("finish", "stop", usage_from({})))
+    finish = next((e for e in events if e[0] == "finish"), Finish("stop", usage_from({})))
     message = {"role": "assistant", "content": text, "refusal": None}
     calls = tool_calls_from(events)
     if calls and legacy_functions:
@@ -2219,7 +2285,7 @@ class CompletionRenderer:
 
     def whole(self, events: List[TurnEvent], model: str) -> Dict[str, Any]:
         text = "".join(e[1] for e in events if e[0] == "text")
-        finish = next((e for e in events if e[0] == "finish"), ("finish", "stop", usage_from({})))
+        finish = next((e for e in events if e[0] == "finish"), Finish("stop", usage_from({})))
         return dict(self._object(model, text, finish[1]), usage=finish[2])
 
     def stream_events(self, event: TurnEvent, model: str) -> List[Tuple[Optional[str], Any]]:
@@ -2281,25 +2347,6 @@ def conversation_key(call: CliCall, turns: List[Dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def mcp_reply_for(message: Dict[str, Any], tools: Tuple[ClientTool, ...]) -> Dict[str, Any]:
-    """The proxy's MCP server: the answer to one JSON-RPC message from the CLI (tools/call aside)."""
-    method, message_id = message.get("method"), message.get("id")
-    if message_id is None:
-        return {"jsonrpc": "2.0", "result": {}}  # a notification: acknowledged, nothing to say
-    if method == "initialize":
-        version = (message.get("params") or {}).get("protocolVersion") or "2025-06-18"
-        result = {"protocolVersion": version, "capabilities": {"tools": {}},
-                  "serverInfo": {"name": "claude-max-proxy", "version": __version__}}
-    elif method == "tools/list":
-        result = {"tools": [t.listing() for t in tools]}
-    elif method == "ping":
-        result = {}
-    else:
-        return {"jsonrpc": "2.0", "id": message_id,
-                "error": {"code": -32601, "message": "method not found: %s" % method}}
-    return {"jsonrpc": "2.0", "id": message_id, "result": result}
-
-
 def model_object(model_id: str) -> Dict[str, Any]:
     return {"id": model_id, "object": "model", "created": MODELS_CREATED, "owned_by": "anthropic"}
 
@@ -2308,11 +2355,6 @@ def model_object(model_id: str) -> Dict[str, Any]:
 # Responses API (pure): /v1/responses requests -> chat requests, turns -> response objects/events
 # ================================================================================================
 
-# A response's conversation is kept this long, for this many responses and bytes, so a client can
-# continue it with `previous_response_id`; older ones are forgotten (a later reference is a 404).
-RESPONSE_STORE_ITEMS = 200
-RESPONSE_STORE_TTL = 3600.0
-RESPONSE_STORE_BYTES = 64 * 1024 * 1024
 # Responses parameters copied as they are into the chat body (the same names and meaning there).
 RESPONSES_SHARED_PARAMS = ("model", "stream", "temperature", "top_p", "user", "metadata", "store",
                            "service_tier", "parallel_tool_calls", "top_logprobs", "include_reasoning")
@@ -2694,7 +2736,7 @@ class ResponsesRenderer:
         for event in events:
             self.stream_events(event, model)
         if self.response is None:
-            self.stream_events(("finish", "stop", usage_from({})), model)
+            self.stream_events(Finish("stop", usage_from({})), model)
         return self.response
 
     def stream_events(self, event: TurnEvent, model: str) -> List[Tuple[Optional[str], Any]]:
@@ -2866,83 +2908,7 @@ class ResponsesRenderer:
         return json.loads(json.dumps(settings, ensure_ascii=False).encode("utf-8", "replace"))
 
 
-class ResponseStore:
-    """Recent responses and their conversations (chat messages), for previous_response_id.
-
-    Bounded by count and bytes, each entry expiring `ttl` seconds after it was stored; in memory
-    only, so a restart forgets them all."""
-
-    def __init__(self, max_items: int = RESPONSE_STORE_ITEMS, ttl: float = RESPONSE_STORE_TTL,
-                 max_bytes: int = RESPONSE_STORE_BYTES, clock: Callable[[], float] = time.monotonic):
-        self.max_items, self.ttl, self.max_bytes, self.clock = max_items, ttl, max_bytes, clock
-        self.lock = threading.Lock()
-        self.entries = collections.OrderedDict()  # id -> (response, messages, size, expiry, inputs)
-        self.size = 0
-
-    def put(self, response: Dict[str, Any], messages: List[Dict[str, Any]],
-            inputs: Optional[List[Dict[str, Any]]] = None) -> bool:
-        """Keep a response (and its input items); False when it alone is over the byte bound."""
-        inputs = inputs or []
-        try:
-            size = len(json.dumps(response)) + len(json.dumps(messages)) + len(json.dumps(inputs))
-        except (ValueError, RecursionError):
-            return False
-        with self.lock:
-            self._drop(response["id"])
-            if size > self.max_bytes or self.max_items <= 0:
-                return False
-            self.entries[response["id"]] = (response, messages, size, self.clock() + self.ttl, inputs)
-            self.size += size
-            while len(self.entries) > self.max_items or self.size > self.max_bytes:
-                self._drop(next(iter(self.entries)))
-            return True
-
-    def get(self, response_id: str) -> Optional[Tuple[Dict[str, Any], List[Dict[str, Any]]]]:
-        """(response, conversation messages), or None if unknown, not stored or expired."""
-        with self.lock:
-            self._expire()
-            entry = self.entries.get(response_id)
-            return (entry[0], entry[1]) if entry else None
-
-    def entry(self, response_id: str) -> Optional[Tuple[Dict[str, Any], List[Dict[str, Any]],
-                                                       List[Dict[str, Any]]]]:
-        """(response, conversation messages, input items), or None."""
-        with self.lock:
-            self._expire()
-            entry = self.entries.get(response_id)
-            return (entry[0], entry[1], entry[4]) if entry else None
-
-    def item(self, item_id: str) -> Optional[Dict[str, Any]]:
-        """A stored output or input item by its id (what an `item_reference` names), or None."""
-        with self.lock:
-            self._expire()
-            for entry in reversed(self.entries.values()):
-                for item in entry[0].get("output", []) + entry[4]:
-                    if item.get("id") == item_id:
-                        return item
-            return None
-
-    def delete(self, response_id: str) -> None:
-        with self.lock:
-            self._drop(response_id)
-
-    def _expire(self) -> None:
-        now = self.clock()
-        for key in [k for k, entry in self.entries.items() if entry[3] <= now]:
-            self._drop(key)
-
-    def _drop(self, response_id: str) -> None:
-        entry = self.entries.pop(response_id, None)
-        if entry is not None:
-            self.size -= entry[2]
-
-    def __len__(self) -> int:
-        with self.lock:
-            self._expire()
-            return len(self.entries)
-
-
-def previous_messages_for(body: Any, store: ResponseStore) -> List[Dict[str, Any]]:
+def previous_messages_for(body: Any, store: "ResponseStore") -> List[Dict[str, Any]]:
     """The stored conversation a request continues (empty without previous_response_id)."""
     previous = body.get("previous_response_id") if isinstance(body, dict) else None
     if previous is None:
@@ -3366,7 +3332,7 @@ class MessagesRenderer:
         for event in events:
             self.stream_events(event, model)
         if self.message is None:
-            self.stream_events(("finish", "stop", usage_from({})), model)
+            self.stream_events(Finish("stop", usage_from({})), model)
         return self.message
 
     def stream_events(self, event: TurnEvent, model: str) -> List[Tuple[Optional[str], Any]]:
@@ -3459,6 +3425,89 @@ class MessagesRenderer:
 # ================================================================================================
 # HTTP layer: routing, guards, body limits, SSE, access log
 # ================================================================================================
+
+# A response's conversation is kept this long, for this many responses and bytes, so a client can
+# continue it with `previous_response_id`; older ones are forgotten (a later reference is a 404).
+RESPONSE_STORE_ITEMS = 200
+RESPONSE_STORE_TTL = 3600.0
+RESPONSE_STORE_BYTES = 64 * 1024 * 1024
+
+
+class ResponseStore:
+    """Recent responses and their conversations (chat messages), for previous_response_id.
+
+    Bounded by count and bytes, each entry expiring `ttl` seconds after it was stored; in memory
+    only, so a restart forgets them all."""
+
+    def __init__(self, max_items: int = RESPONSE_STORE_ITEMS, ttl: float = RESPONSE_STORE_TTL,
+                 max_bytes: int = RESPONSE_STORE_BYTES, clock: Callable[[], float] = time.monotonic):
+        self.max_items, self.ttl, self.max_bytes, self.clock = max_items, ttl, max_bytes, clock
+        self.lock = threading.Lock()
+        self.entries = collections.OrderedDict()  # id -> (response, messages, size, expiry, inputs)
+        self.size = 0
+
+    def put(self, response: Dict[str, Any], messages: List[Dict[str, Any]],
+            inputs: Optional[List[Dict[str, Any]]] = None) -> bool:
+        """Keep a response (and its input items); False when it alone is over the byte bound."""
+        inputs = inputs or []
+        try:
+            size = len(json.dumps(response)) + len(json.dumps(messages)) + len(json.dumps(inputs))
+        except (ValueError, RecursionError):
+            return False
+        with self.lock:
+            self._drop(response["id"])
+            if size > self.max_bytes or self.max_items <= 0:
+                return False
+            self.entries[response["id"]] = (response, messages, size, self.clock() + self.ttl, inputs)
+            self.size += size
+            while len(self.entries) > self.max_items or self.size > self.max_bytes:
+                self._drop(next(iter(self.entries)))
+            return True
+
+    def get(self, response_id: str) -> Optional[Tuple[Dict[str, Any], List[Dict[str, Any]]]]:
+        """(response, conversation messages), or None if unknown, not stored or expired."""
+        with self.lock:
+            self._expire()
+            entry = self.entries.get(response_id)
+            return (entry[0], entry[1]) if entry else None
+
+    def entry(self, response_id: str) -> Optional[Tuple[Dict[str, Any], List[Dict[str, Any]],
+                                                       List[Dict[str, Any]]]]:
+        """(response, conversation messages, input items), or None."""
+        with self.lock:
+            self._expire()
+            entry = self.entries.get(response_id)
+            return (entry[0], entry[1], entry[4]) if entry else None
+
+    def item(self, item_id: str) -> Optional[Dict[str, Any]]:
+        """A stored output or input item by its id (what an `item_reference` names), or None."""
+        with self.lock:
+            self._expire()
+            for entry in reversed(self.entries.values()):
+                for item in entry[0].get("output", []) + entry[4]:
+                    if item.get("id") == item_id:
+                        return item
+            return None
+
+    def delete(self, response_id: str) -> None:
+        with self.lock:
+            self._drop(response_id)
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for key in [k for k, entry in self.entries.items() if entry[3] <= now]:
+            self._drop(key)
+
+    def _drop(self, response_id: str) -> None:
+        entry = self.entries.pop(response_id, None)
+        if entry is not None:
+            self.size -= entry[2]
+
+    def __len__(self) -> int:
+        with self.lock:
+            self._expire()
+            return len(self.entries)
+
 
 class Limits:
     """The latest limit state the CLI reported, shared by every request. It is kept from what
@@ -4303,12 +4352,12 @@ def serve(config: Config) -> int:
     # Probing `claude --version` takes ~0.3 s: do it beside serving, not before.
     threading.Thread(target=claude.probe, daemon=True).start()
 
-    def expire_idle():
+    def expire_kept():
         while True:
             time.sleep(1.0)
             server.pool.expire()
 
-    threading.Thread(target=expire_idle, daemon=True).start()
+    threading.Thread(target=expire_kept, daemon=True).start()
     if server.ignored_api_keys:
         sys.stderr.write("note: %s set but ignored: the CLI uses your Claude subscription login "
                          "(--use-api-key would bill that API account instead).\n"
