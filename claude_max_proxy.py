@@ -2223,24 +2223,42 @@ def legacy_finish(reason: str) -> str:
 
 def completion_from(events: List[TurnEvent], completion_id: str, created: int, model: str,
                     legacy_functions: bool = False) -> Dict[str, Any]:
-    """The non-streamed chat.completion for a whole turn (legacy `functions` get `function_call`)."""
-    text = "".join(e[1] for e in events if e[0] == "text")
-    finish = next((e for e in events if e[0] == "finish"), Finish("stop", usage_from({})))
-    message = {"role": "assistant", "content": text, "refusal": None}
-    calls = tool_calls_from(events)
-    if calls and legacy_functions:
-        message["function_call"] = calls[0]["function"]
-        message["content"] = text or None
-        finish = (finish[0], legacy_finish(finish[1])) + tuple(finish[2:])
+    """The non-streamed chat.completion for a whole turn (legacy `functions` get `function_call`):
+    the turn's streamed chunks folded together, so the whole answer and the stream always agree."""
+    chunks = ChatChunks(completion_id, created, model, True, legacy_functions)
+    if not any(e[0] == "finish" for e in events):
+        events = list(events) + [Finish("stop", usage_from({}))]
+    parts = {"content": "", "reasoning_content": ""}
+    calls, legacy_call, legacy_calls, finish, usage = {}, None, 0, None, None
+    for chunk in (c for event in events for c in chunks.chunks_for(event)):
+        if not chunk["choices"]:
+            usage = chunk["usage"]
+            continue
+        delta, finish = chunk["choices"][0]["delta"], chunk["choices"][0]["finish_reason"] or finish
+        for name in parts:
+            parts[name] += delta.get(name) or ""
+        for call in delta.get("tool_calls") or ():
+            if "id" in call:
+                calls[call["index"]] = {"id": call["id"], "type": "function", "function": dict(call["function"])}
+            elif call["index"] in calls:
+                calls[call["index"]]["function"]["arguments"] += call["function"]["arguments"]
+        function_call = delta.get("function_call") or {}
+        legacy_calls += "name" in function_call
+        if legacy_calls == 1:  # a legacy answer is its first call; later ones are dropped
+            legacy_call = legacy_call or {"name": function_call["name"], "arguments": ""}
+            legacy_call["arguments"] += function_call.get("arguments") or ""
+    message = {"role": "assistant", "content": parts["content"], "refusal": None}
+    if legacy_call is not None:
+        message["function_call"] = legacy_call
     elif calls:
-        message["tool_calls"] = calls
-        message["content"] = text or None
-    reasoning = "".join(e[1] for e in events if e[0] == "reasoning")
-    if reasoning:
-        message["reasoning_content"] = reasoning
+        message["tool_calls"] = [calls[n] for n in sorted(calls)]
+    if legacy_call is not None or calls:
+        message["content"] = parts["content"] or None
+    if parts["reasoning_content"]:
+        message["reasoning_content"] = parts["reasoning_content"]
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish[1]}],
-            "usage": finish[2]}
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            "usage": usage}
 
 
 class ChatRenderer:
