@@ -1804,54 +1804,23 @@ class Turn:
 # TurnEvents: what a turn produced, translated from the CLI's JSON lines, in the order a turn
 # produces them. Each is a tuple whose first item names its kind, so it also reads as one.
 
-class Text(collections.namedtuple("Text", "kind text")):
-    """Answer text, after stop-string handling."""
-    __slots__ = ()
+def turn_event_type(name: str, kind: str, fields: str, doc: str) -> Any:
+    """A TurnEvent type: a named tuple whose first item, `kind`, is filled in."""
+    base = collections.namedtuple(name, "kind " + fields)
 
-    def __new__(cls, text: str):
-        return super().__new__(cls, "text", text)
-
-
-class Reasoning(collections.namedtuple("Reasoning", "kind text")):
-    """Thinking text, when the call includes reasoning."""
-    __slots__ = ()
-
-    def __new__(cls, text: str):
-        return super().__new__(cls, "reasoning", text)
+    def new(cls, *values):
+        return base.__new__(cls, kind, *values)
+    return type(name, (base,), {"__slots__": (), "__new__": new, "__doc__": doc})
 
 
-class Signature(collections.namedtuple("Signature", "kind signature")):
-    """The signature that closes a thinking block (the Messages API shows it)."""
-    __slots__ = ()
-
-    def __new__(cls, signature: str):
-        return super().__new__(cls, "signature", signature)
-
-
-class ToolCall(collections.namedtuple("ToolCall", "kind number id name")):
-    """A client tool call starts: its number in the turn, its id and the client's tool name."""
-    __slots__ = ()
-
-    def __new__(cls, number: int, tool_call_id: str, name: str):
-        return super().__new__(cls, "tool_call", number, tool_call_id, name)
-
-
-class ToolArgs(collections.namedtuple("ToolArgs", "kind number fragment")):
-    """A fragment of a tool call's JSON arguments."""
-    __slots__ = ()
-
-    def __new__(cls, number: int, fragment: str):
-        return super().__new__(cls, "tool_args", number, fragment)
-
-
-class Finish(collections.namedtuple("Finish", "kind reason usage")):
-    """The end: an OpenAI finish_reason and a usage dict."""
-    __slots__ = ()
-
-    def __new__(cls, reason: str, usage: Dict[str, Any]):
-        return super().__new__(cls, "finish", reason, usage)
-
-
+Text = turn_event_type("Text", "text", "text", "Answer text, after stop-string handling.")
+Reasoning = turn_event_type("Reasoning", "reasoning", "text", "Thinking text, when the call includes reasoning.")
+Signature = turn_event_type("Signature", "signature", "signature",
+                            "The signature that closes a thinking block (the Messages API shows it).")
+ToolCall = turn_event_type("ToolCall", "tool_call", "number id name",
+                           "A client tool call starts: its number in the turn, its id, the client's tool name.")
+ToolArgs = turn_event_type("ToolArgs", "tool_args", "number fragment", "A fragment of a tool call's JSON arguments.")
+Finish = turn_event_type("Finish", "finish", "reason usage", "The end: an OpenAI finish_reason and a usage dict.")
 TurnEvent = Union[Text, Reasoning, Signature, ToolCall, ToolArgs, Finish]
 
 
