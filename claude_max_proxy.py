@@ -3410,7 +3410,8 @@ class MessagesRenderer:
 
 
 # ================================================================================================
-# HTTP layer: routing, guards, body limits, SSE, access log
+# HTTP layer: the server's state (stored responses, limits, metrics) and what each route answers,
+# image fetching, and the handler (routing, guards, body limits, SSE, access log)
 # ================================================================================================
 
 # A response's conversation is kept this long, for this many responses and bytes, so a client can
