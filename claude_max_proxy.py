@@ -11,13 +11,15 @@ The path of a request:
      its own process group and a private empty directory, with an allow-listed environment
      (``cli_env_for``); the client's text goes in verbatim, never as a CLI command or file mention
      (``stdin_line_for``); JSON events read line by line.
-  4. Event translation (pure): CLI events -> ``TurnEvent``s -> OpenAI chunks or a completion.
-  5. HTTP layer again: headers wait for the first token, then SSE; errors in OpenAI's envelope.
+  4. Process pool (I/O): ``ProcessPool.turn`` gives the call a process (a parked or warm one, or a
+     new one in a free slot) as a ``Turn``, which iterates the turn's ``TurnEvent``s.
+  5. Event translation (pure): CLI events -> ``TurnEvent``s -> a renderer's SSE frames or object;
+     the HTTP layer writes them: headers wait for the first frame; errors in the client's envelope.
 
 Client functions are offered to the model through an MCP server the proxy answers itself over the
 CLI's control channel; a tool call is caught at the CLI's permission question. Processes are
-reused: a warm one waits for a first turn, and the one that answered waits for the conversation's
-next turn (``IdleRuns``), so later turns neither start a CLI nor replay history.
+kept between turns (``ProcessPool``): a warm one waits for a first turn, and the one that answered
+is parked for the conversation's next turn, so later turns neither start a CLI nor replay history.
 
 Every ``rate_limit_event`` and ``result`` a CLI prints is observed by the server: ``Limits`` keeps
 the plan's latest limit state (headers on every answer, /health, ``--no-overage``), ``Metrics``
@@ -27,14 +29,16 @@ Anthropic's Messages API (``/v1/messages``) is a second front door into the same
 requests become the same ``CliCall`` and its answers are rendered from the same ``TurnEvent``s.
 
 Sections, top to bottom: constants and tables, configuration, errors, request translation,
-CLI runner (``CliRun``, ``IdleRuns``), event translation, the Responses API, the Messages API,
-HTTP layer, the serve command, doctor and service commands, main().
+CLI runner (``CliRun``), process pool (``ProcessPool``, ``Turn``), event translation, the Responses
+API, the Messages API, HTTP layer (server state, the application, the handler), the serve command,
+doctor and service commands, main().
 """
 
 import argparse
 import base64
 import binascii
 import collections
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -61,7 +65,7 @@ import time
 import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 __version__ = "0.1.0"
 
@@ -302,9 +306,9 @@ OPTIONS = [
     ("--log-prompts", bool, "debug: log prompt text in the access log"),
     ("--shutdown-grace", float, "seconds in-flight requests get on SIGTERM (default 30)"),
     ("--include-reasoning", bool, "stream the model's thinking as `reasoning_content` by default"),
-    ("--max-parked", int, "idle CLI processes kept for the next turn of their conversation or for "
+    ("--max-parked", int, "CLI processes parked for the next turn of their conversation or for "
                           "tool results (default 4; 0 turns process reuse off)"),
-    ("--parked-ttl", float, "seconds an idle process is kept before it is ended (default 300)"),
+    ("--parked-ttl", float, "seconds a parked or warm process is kept before it is ended (default 300)"),
     ("--warm", int, "processes pre-started per kind of first turn (default 1; 0 = none)"),
     ("--client-timeout", float, "seconds a client may stall sending or reading before it is dropped "
                                 "and its CLI ended (default 30)"),
@@ -1094,8 +1098,28 @@ def claude_projects_dir(environ: Dict[str, str]) -> str:
     return os.path.join(base, "projects")
 
 
+def mcp_reply_for(message: Dict[str, Any], tools: Tuple[ClientTool, ...]) -> Dict[str, Any]:
+    """The proxy's MCP server: the answer to one JSON-RPC message from the CLI (tools/call aside)."""
+    method, message_id = message.get("method"), message.get("id")
+    if message_id is None:
+        return {"jsonrpc": "2.0", "result": {}}  # a notification: acknowledged, nothing to say
+    if method == "initialize":
+        version = (message.get("params") or {}).get("protocolVersion") or "2025-06-18"
+        result = {"protocolVersion": version, "capabilities": {"tools": {}},
+                  "serverInfo": {"name": "claude-max-proxy", "version": __version__}}
+    elif method == "tools/list":
+        result = {"tools": [t.listing() for t in tools]}
+    elif method == "ping":
+        result = {}
+    else:
+        return {"jsonrpc": "2.0", "id": message_id,
+                "error": {"code": -32601, "message": "method not found: %s" % method}}
+    return {"jsonrpc": "2.0", "id": message_id, "result": result}
+
+
 class CliRun:
-    """One claude process answering one turn: always ended and reaped by close()."""
+    """One claude process started for a call: it answers that turn and, when the pool keeps it,
+    the conversation's next ones (`next_turn`). Always ended and reaped by close()."""
 
     def __init__(self, call: CliCall, config: Config, claude_path: str,
                  environ: Optional[Dict[str, str]] = None,
@@ -1116,8 +1140,6 @@ class CliRun:
         self.permissions = {}   # tool_use_id -> (control request id, tool input): asked, unanswered
         self.mcp_calls = {}     # tool_use_id -> (control request id, JSON-RPC id): asked, unanswered
         self.tool_results = {}  # tool_use_id -> result text the client sent, to hand to the CLI
-        self.turns_done = 0      # turns this process has answered (0: a warm process)
-        self.at_tool_call = False  # stopped at a client tool call, waiting for its results
 
     # -- starting -------------------------------------------------------------------------------
 
@@ -1188,12 +1210,21 @@ class CliRun:
 
     # -- the CLI's questions (control requests) ------------------------------------------------
 
-    def send_user(self, blocks: List[Dict[str, Any]]) -> None:
-        """Start the next turn of a waiting process."""
-        self.result_seen = False
-        with self.stdin_lock:
-            self.proc.stdin.write(stdin_line_for(blocks))
-            self.proc.stdin.flush()
+    def next_turn(self, call: CliCall, results: Dict[str, str]) -> None:
+        """Continue a kept process with its conversation's next turn: the client's results for the
+        tool calls it stopped at, or the next user message."""
+        if not results:
+            self.result_seen = False
+            with self.stdin_lock:
+                self.proc.stdin.write(stdin_line_for(call.prompt))
+                self.proc.stdin.flush()
+        self.call = call
+        if results:
+            self.tool_results.update(results)
+            self.hand_over_results()
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def initialize(self, timeout: float) -> bool:
         """Have a warm process finish loading now (the SDK's handshake), not at its first turn."""
@@ -1406,74 +1437,6 @@ class CliRun:
             self.session_file = None
 
 
-class IdleRuns:
-    """CLI processes waiting for the next turn of their conversation (bounded, expiring).
-
-    Each is filed under the `conversation_key` of what it has seen: a warm process (nothing yet)
-    under the key of an empty conversation, a finished turn under the conversation so far, a
-    caught tool call under the conversation up to that call. A request whose earlier turns have
-    that key continues in the process: no cold start, no replay. Idle processes keep their
-    concurrency slot; `release` gives it back when one is ended."""
-
-    def __init__(self, size: int, ttl: float, release: Callable[[], None]):
-        self.size, self.ttl, self.release = size, ttl, release
-        self.lock = threading.Lock()
-        self.runs = collections.OrderedDict()  # id(run) -> (key, run, expiry), oldest first
-
-    def park(self, key: str, run: "CliRun") -> None:
-        evicted = []
-        with self.lock:
-            if self.size <= 0:
-                evicted.append(run)
-            else:
-                self.runs[id(run)] = (key, run, time.monotonic() + self.ttl)
-                while len(self.runs) > self.size:
-                    evicted.append(self.runs.popitem(last=False)[1][1])
-        for old in evicted:
-            self._end(old)
-
-    def take(self, key: str) -> Optional["CliRun"]:
-        while True:
-            with self.lock:
-                found = next((run_id for run_id, entry in self.runs.items() if entry[0] == key), None)
-                if found is None:
-                    return None
-                run = self.runs.pop(found)[1]
-            if run.proc.poll() is None:
-                return run
-            self._end(run)
-
-    def count(self, key: str) -> int:
-        with self.lock:
-            return sum(1 for entry in self.runs.values() if entry[0] == key)
-
-    def evict_oldest(self) -> bool:
-        """End the longest-idle process to free its slot; False if none is idle."""
-        with self.lock:
-            if not self.runs:
-                return False
-            run = self.runs.popitem(last=False)[1][1]
-        self._end(run)
-        return True
-
-    def expire(self) -> None:
-        now = time.monotonic()
-        with self.lock:
-            expired = [run_id for run_id, entry in self.runs.items() if entry[2] <= now]
-            runs = [self.runs.pop(run_id)[1] for run_id in expired]
-        for run in runs:
-            self._end(run)
-
-    def _end(self, run: "CliRun") -> None:
-        run.close()
-        self.release()
-
-    def kinds(self) -> Dict[str, int]:
-        with self.lock:
-            warm = sum(1 for entry in self.runs.values() if not entry[1].turns_done)
-            return {"warm": warm, "parked": len(self.runs) - warm}
-
-
 def close_all_runs() -> None:
     with LIVE_RUNS_LOCK:
         runs = list(LIVE_RUNS)
@@ -1542,7 +1505,6 @@ class ClaudeInstall:
         self.path = shutil.which(name)
         self.version = None  # type: Optional[str]
         self.probe_error = None  # type: Optional[str]
-        self.probed = threading.Event()
 
     def probe(self) -> None:
         try:
@@ -1558,8 +1520,6 @@ class ClaudeInstall:
                 self.probe_error = "`claude --version` failed (exit %s)" % out.returncode
         except (OSError, subprocess.TimeoutExpired) as exc:
             self.probe_error = "`claude --version` failed: %s" % exc
-        finally:
-            self.probed.set()
 
     def resolve(self) -> str:
         """The executable to run for a request, or a 503 if there is none."""
@@ -1573,15 +1533,295 @@ class ClaudeInstall:
 
 
 # ================================================================================================
-# Event translation (pure): CLI events -> TurnEvents -> OpenAI chunks / completions
+# Process pool (I/O): the one owner of CLI processes across requests
 # ================================================================================================
 
-# TurnEvent kinds, in the order a turn produces them:
-#   ("text", str)                 answer text, after stop-string handling
-#   ("reasoning", str)            thinking text, when the call includes reasoning
-#   ("signature", str)            the signature that closes a thinking block (Messages API only)
-#   ("finish", reason, usage)     the end: an OpenAI finish_reason and a usage dict
-TurnEvent = Tuple[Any, ...]
+class Kept(NamedTuple):
+    """A CLI process kept between turns: `warm` (started for a first turn, nothing seen yet) or
+    parked (holding a conversation, filed under the `conversation_key` of what it has seen)."""
+    key: str
+    run: CliRun
+    expiry: float
+    warm: bool
+    at_tool_call: bool  # stopped at a client tool call, waiting for its results
+
+
+class ProcessPool:
+    """Every CLI process the proxy runs: at most `max_concurrency` of them, answering (busy) or
+    kept (warm and parked); at most `max_queue` requests waiting for a slot.
+
+    A request whose earlier turns match a parked process's key continues in it: no cold start, no
+    replay. A kept process gives way (oldest first) to a request that needs a slot. A process is
+    either busy or kept; `_end` is the only place one ends and its slot is freed."""
+
+    def __init__(self, config: Config, claude: Any, observe: Callable[[Dict[str, Any]], None],
+                 run_class: Callable[..., CliRun] = CliRun):
+        self.config, self.claude, self.observe, self.run_class = config, claude, observe, run_class
+        self.size, self.queue = config.max_concurrency, config.max_queue
+        self.keep = min(config.max_parked, config.max_concurrency)  # kept processes at most
+        self.lock = threading.Condition()
+        self.busy = 0      # processes answering, starting or ending
+        self.waiting = 0   # requests waiting for a slot
+        self.kept = collections.OrderedDict()  # type: Dict[int, Kept]  # id(run) -> entry, oldest first
+        self.hits = self.misses = 0
+
+    # -- turns ----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def turn(self, call: CliCall, client_gone: Callable[[], bool],
+             translator: Optional["TurnTranslator"] = None) -> Iterator["Turn"]:
+        """A turn for this call, on a parked process of its conversation or a new one; on leaving,
+        the process is ended unless the turn parked it."""
+        claude_path = self.claude.resolve()
+        run = self._parked_run_for(call)
+        reused = run is not None
+        if run is None:
+            self.acquire(self.config.queue_timeout, client_gone)
+            try:
+                run = self.run_class(call, self.config, claude_path, observe=self.observe).start()
+            except BaseException:
+                self._end(None)
+                raise
+        turn = Turn(self, call, run, reused, client_gone, translator or TurnTranslator(call=call))
+        try:
+            yield turn
+        finally:
+            if not turn.parked:
+                self._end(run)
+            if not call.history:
+                # After the answer, so its start-up does not compete with this turn for the CPU.
+                self.prestart(call)
+
+    def _parked_run_for(self, call: CliCall) -> Optional[CliRun]:
+        """A process already holding this conversation, given the new turn; None for a cold start."""
+        results = tool_results_in(call.prompt)
+        entry = self._take(conversation_key(call, call.history))
+        run = entry.run if entry is not None else None
+        if entry is not None and entry.at_tool_call != bool(results):
+            self._end(run)  # a tool call answered with text, or results for no call: start afresh
+            run = None
+        if run is not None:
+            try:
+                run.next_turn(call, results)
+            except (OSError, ValueError):  # it died just now: a cold start serves the turn
+                self._end(run)
+                run = None
+        with self.lock:
+            if run is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+        return run
+
+    def park(self, key: str, run: CliRun, at_tool_call: bool = False, warm: bool = False) -> bool:
+        """Keep a busy process for the turn filed under `key`; the oldest kept one makes room."""
+        if self.keep <= 0:
+            return False
+        with self.lock:
+            self.busy -= 1
+            self.kept[id(run)] = Kept(key, run, time.monotonic() + self.config.parked_ttl, warm, at_tool_call)
+        while self._end_oldest(lambda entries: len(entries) > self.keep):
+            pass
+        return True
+
+    def _take(self, key: str) -> Optional[Kept]:
+        while True:
+            with self.lock:
+                found = next((run_id for run_id, entry in self.kept.items() if entry.key == key), None)
+                if found is None:
+                    return None
+                entry = self.kept.pop(found)
+                self.busy += 1
+            if entry.run.running():
+                return entry
+            self._end(entry.run)
+
+    # -- slots ----------------------------------------------------------------------------------
+
+    def try_acquire(self) -> bool:
+        with self.lock:
+            if self.busy + len(self.kept) < self.size:
+                self.busy += 1
+                return True
+            return False
+
+    def acquire(self, timeout: float, client_gone: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + timeout
+        # A kept process gives way to a request that needs a slot.
+        while not self.try_acquire():
+            if not self.evict_oldest():
+                break
+        else:
+            return
+        with self.lock:
+            if self.waiting >= self.queue:
+                raise ApiError(429, "too many requests in flight (%d running, %d waiting); retry "
+                               "shortly" % (self.busy + len(self.kept), self.waiting), "rate_limit_error",
+                               "rate_limit_exceeded", headers={"Retry-After": "1"})
+            self.waiting += 1
+        try:
+            while not self.try_acquire():
+                if self.evict_oldest():  # a process kept meanwhile gives way too
+                    continue
+                with self.lock:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ApiError(429, "no free slot within %.0f s" % timeout, "rate_limit_error",
+                                       "rate_limit_exceeded", headers={"Retry-After": "2"})
+                    self.lock.wait(min(left, 0.5))
+                if client_gone():
+                    raise ClientGone()
+        finally:
+            with self.lock:
+                self.waiting -= 1
+
+    def evict_oldest(self) -> bool:
+        """End the longest-kept process to free its slot; False if none is kept."""
+        return self._end_oldest(lambda entries: bool(entries))
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        while self._end_oldest(lambda entries: any(e.expiry <= now for e in entries.values()), now):
+            pass
+
+    def _end_oldest(self, due: Callable[[Dict[int, Kept]], bool], now: Optional[float] = None) -> bool:
+        """End the oldest kept process (the oldest expired one, given `now`) if `due`."""
+        with self.lock:
+            if not due(self.kept):
+                return False
+            run_id = next(i for i, e in self.kept.items() if now is None or e.expiry <= now)
+            run = self.kept.pop(run_id).run
+            self.busy += 1
+        self._end(run)
+        return True
+
+    def _end(self, run: Optional[CliRun]) -> None:
+        """End a busy process (None: one that failed to start) and free its slot."""
+        try:
+            if run is not None:
+                run.close()
+        finally:
+            with self.lock:
+                self.busy -= 1
+                self.lock.notify()
+
+    # -- warm processes -------------------------------------------------------------------------
+
+    def prestart(self, call: CliCall) -> None:
+        """Keep `--warm` processes loaded for first turns like this one (in the background)."""
+        key = conversation_key(call, [])
+        with self.lock:
+            warm = sum(1 for entry in self.kept.values() if entry.key == key)
+        if self.config.warm <= warm or self.config.max_parked <= 0 or call.tools:
+            return  # tool calls need the MCP handshake answered: those are not pre-started
+        # The least recently used kept process makes room, as it would for a request.
+        if not self.try_acquire() and not (self.evict_oldest() and self.try_acquire()):
+            return
+        threading.Thread(target=self._start_warm, args=(call, key), daemon=True).start()
+
+    def _start_warm(self, call: CliCall, key: str) -> None:
+        run = None
+        try:
+            run = self.run_class(call, self.config, self.claude.resolve(), observe=self.observe)
+            run.start(send_prompt=False)
+            # Filed as warm only once it can answer at once.
+            if run.initialize(60.0) and self.park(key, run, warm=True):
+                return
+        except (ApiError, OSError):
+            pass
+        self._end(run)
+
+    # -- numbers for /health and /metrics -------------------------------------------------------
+
+    def counts(self) -> Dict[str, int]:
+        """CLI processes by state (busy: answering; warm, parked: kept), reuse hits and misses."""
+        with self.lock:
+            warm = sum(1 for entry in self.kept.values() if entry.warm)
+            return {"busy": self.busy, "warm": warm, "parked": len(self.kept) - warm,
+                    "hits": self.hits, "misses": self.misses}
+
+
+class Turn:
+    """One turn on one CLI process, iterated as TurnEvents. It answers the CLI's questions (control
+    requests) through the runner, and just before the final event asks the pool to park the
+    process when it can continue the conversation faithfully."""
+
+    def __init__(self, pool: ProcessPool, call: CliCall, run: CliRun, reused: bool,
+                 client_gone: Callable[[], bool], translator: "TurnTranslator"):
+        self.pool, self.call, self.run, self.reused = pool, call, run, reused
+        self.client_gone, self.translator = client_gone, translator
+        self.events = []  # type: List["TurnEvent"]  # what the turn produced so far
+        self.parked = False
+
+    @property
+    def model(self) -> str:
+        return self.translator.model or self.call.requested_model
+
+    def __iter__(self) -> Iterator["TurnEvent"]:
+        config = self.pool.config
+        deadline = time.monotonic() + config.request_timeout
+        for event in self.run.events(deadline, config.idle_timeout, self.client_gone):
+            if event.get("type") == "control_request":
+                self.run.on_control_request(event)
+                continue
+            for out in self.translator.feed(event):
+                self.events.append(out)
+                if out.kind == "finish":
+                    self._before_end(out)
+                yield out
+            if self.translator.finished:
+                return
+        raise self.run.failure()
+
+    def _before_end(self, finish: "TurnEvent") -> None:
+        # Before the answer's last bytes: a client's next turn must find the process waiting.
+        translator = self.translator
+        self.parked = self._park(finish)
+        if not self.parked and translator.stop_reason == "end_turn" and not translator.cut \
+                and not self.run.result_seen:
+            self.run.wait_for_result(2.0)  # a 200's rate_limit_event follows its message
+
+    def _park(self, finish: "TurnEvent") -> bool:
+        """Park the process for the conversation's next turn when it can continue it faithfully."""
+        call, run, translator = self.call, self.run, self.translator
+        if self.pool.keep <= 0 or not run.running():
+            return False
+        if any(b["type"] == "tool_result" for b in call.prompt) and not self.reused:
+            return False  # that process saw the replay's extra lines; later turns should not
+        turns = call.history + [{"role": "user", "content": call.prompt}, assistant_turn_from(self.events, call)]
+        at_tool_call = finish.reason == "tool_calls" and call.parallel_tool_calls
+        if not at_tool_call and not (finish.reason == "stop" and translator.stop_reason == "end_turn"
+                                     and not translator.cut and turns[-1]["content"]
+                                     and run.wait_for_result(10.0)):
+            return False
+        return self.pool.park(conversation_key(call, turns), run, at_tool_call)
+
+
+# ================================================================================================
+# Event translation (pure): CLI events -> TurnEvents -> renderers' SSE frames / whole objects
+# ================================================================================================
+
+# TurnEvents: what a turn produced, translated from the CLI's JSON lines, in the order a turn
+# produces them. Each is a tuple whose first item names its kind, so it also reads as one.
+
+def turn_event_type(name: str, kind: str, fields: str, doc: str) -> Any:
+    """A TurnEvent type: a named tuple whose first item, `kind`, is filled in."""
+    base = collections.namedtuple(name, "kind " + fields)
+
+    def new(cls, *values):
+        return base.__new__(cls, kind, *values)
+    return type(name, (base,), {"__slots__": (), "__new__": new, "__doc__": doc})
+
+
+Text = turn_event_type("Text", "text", "text", "Answer text, after stop-string handling.")
+Reasoning = turn_event_type("Reasoning", "reasoning", "text", "Thinking text, when the call includes reasoning.")
+Signature = turn_event_type("Signature", "signature", "signature",
+                            "The signature that closes a thinking block (the Messages API shows it).")
+ToolCall = turn_event_type("ToolCall", "tool_call", "number id name",
+                           "A client tool call starts: its number in the turn, its id, the client's tool name.")
+ToolArgs = turn_event_type("ToolArgs", "tool_args", "number fragment", "A fragment of a tool call's JSON arguments.")
+Finish = turn_event_type("Finish", "finish", "reason usage", "The end: an OpenAI finish_reason and a usage dict.")
+TurnEvent = Union[Text, Reasoning, Signature, ToolCall, ToolArgs, Finish]
 
 
 def error_from_result(result: Dict[str, Any], rate_limit: Optional[Dict[str, Any]] = None,
@@ -1717,9 +1957,9 @@ class TurnTranslator:
     the CLI is ended before it could retry or run a tool), or at the CLI's `result`.
     """
 
-    def __init__(self, stop: Tuple[str, ...] = (), call: Optional[CliCall] = None):
+    def __init__(self, call: Optional[CliCall] = None, stop: Optional[Tuple[str, ...]] = None):
         self.call = call
-        self.stop = stop if call is None else call.stop
+        self.stop = stop if stop is not None else call.stop if call is not None else ()
         self.model = None  # type: Optional[str]
         self.usage = {}    # type: Dict[str, Any]
         self.stop_reason = None  # type: Optional[str]
@@ -1737,7 +1977,6 @@ class TurnTranslator:
         self.cut = False         # ended early by a stop string (the model was still writing)
         self.model_called = False  # an upstream message started (a local command starts none)
         self.stop_sequence = None  # type: Optional[str]  # the stop string that cut it
-        self.events = []         # type: List[TurnEvent]  # what the turn produced, for its caller
         self.rate_limit = None   # type: Optional[Dict[str, Any]]  # the turn's rate_limit_info
 
     def feed(self, event: Dict[str, Any]) -> List[TurnEvent]:
@@ -1767,7 +2006,7 @@ class TurnTranslator:
             block = self.blocks.get(event.get("index"), ("other", None))
             out = []
             if block[0] == "tool" and block[1] not in self.args_seen:
-                out.append(("tool_args", block[1], "{}"))
+                out.append(ToolArgs(block[1], "{}"))
             if block[0] == "tool" and self.call is not None and not self.call.parallel_tool_calls:
                 return out + self._finish("tool_calls")  # one call only: end before the next
             return out
@@ -1796,7 +2035,7 @@ class TurnTranslator:
             number = self.tool_calls
             self.tool_calls += 1
             self.blocks[index] = ("tool", number)
-            return [("tool_call", number, block.get("id") or "call_%d" % number, client_name)]
+            return [ToolCall(number, block.get("id") or "call_%d" % number, client_name)]
         self.blocks[index] = ("thinking", None) if kind in ("thinking", "redacted_thinking") else ("text", None)
         return []
 
@@ -1814,14 +2053,14 @@ class TurnTranslator:
             if not fragment:
                 return []  # the API opens every input with an empty fragment
             self.args_seen.add(block[1])
-            return [("tool_args", block[1], fragment)]
+            return [ToolArgs(block[1], fragment)]
         if kind == "input_json_delta" and block[0] == "structured":
             self.received_text = True
             return self._emit(delta.get("partial_json") or "")
         if kind == "thinking_delta" and self.call is not None and self.call.include_reasoning:
-            return [("reasoning", delta.get("thinking") or "")] if delta.get("thinking") else []
+            return [Reasoning(delta["thinking"])] if delta.get("thinking") else []
         if kind == "signature_delta" and self.call is not None and self.call.include_reasoning:
-            return [("signature", delta.get("signature") or "")] if delta.get("signature") else []
+            return [Signature(delta["signature"])] if delta.get("signature") else []
         return []
 
     def _text(self, text: str) -> List[TurnEvent]:
@@ -1857,7 +2096,7 @@ class TurnTranslator:
         return self._emit(buffer[:len(buffer) - keep])
 
     def _emit(self, text: str) -> List[TurnEvent]:
-        return [("text", text)] if text else []
+        return [Text(text)] if text else []
 
     def _result(self, result: Dict[str, Any]) -> List[TurnEvent]:
         if result.get("is_error"):
@@ -1889,7 +2128,7 @@ class TurnTranslator:
             out += self._emit(self.held_text)  # no structured answer came: the text is the answer
         self.pending = self.held_text = ""
         self.finished = True
-        return out + [("finish", reason, usage_from(self.usage))]
+        return out + [Finish(reason, usage_from(self.usage))]
 
 
 class ChatChunks:
@@ -1953,24 +2192,42 @@ def legacy_finish(reason: str) -> str:
 
 def completion_from(events: List[TurnEvent], completion_id: str, created: int, model: str,
                     legacy_functions: bool = False) -> Dict[str, Any]:
-    """The non-streamed chat.completion for a whole turn (legacy `functions` get `function_call`)."""
-    text = "".join(e[1] for e in events if e[0] == "text")
-    finish = next((e for e in events if e[0] == "finish"), ("finish", "stop", usage_from({})))
-    message = {"role": "assistant", "content": text, "refusal": None}
-    calls = tool_calls_from(events)
-    if calls and legacy_functions:
-        message["function_call"] = calls[0]["function"]
-        message["content"] = text or None
-        finish = (finish[0], legacy_finish(finish[1])) + tuple(finish[2:])
+    """The non-streamed chat.completion for a whole turn (legacy `functions` get `function_call`):
+    the turn's streamed chunks folded together, so the whole answer and the stream always agree."""
+    chunks = ChatChunks(completion_id, created, model, True, legacy_functions)
+    if not any(e[0] == "finish" for e in events):
+        events = list(events) + [Finish("stop", usage_from({}))]
+    parts = {"content": "", "reasoning_content": ""}
+    calls, legacy_call, legacy_calls, finish, usage = {}, None, 0, None, None
+    for chunk in (c for event in events for c in chunks.chunks_for(event)):
+        if not chunk["choices"]:
+            usage = chunk["usage"]
+            continue
+        delta, finish = chunk["choices"][0]["delta"], chunk["choices"][0]["finish_reason"] or finish
+        for name in parts:
+            parts[name] += delta.get(name) or ""
+        for call in delta.get("tool_calls") or ():
+            if "id" in call:
+                calls[call["index"]] = {"id": call["id"], "type": "function", "function": dict(call["function"])}
+            elif call["index"] in calls:
+                calls[call["index"]]["function"]["arguments"] += call["function"]["arguments"]
+        function_call = delta.get("function_call") or {}
+        legacy_calls += "name" in function_call
+        if legacy_calls == 1:  # a legacy answer is its first call; later ones are dropped
+            legacy_call = legacy_call or {"name": function_call["name"], "arguments": ""}
+            legacy_call["arguments"] += function_call.get("arguments") or ""
+    message = {"role": "assistant", "content": parts["content"], "refusal": None}
+    if legacy_call is not None:
+        message["function_call"] = legacy_call
     elif calls:
-        message["tool_calls"] = calls
-        message["content"] = text or None
-    reasoning = "".join(e[1] for e in events if e[0] == "reasoning")
-    if reasoning:
-        message["reasoning_content"] = reasoning
+        message["tool_calls"] = [calls[n] for n in sorted(calls)]
+    if legacy_call is not None or calls:
+        message["content"] = parts["content"] or None
+    if parts["reasoning_content"]:
+        message["reasoning_content"] = parts["reasoning_content"]
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish[1]}],
-            "usage": finish[2]}
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            "usage": usage}
 
 
 class ChatRenderer:
@@ -2015,7 +2272,7 @@ class CompletionRenderer:
 
     def whole(self, events: List[TurnEvent], model: str) -> Dict[str, Any]:
         text = "".join(e[1] for e in events if e[0] == "text")
-        finish = next((e for e in events if e[0] == "finish"), ("finish", "stop", usage_from({})))
+        finish = next((e for e in events if e[0] == "finish"), Finish("stop", usage_from({})))
         return dict(self._object(model, text, finish[1]), usage=finish[2])
 
     def stream_events(self, event: TurnEvent, model: str) -> List[Tuple[Optional[str], Any]]:
@@ -2033,6 +2290,24 @@ class CompletionRenderer:
 
     def stream_end(self) -> List[Tuple[Optional[str], Any]]:
         return [(None, "[DONE]")]
+
+
+def stream_frames(turn: Any, renderer: Any) -> Iterator[Tuple[Optional[str], Any]]:
+    """A turn's (TurnEvents with the `model` answering) SSE frames, (event name or None, payload), ending with the renderer's end marker.
+
+    An error before the first frame propagates (it can still be an HTTP status); after it, the
+    stream ends with the renderer's error frame, since the status is already 200."""
+    started = False
+    try:
+        for event in turn:
+            for frame in renderer.stream_events(event, turn.model):
+                started = True
+                yield frame
+    except ApiError as exc:
+        if not started:
+            raise
+        yield from renderer.stream_error(exc)
+    yield from renderer.stream_end()
 
 
 def assistant_turn_from(events: List[TurnEvent], call: CliCall) -> Dict[str, Any]:
@@ -2059,25 +2334,6 @@ def conversation_key(call: CliCall, turns: List[Dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def mcp_reply_for(message: Dict[str, Any], tools: Tuple[ClientTool, ...]) -> Dict[str, Any]:
-    """The proxy's MCP server: the answer to one JSON-RPC message from the CLI (tools/call aside)."""
-    method, message_id = message.get("method"), message.get("id")
-    if message_id is None:
-        return {"jsonrpc": "2.0", "result": {}}  # a notification: acknowledged, nothing to say
-    if method == "initialize":
-        version = (message.get("params") or {}).get("protocolVersion") or "2025-06-18"
-        result = {"protocolVersion": version, "capabilities": {"tools": {}},
-                  "serverInfo": {"name": "claude-max-proxy", "version": __version__}}
-    elif method == "tools/list":
-        result = {"tools": [t.listing() for t in tools]}
-    elif method == "ping":
-        result = {}
-    else:
-        return {"jsonrpc": "2.0", "id": message_id,
-                "error": {"code": -32601, "message": "method not found: %s" % method}}
-    return {"jsonrpc": "2.0", "id": message_id, "result": result}
-
-
 def model_object(model_id: str) -> Dict[str, Any]:
     return {"id": model_id, "object": "model", "created": MODELS_CREATED, "owned_by": "anthropic"}
 
@@ -2086,11 +2342,6 @@ def model_object(model_id: str) -> Dict[str, Any]:
 # Responses API (pure): /v1/responses requests -> chat requests, turns -> response objects/events
 # ================================================================================================
 
-# A response's conversation is kept this long, for this many responses and bytes, so a client can
-# continue it with `previous_response_id`; older ones are forgotten (a later reference is a 404).
-RESPONSE_STORE_ITEMS = 200
-RESPONSE_STORE_TTL = 3600.0
-RESPONSE_STORE_BYTES = 64 * 1024 * 1024
 # Responses parameters copied as they are into the chat body (the same names and meaning there).
 RESPONSES_SHARED_PARAMS = ("model", "stream", "temperature", "top_p", "user", "metadata", "store",
                            "service_tier", "parallel_tool_calls", "top_logprobs", "include_reasoning")
@@ -2472,7 +2723,7 @@ class ResponsesRenderer:
         for event in events:
             self.stream_events(event, model)
         if self.response is None:
-            self.stream_events(("finish", "stop", usage_from({})), model)
+            self.stream_events(Finish("stop", usage_from({})), model)
         return self.response
 
     def stream_events(self, event: TurnEvent, model: str) -> List[Tuple[Optional[str], Any]]:
@@ -2644,83 +2895,7 @@ class ResponsesRenderer:
         return json.loads(json.dumps(settings, ensure_ascii=False).encode("utf-8", "replace"))
 
 
-class ResponseStore:
-    """Recent responses and their conversations (chat messages), for previous_response_id.
-
-    Bounded by count and bytes, each entry expiring `ttl` seconds after it was stored; in memory
-    only, so a restart forgets them all."""
-
-    def __init__(self, max_items: int = RESPONSE_STORE_ITEMS, ttl: float = RESPONSE_STORE_TTL,
-                 max_bytes: int = RESPONSE_STORE_BYTES, clock: Callable[[], float] = time.monotonic):
-        self.max_items, self.ttl, self.max_bytes, self.clock = max_items, ttl, max_bytes, clock
-        self.lock = threading.Lock()
-        self.entries = collections.OrderedDict()  # id -> (response, messages, size, expiry, inputs)
-        self.size = 0
-
-    def put(self, response: Dict[str, Any], messages: List[Dict[str, Any]],
-            inputs: Optional[List[Dict[str, Any]]] = None) -> bool:
-        """Keep a response (and its input items); False when it alone is over the byte bound."""
-        inputs = inputs or []
-        try:
-            size = len(json.dumps(response)) + len(json.dumps(messages)) + len(json.dumps(inputs))
-        except (ValueError, RecursionError):
-            return False
-        with self.lock:
-            self._drop(response["id"])
-            if size > self.max_bytes or self.max_items <= 0:
-                return False
-            self.entries[response["id"]] = (response, messages, size, self.clock() + self.ttl, inputs)
-            self.size += size
-            while len(self.entries) > self.max_items or self.size > self.max_bytes:
-                self._drop(next(iter(self.entries)))
-            return True
-
-    def get(self, response_id: str) -> Optional[Tuple[Dict[str, Any], List[Dict[str, Any]]]]:
-        """(response, conversation messages), or None if unknown, not stored or expired."""
-        with self.lock:
-            self._expire()
-            entry = self.entries.get(response_id)
-            return (entry[0], entry[1]) if entry else None
-
-    def entry(self, response_id: str) -> Optional[Tuple[Dict[str, Any], List[Dict[str, Any]],
-                                                       List[Dict[str, Any]]]]:
-        """(response, conversation messages, input items), or None."""
-        with self.lock:
-            self._expire()
-            entry = self.entries.get(response_id)
-            return (entry[0], entry[1], entry[4]) if entry else None
-
-    def item(self, item_id: str) -> Optional[Dict[str, Any]]:
-        """A stored output or input item by its id (what an `item_reference` names), or None."""
-        with self.lock:
-            self._expire()
-            for entry in reversed(self.entries.values()):
-                for item in entry[0].get("output", []) + entry[4]:
-                    if item.get("id") == item_id:
-                        return item
-            return None
-
-    def delete(self, response_id: str) -> None:
-        with self.lock:
-            self._drop(response_id)
-
-    def _expire(self) -> None:
-        now = self.clock()
-        for key in [k for k, entry in self.entries.items() if entry[3] <= now]:
-            self._drop(key)
-
-    def _drop(self, response_id: str) -> None:
-        entry = self.entries.pop(response_id, None)
-        if entry is not None:
-            self.size -= entry[2]
-
-    def __len__(self) -> int:
-        with self.lock:
-            self._expire()
-            return len(self.entries)
-
-
-def previous_messages_for(body: Any, store: ResponseStore) -> List[Dict[str, Any]]:
+def previous_messages_for(body: Any, store: "ResponseStore") -> List[Dict[str, Any]]:
     """The stored conversation a request continues (empty without previous_response_id)."""
     previous = body.get("previous_response_id") if isinstance(body, dict) else None
     if previous is None:
@@ -3144,7 +3319,7 @@ class MessagesRenderer:
         for event in events:
             self.stream_events(event, model)
         if self.message is None:
-            self.stream_events(("finish", "stop", usage_from({})), model)
+            self.stream_events(Finish("stop", usage_from({})), model)
         return self.message
 
     def stream_events(self, event: TurnEvent, model: str) -> List[Tuple[Optional[str], Any]]:
@@ -3235,59 +3410,91 @@ class MessagesRenderer:
 
 
 # ================================================================================================
-# HTTP layer: routing, guards, body limits, SSE, access log
+# HTTP layer: the server's state (stored responses, limits, metrics) and what each route answers,
+# image fetching, and the handler (routing, guards, body limits, SSE, access log)
 # ================================================================================================
 
-class Slots:
-    """The concurrency cap: at most `size` CLI processes, at most `queue` requests waiting."""
+# A response's conversation is kept this long, for this many responses and bytes, so a client can
+# continue it with `previous_response_id`; older ones are forgotten (a later reference is a 404).
+RESPONSE_STORE_ITEMS = 200
+RESPONSE_STORE_TTL = 3600.0
+RESPONSE_STORE_BYTES = 64 * 1024 * 1024
 
-    def __init__(self, size: int, queue: int, evict_idle: Callable[[], bool] = lambda: False):
-        self.size, self.queue, self.evict_idle = size, queue, evict_idle
-        self.lock = threading.Condition()
-        self.busy = 0      # live CLI processes, idle ones included
-        self.waiting = 0
 
-    def try_acquire(self) -> bool:
-        with self.lock:
-            if self.busy < self.size:
-                self.busy += 1
-                return True
-            return False
+class ResponseStore:
+    """Recent responses and their conversations (chat messages), for previous_response_id.
 
-    def acquire(self, timeout: float, client_gone: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + timeout
-        # An idle process gives way to a request that needs a slot.
-        while not self.try_acquire():
-            if not self.evict_idle():
-                break
-        else:
-            return
-        with self.lock:
-            if self.waiting >= self.queue:
-                raise ApiError(429, "too many requests in flight (%d running, %d waiting); retry "
-                               "shortly" % (self.busy, self.waiting), "rate_limit_error",
-                               "rate_limit_exceeded", headers={"Retry-After": "1"})
-            self.waiting += 1
+    Bounded by count and bytes, each entry expiring `ttl` seconds after it was stored; in memory
+    only, so a restart forgets them all."""
+
+    def __init__(self, max_items: int = RESPONSE_STORE_ITEMS, ttl: float = RESPONSE_STORE_TTL,
+                 max_bytes: int = RESPONSE_STORE_BYTES, clock: Callable[[], float] = time.monotonic):
+        self.max_items, self.ttl, self.max_bytes, self.clock = max_items, ttl, max_bytes, clock
+        self.lock = threading.Lock()
+        self.entries = collections.OrderedDict()  # id -> (response, messages, size, expiry, inputs)
+        self.size = 0
+
+    def put(self, response: Dict[str, Any], messages: List[Dict[str, Any]],
+            inputs: Optional[List[Dict[str, Any]]] = None) -> bool:
+        """Keep a response (and its input items); False when it alone is over the byte bound."""
+        inputs = inputs or []
         try:
-            while not self.try_acquire():
-                if self.evict_idle():  # a process that went idle meanwhile gives way too
-                    continue
-                with self.lock:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise ApiError(429, "no free slot within %.0f s" % timeout, "rate_limit_error",
-                                       "rate_limit_exceeded", headers={"Retry-After": "2"})
-                    self.lock.wait(min(left, 0.5))
-                if client_gone():
-                    raise ClientGone()
-        finally:
-            with self.lock:
-                self.waiting -= 1
-
-    def release(self) -> None:
+            size = len(json.dumps(response)) + len(json.dumps(messages)) + len(json.dumps(inputs))
+        except (ValueError, RecursionError):
+            return False
         with self.lock:
-            self.busy -= 1
-            self.lock.notify()
+            self._drop(response["id"])
+            if size > self.max_bytes or self.max_items <= 0:
+                return False
+            self.entries[response["id"]] = (response, messages, size, self.clock() + self.ttl, inputs)
+            self.size += size
+            while len(self.entries) > self.max_items or self.size > self.max_bytes:
+                self._drop(next(iter(self.entries)))
+            return True
+
+    def get(self, response_id: str) -> Optional[Tuple[Dict[str, Any], List[Dict[str, Any]]]]:
+        """(response, conversation messages), or None if unknown, not stored or expired."""
+        with self.lock:
+            self._expire()
+            entry = self.entries.get(response_id)
+            return (entry[0], entry[1]) if entry else None
+
+    def entry(self, response_id: str) -> Optional[Tuple[Dict[str, Any], List[Dict[str, Any]],
+                                                       List[Dict[str, Any]]]]:
+        """(response, conversation messages, input items), or None."""
+        with self.lock:
+            self._expire()
+            entry = self.entries.get(response_id)
+            return (entry[0], entry[1], entry[4]) if entry else None
+
+    def item(self, item_id: str) -> Optional[Dict[str, Any]]:
+        """A stored output or input item by its id (what an `item_reference` names), or None."""
+        with self.lock:
+            self._expire()
+            for entry in reversed(self.entries.values()):
+                for item in entry[0].get("output", []) + entry[4]:
+                    if item.get("id") == item_id:
+                        return item
+            return None
+
+    def delete(self, response_id: str) -> None:
+        with self.lock:
+            self._drop(response_id)
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for key in [k for k, entry in self.entries.items() if entry[3] <= now]:
+            self._drop(key)
+
+    def _drop(self, response_id: str) -> None:
+        entry = self.entries.pop(response_id, None)
+        if entry is not None:
+            self.size -= entry[2]
+
+    def __len__(self) -> int:
+        with self.lock:
+            self._expire()
+            return len(self.entries)
 
 
 class Limits:
@@ -3409,15 +3616,10 @@ class ProxyServer(ThreadingHTTPServer):
         super().__init__((config.host, config.port), ProxyHandler)
         self.config = config
         self.claude = claude
-        self.slots = Slots(config.max_concurrency, config.max_queue)
+        self.pool = ProcessPool(config, claude, self.observe_cli_event)
         self.responses = ResponseStore()
-        self.idle = IdleRuns(min(config.max_parked, config.max_concurrency), config.parked_ttl,
-                             self.slots.release)
-        self.slots.evict_idle = self.idle.evict_oldest
-        self.reuse = {"hits": 0, "misses": 0}
         self.limits = Limits()
         self.metrics = Metrics()
-        self.started = time.time()
         self.inflight = 0
         self.inflight_lock = threading.Condition()
         self.ignored_api_keys = ignored_api_keys(config, dict(os.environ))
@@ -3442,28 +3644,72 @@ class ProxyServer(ThreadingHTTPServer):
             with self.connections_lock:
                 self.connections -= 1
 
-    def prespawn(self, call: CliCall) -> None:
-        """Keep `--warm` processes loaded for first turns like this one (in the background)."""
-        key = conversation_key(call, [])
-        if self.config.warm <= self.idle.count(key) or self.config.max_parked <= 0 or call.tools:
-            return  # tool calls need the MCP handshake answered: those are not pre-started
-        # The least recently used idle process makes room, as it would for a request.
-        if not self.slots.try_acquire() and not (self.idle.evict_oldest() and self.slots.try_acquire()):
-            return
+    # -- what the routes answer -----------------------------------------------------------------
 
-        def spawn():
-            try:
-                run = CliRun(call, self.config, self.claude.resolve(),
-                             observe=self.observe_cli_event).start(send_prompt=False)
-            except (ApiError, OSError):
-                self.slots.release()
-                return
-            if not run.initialize(60.0):  # filed as warm only once it can answer at once
-                run.close()
-                self.slots.release()
-                return
-            self.idle.park(key, run)
-        threading.Thread(target=spawn, daemon=True).start()
+    def health(self, full: bool) -> Dict[str, Any]:
+        """GET /health: the details only for key holders (`full`)."""
+        if not full:
+            return {"status": "ok", "version": __version__}
+        claude, counts = self.claude, self.pool.counts()
+        return {"status": "ok", "version": __version__,
+                "claude": {"path": claude.path, "version": claude.version,
+                           "usable": bool(claude.path and claude.version), "error": claude.probe_error},
+                "slots": {"busy": counts["busy"], "waiting": self.pool.waiting, "max": self.pool.size},
+                "processes": counts,
+                "limits": self.limits.current(time.time()),
+                "ignored_api_keys": self.ignored_api_keys}
+
+    def metrics_samples(self) -> Dict[str, List[Tuple[Dict[str, str], Any]]]:
+        """GET /metrics: the counters, the pool's processes and the limit state."""
+        samples, counts = self.metrics.samples(), self.pool.counts()
+        samples["claude_max_proxy_cli_processes"] = [({"state": state}, counts[state])
+                                                     for state in ("busy", "warm", "parked")]
+        samples["claude_max_proxy_requests_waiting"] = [({}, self.pool.waiting)]
+        samples["claude_max_proxy_process_reuse_total"] = [({"result": "hit"}, counts["hits"]),
+                                                           ({"result": "miss"}, counts["misses"])]
+        samples.update(limit_samples(self.limits.current(time.time())))
+        return samples
+
+    def responses_call(self, body: Any) -> Tuple[CliCall, Callable[[CliCall], Any]]:
+        """POST /v1/responses: the call, and its renderer, which keeps the answer for
+        previous_response_id unless `store` is false."""
+        store = self.responses
+        if isinstance(body, dict) and isinstance(body.get("input"), list):
+            body = dict(body, input=items_with_references_resolved(body["input"], store.item))
+        call, conversation = responses_call_for(body, previous_messages_for(body, store), self.config)
+        inputs = input_item_resources(body["input"])
+
+        def keep(response: Dict[str, Any]) -> None:
+            store.put(response, conversation + responses_output_messages(response["output"]), inputs)
+
+        return call, lambda call: ResponsesRenderer(call, body, None if body.get("store") is False else keep)
+
+    def stored_response(self, method: str, path: str, query: Dict[str, str]) -> Dict[str, Any]:
+        """/v1/responses/{id}, its /input_items and /cancel: what the response store can answer."""
+        response_id, _, action = path[len("/v1/responses/"):].partition("/")
+        if action == "input_items":
+            check_method(method, path, ("GET",))
+            return input_items_page(self.stored(response_id)[2], query)
+        if action == "cancel":
+            check_method(method, path, ("POST",))
+            self.stored(response_id)
+            raise invalid(None, "Only responses created with `background: true` can be cancelled; response "
+                          "'%s' was answered synchronously" % response_id, "response_not_cancellable")
+        if action:
+            raise ApiError(404, "no route for %s %s" % (method, path), "invalid_request_error", "not_found")
+        check_method(method, path, ("GET", "DELETE"))
+        if method == "DELETE":
+            self.stored(response_id)
+            self.responses.delete(response_id)
+            return {"id": response_id, "object": "response", "deleted": True}
+        return self.stored(response_id)[0]
+
+    def stored(self, response_id: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]], List[Dict[str, Any]]]:
+        found = self.responses.entry(response_id)
+        if found is None:
+            raise ApiError(404, "Response with id '%s' not found" % response_id, "invalid_request_error",
+                           "not_found")
+        return found
 
     def observe_cli_event(self, event: Dict[str, Any]) -> None:
         """A CLI's `rate_limit_event` updates the limit state; its `result` counts a model call."""
@@ -3658,6 +3904,47 @@ def client_gone_check(sock: socket.socket) -> Callable[[], bool]:
     return gone
 
 
+def guard(config: Config, headers: Any, method: str, path: str) -> None:
+    """Refuse what a browser page or another machine could abuse, before any work."""
+    host = (headers.get("Host") or "").strip()
+    hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if host.startswith("["):
+        hostname = host[:host.index("]") + 1] if "]" in host else host
+    if not host or not (is_loopback_host(hostname) or hostname in config.allowed_hosts
+                        or hostname == config.host):
+        raise ApiError(421, "Host %r is not served here (DNS-rebinding guard); add it with "
+                       "--allowed-hosts" % host, "invalid_request_error", "host_not_allowed")
+    origin = headers.get("Origin")
+    if origin is not None and origin not in config.allowed_origins:
+        raise ApiError(403, "requests from web origin %r are not allowed; add it with "
+                       "--allowed-origins" % origin, "permission_error", "origin_not_allowed")
+    if method == "OPTIONS" or path == "/health":
+        return
+    if config.api_keys and not authorized(config, headers):
+        raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
+                       "authentication_error", "invalid_api_key")
+
+
+def authorized(config: Config, headers: Any) -> bool:
+    """The key as OpenAI clients send it (`Authorization: Bearer`) or as Anthropic's do (`x-api-key`)."""
+    given = headers.get("Authorization") or ""
+    tokens = [(given[7:].strip() if given[:7].lower() == "bearer " else "").encode("utf-8", "replace"),
+              (headers.get("x-api-key") or "").strip().encode("utf-8", "replace")]
+    # Compare against every key, in constant time each, so timing says nothing about a key.
+    matches = [hmac.compare_digest(token, key.encode("utf-8"))
+               for key in config.api_keys for token in tokens]
+    return any(matches)
+
+
+def check_method(method: str, path: str, methods: Tuple[str, ...]) -> None:
+    """405 for a method the route lacks; HEAD is answered wherever GET is (headers only)."""
+    if method in methods or (method == "HEAD" and "GET" in methods):
+        return
+    allow = list(methods) + (["HEAD"] if "GET" in methods and "HEAD" not in methods else [])
+    raise ApiError(405, "method %s not allowed on %s" % (method, path), "invalid_request_error",
+                   "method_not_allowed", headers={"Allow": ", ".join(allow)})
+
+
 class ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "claude-max-proxy/" + __version__
@@ -3704,26 +3991,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.reader.deadline = time.monotonic() + self.server.config.read_timeout
         super().handle_one_request()
 
-    def do_GET(self):
-        self._dispatch("GET")
+    def _do(self):
+        self._dispatch(self.command)
 
-    def do_POST(self):
-        self._dispatch("POST")
-
-    def do_OPTIONS(self):
-        self._dispatch("OPTIONS")
-
-    def do_PUT(self):
-        self._dispatch("PUT")
-
-    def do_DELETE(self):
-        self._dispatch("DELETE")
-
-    def do_PATCH(self):
-        self._dispatch("PATCH")
-
-    def do_HEAD(self):
-        self._dispatch("HEAD")
+    do_GET = do_POST = do_OPTIONS = do_PUT = do_DELETE = do_PATCH = do_HEAD = _do
 
     def log_message(self, format, *args):
         pass  # one access-log line per request is written by _access_log instead
@@ -3793,94 +4064,41 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _route(self, method: str) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        server, config = self.server, self.server.config
         routes = [
-            ("/health", ("GET", "HEAD"), lambda: self._send_json(200, self._health())),
+            ("/health", ("GET", "HEAD"), lambda: self._send_json(200, server.health(
+                not config.api_keys or authorized(config, self.headers)))),
             ("/v1/models", ("GET",), lambda: self._send_json(200, {
                 "object": "list", "data": [model_object(m) for m in list(MODELS) + list(CLI_ALIASES)]})),
-            ("/v1/chat/completions", ("POST",), self._chat_completions),
+            ("/v1/chat/completions", ("POST",), lambda: self._serve_call(
+                cli_call_for(self._read_json(), config), ChatRenderer)),
             ("/v1/responses", ("POST",), self._responses),
-            ("/metrics", ("GET",), self._metrics),
-            ("/v1/completions", ("POST",), self._completions),
-            ("/v1/messages", ("POST",), self._messages),
+            ("/metrics", ("GET",), lambda: self._send_body(200, metrics_text(server.metrics_samples()).encode(
+                "utf-8"), "text/plain; version=0.0.4; charset=utf-8")),
+            ("/v1/completions", ("POST",), lambda: self._serve_call(
+                completion_call_for(self._read_json(), config), CompletionRenderer)),
+            ("/v1/messages", ("POST",), lambda: self._serve_call(
+                messages_call_for(self._read_json(), config, config.allow_image_fetch), MessagesRenderer)),
             ("/v1/messages/count_tokens", ("POST",), self._count_tokens),
         ]
         self.endpoint = endpoint_label(path, [route for route, _, _ in routes])
-        self._guard(method, path)
+        guard(config, self.headers, method, path)
         if method == "OPTIONS":
             return self._preflight()
         for route, methods, action in routes:
             if path == route:
-                self._check_method(method, path, methods)
+                check_method(method, path, methods)
                 return action()
         if path.startswith("/v1/models/"):
-            self._check_method(method, path, ("GET",))
+            check_method(method, path, ("GET",))
             name = path[len("/v1/models/"):]
-            requested, _ = resolve_model(name, self.server.config.default_model)
+            requested, _ = resolve_model(name, config.default_model)
             return self._send_json(200, model_object(requested))
         if path.startswith("/v1/responses/"):
-            return self._stored_response_route(method, path)
+            return self._send_json(200, server.stored_response(method, path, self._query()))
         raise ApiError(404, "no route for %s %s" % (method, path), "invalid_request_error", "not_found")
 
-    def _check_method(self, method: str, path: str, methods: Tuple[str, ...]) -> None:
-        """405 for a method the route lacks; HEAD is answered wherever GET is (headers only)."""
-        if method in methods or (method == "HEAD" and "GET" in methods):
-            return
-        allow = list(methods) + (["HEAD"] if "GET" in methods and "HEAD" not in methods else [])
-        raise ApiError(405, "method %s not allowed on %s" % (method, path), "invalid_request_error",
-                       "method_not_allowed", headers={"Allow": ", ".join(allow)})
-
-    def _stored_response_route(self, method: str, path: str) -> None:
-        """/v1/responses/{id}, its /input_items and /cancel: what the response store can answer."""
-        response_id, _, action = path[len("/v1/responses/"):].partition("/")
-        if action == "input_items":
-            self._check_method(method, path, ("GET",))
-            return self._send_json(200, input_items_page(self._stored(response_id)[2], self._query()))
-        if action == "cancel":
-            self._check_method(method, path, ("POST",))
-            self._stored(response_id)
-            raise invalid(None, "Only responses created with `background: true` can be cancelled; response "
-                          "'%s' was answered synchronously" % response_id, "response_not_cancellable")
-        if action:
-            raise ApiError(404, "no route for %s %s" % (method, path), "invalid_request_error", "not_found")
-        self._check_method(method, path, ("GET", "DELETE"))
-        if method == "DELETE":
-            self._stored(response_id)
-            self.server.responses.delete(response_id)
-            return self._send_json(200, {"id": response_id, "object": "response", "deleted": True})
-        self._send_json(200, self._stored(response_id)[0])
-
     # -- guards ---------------------------------------------------------------------------------
-
-    def _guard(self, method: str, path: str) -> None:
-        """Refuse what a browser page or another machine could abuse, before any work."""
-        config = self.server.config
-        host = (self.headers.get("Host") or "").strip()
-        hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        if host.startswith("["):
-            hostname = host[:host.index("]") + 1] if "]" in host else host
-        if not host or not (is_loopback_host(hostname) or hostname in config.allowed_hosts
-                            or hostname == config.host):
-            raise ApiError(421, "Host %r is not served here (DNS-rebinding guard); add it with "
-                           "--allowed-hosts" % host, "invalid_request_error", "host_not_allowed")
-        origin = self.headers.get("Origin")
-        if origin is not None and origin not in config.allowed_origins:
-            raise ApiError(403, "requests from web origin %r are not allowed; add it with "
-                           "--allowed-origins" % origin, "permission_error", "origin_not_allowed")
-        if method == "OPTIONS" or path == "/health":
-            return
-        if config.api_keys and not self._authorized():
-            raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
-                           "authentication_error", "invalid_api_key")
-
-    def _authorized(self) -> bool:
-        """The key as OpenAI clients send it (`Authorization: Bearer`) or as Anthropic's do (`x-api-key`)."""
-        given = self.headers.get("Authorization") or ""
-        tokens = [(given[7:].strip() if given[:7].lower() == "bearer " else "").encode("utf-8", "replace"),
-                  (self.headers.get("x-api-key") or "").strip().encode("utf-8", "replace")]
-        # Compare against every key, in constant time each, so timing says nothing about a key.
-        matches = [hmac.compare_digest(token, key.encode("utf-8"))
-                   for key in self.server.config.api_keys for token in tokens]
-        return any(matches)
 
     def _preflight(self) -> None:
         self.status = 204
@@ -3905,7 +4123,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Vary", "Origin")
         # Every answer carries the latest known plan-limit state, as Anthropic's own headers do.
-        if not self.server.config.api_keys or self._authorized():
+        if not self.server.config.api_keys or authorized(self.server.config, self.headers):
             for key, value in ratelimit_headers_for(self.server.limits.current(time.time())).items():
                 self.send_header(key, value)
 
@@ -4030,70 +4248,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- endpoints ------------------------------------------------------------------------------
 
-    def _health(self) -> Dict[str, Any]:
-        claude = self.server.claude
-        if self.server.config.api_keys and not self._authorized():
-            return {"status": "ok", "version": __version__}  # details only for key holders
-        return {"status": "ok", "version": __version__,
-                "claude": {"path": claude.path, "version": claude.version,
-                           "usable": bool(claude.path and claude.version), "error": claude.probe_error},
-                "slots": {"busy": self.server.slots.busy, "waiting": self.server.slots.waiting,
-                          "max": self.server.slots.size},
-                "processes": self._process_counts(),
-                "limits": self.server.limits.current(time.time()),
-                "ignored_api_keys": self.server.ignored_api_keys}
-
-    def _metrics(self) -> None:
-        server = self.server
-        samples = server.metrics.samples()
-        counts = self._process_counts()
-        samples["claude_max_proxy_cli_processes"] = [({"state": state}, counts[state])
-                                                     for state in ("busy", "warm", "parked")]
-        samples["claude_max_proxy_requests_waiting"] = [({}, server.slots.waiting)]
-        samples["claude_max_proxy_process_reuse_total"] = [({"result": "hit"}, server.reuse["hits"]),
-                                                           ({"result": "miss"}, server.reuse["misses"])]
-        samples.update(limit_samples(server.limits.current(time.time())))
-        self._send_body(200, metrics_text(samples).encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
-
-    def _process_counts(self) -> Dict[str, int]:
-        """CLI processes by state: answering a request (busy), waiting idle (warm, parked)."""
-        kinds = self.server.idle.kinds()
-        busy = max(0, self.server.slots.busy - kinds["warm"] - kinds["parked"])
-        return dict(kinds, busy=busy, hits=self.server.reuse["hits"], misses=self.server.reuse["misses"])
-
-    def _chat_completions(self) -> None:
-        call = self._with_images(cli_call_for(self._read_json(), self.server.config))
-        self._serve_call(call, ChatRenderer(call))
-
-    def _completions(self) -> None:
-        call = completion_call_for(self._read_json(), self.server.config)
-        self._serve_call(call, CompletionRenderer(call))
-
-    def _with_images(self, call: CliCall) -> CliCall:
-        """The valid call with its remote images fetched (only with --allow-image-fetch)."""
-        urls = remote_images_in(call)
-        return call_with_images(call, ImageFetcher().fetch_all(urls)) if urls else call
-
     def _responses(self) -> None:
         body = self._read_json()
-        store = self.server.responses
-        if isinstance(body, dict) and isinstance(body.get("input"), list):
-            body = dict(body, input=items_with_references_resolved(body["input"], store.item))
-        call, conversation = responses_call_for(body, previous_messages_for(body, store), self.server.config)
+        call, renderer_for = self.server.responses_call(body)
         self.dropped_tools = ",".join(hosted_tools_of(body.get("tools")))
-        inputs = input_item_resources(body["input"])
-        call = self._with_images(call)
-
-        def keep(response: Dict[str, Any]) -> None:
-            store.put(response, conversation + responses_output_messages(response["output"]), inputs)
-
-        self._serve_call(call, ResponsesRenderer(call, body, None if body.get("store") is False else keep))
-
-    def _messages(self) -> None:
-        body = self._read_json()
-        config = self.server.config
-        call = self._with_images(messages_call_for(body, config, config.allow_image_fetch))
-        self._serve_call(call, MessagesRenderer(call))
+        self._serve_call(call, renderer_for)
 
     def _count_tokens(self) -> None:
         self._read_json()  # read, so the connection stays usable for the client's next request
@@ -4107,20 +4266,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
         path = (getattr(self, "path", "") or "").split("?", 1)[0].rstrip("/")
         return path == "/v1/messages" or path.startswith("/v1/messages/")
 
-    def _stored(self, response_id: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]], List[Dict[str, Any]]]:
-        found = self.server.responses.entry(response_id)
-        if found is None:
-            raise ApiError(404, "Response with id '%s' not found" % response_id, "invalid_request_error",
-                           "not_found")
-        return found
-
     def _query(self) -> Dict[str, str]:
         query = self.path.partition("?")[2]
         return {key: values[-1] for key, values in urllib.parse.parse_qs(query).items()}
 
-    def _serve_call(self, call: CliCall, renderer: Any) -> List[TurnEvent]:
-        """Run one CLI turn for a call and answer with the renderer's shapes; returns its events."""
+    def _serve_call(self, call: CliCall, renderer_for: Callable[[CliCall], Any]) -> None:
+        """Run one CLI turn for a valid call and answer in its renderer's shapes."""
         server, config = self.server, self.server.config
+        urls = remote_images_in(call)  # fetched only with --allow-image-fetch (else refused already)
+        call = call_with_images(call, ImageFetcher().fetch_all(urls)) if urls else call
+        renderer = renderer_for(call)
         self.log_model = call.requested_model
         if config.log_prompts:
             self.log_prompt = json.dumps(call.prompt)[:500]  # ASCII: no terminal escapes in the log
@@ -4129,135 +4284,28 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if refusal is not None:
             raise refusal  # before any process or model call: nothing is spent
         gone = client_gone_check(self.connection)
-        claude_path = server.claude.resolve()
-        results = tool_results_in(call.prompt)
-        run = self._waiting_run(call, results)
-        if run is None:
-            server.slots.acquire(config.queue_timeout, gone)
-            try:
-                run = CliRun(call, config, claude_path, observe=server.observe_cli_event).start()
-            except BaseException:
-                server.slots.release()
-                raise
-        parked = []
+        # While the CLI is silent, or busy with what the client does not see, a started stream
+        # gets the renderer's keep-alive frames.
+        with server.pool.turn(call, lambda: self._keep_alive(renderer) or gone(),
+                              getattr(renderer, "translator", None)) as turn:
+            self.reused_process = turn.reused
+            if not call.stream:
+                events = list(turn)
+                return self._send_json(200, renderer.whole(events, turn.model))
+            self._relay(stream_frames(turn, renderer))
 
-        def park(translator):
-            # Before the answer's last bytes: a client's next turn must find the process waiting.
-            parked.append(self._park_if_reusable(call, run, translator))
-            if not parked[-1] and translator.stop_reason == "end_turn" and not translator.cut \
-                    and not run.result_seen:
-                run.wait_for_result(2.0)  # a 200's rate_limit_event follows its message
+    def _relay(self, frames: Iterator[Tuple[Optional[str], Any]]) -> None:
+        """Write a stream's SSE frames; the headers wait for the first one, so an error before any
+        output is still a proper HTTP status."""
         try:
-            translator = self._answer(call, run, gone, renderer, park)
-            if any(parked):
-                run = None  # the idle registry owns it (and its slot) now
-            return translator.events
-        finally:
-            if run is not None:
-                run.close()
-                server.slots.release()
-            if not call.history:
-                # After the answer, so its start-up does not compete with this turn for the CPU.
-                server.prespawn(call)
-
-    def _waiting_run(self, call: CliCall, results: Dict[str, str]) -> Optional[CliRun]:
-        """A process already holding this conversation, given the new turn; None for a cold start."""
-        server = self.server
-        run = server.idle.take(conversation_key(call, call.history))
-        if run is not None and run.at_tool_call != bool(results):
-            run.close()  # a tool call answered with text, or results for no call: start afresh
-            server.slots.release()
-            run = None
-        if run is not None and not results:
-            try:
-                run.send_user(call.prompt)
-            except (OSError, ValueError):  # it died just now: a cold start serves the turn
-                run.close()
-                server.slots.release()
-                run = None
-        if run is None:
-            server.reuse["misses"] += 1
-            return None
-        server.reuse["hits"] += 1
-        self.reused_process = True
-        run.call = call
-        if results:
-            run.tool_results.update(results)
-            run.at_tool_call = False
-            run.hand_over_results()
-        return run
-
-    def _park_if_reusable(self, call: CliCall, run: CliRun, translator: "TurnTranslator") -> bool:
-        """Keep the process for the conversation's next turn when it can continue it faithfully."""
-        config = self.server.config
-        finish = translator.events[-1] if translator.events and translator.events[-1][0] == "finish" else None
-        if finish is None or config.max_parked <= 0 or run.proc.poll() is not None:
-            return False
-        tool_results_replayed = any(b["type"] == "tool_result" for b in call.prompt) and not self.reused_process
-        if tool_results_replayed:
-            return False  # that process saw the replay's extra lines; later turns should not
-        turns = call.history + [{"role": "user", "content": call.prompt}, assistant_turn_from(translator.events, call)]
-        if finish[1] == "tool_calls" and call.parallel_tool_calls:
-            run.at_tool_call = True
-        elif not (finish[1] == "stop" and translator.stop_reason == "end_turn" and not translator.cut
-                  and turns[-1]["content"] and run.wait_for_result(10.0)):
-            return False
-        run.turns_done += 1
-        self.server.idle.park(conversation_key(call, turns), run)
-        return True
-
-    def _answer(self, call: CliCall, run: CliRun, gone: Callable[[], bool], renderer: Any,
-                before_end: Callable[["TurnTranslator"], None] = lambda translator: None) -> "TurnTranslator":
-        """Relay one turn to the client (streamed or whole); the translator keeps its events."""
-        config = self.server.config
-        deadline = time.monotonic() + config.request_timeout
-        # A renderer that reads the turn's state beyond its events (usage, stop string) brings its own.
-        translator = getattr(renderer, "translator", None) or TurnTranslator(call=call)
-        events = translator.events
-
-        def turn_events() -> Iterator[TurnEvent]:
-            # While the CLI is silent, or busy with what the client does not see, a started
-            # stream gets the renderer's keep-alive frames.
-            for event in run.events(deadline, config.idle_timeout, lambda: self._keep_alive(renderer) or gone()):
-                self._keep_alive(renderer)
-                if event.get("type") == "control_request":
-                    run.on_control_request(event)
-                    continue
-                for out in translator.feed(event):
-                    events.append(out)
-                    yield out
-                if translator.finished:
-                    return
-            raise run.failure()
-
-        if not call.stream:
-            list(turn_events())
-            before_end(translator)
-            self._send_json(200, renderer.whole(events, translator.model or call.requested_model))
-            return translator
-        started = False
-        try:
-            for event in turn_events():
-                if not started:
-                    started = True
+            for name, payload in frames:
+                if not self.headers_sent:
                     self.first_token_at = time.monotonic()
                     self._start_sse()
-                for name, payload in renderer.stream_events(event, translator.model or call.requested_model):
-                    self._send_sse(payload, name)
-            before_end(translator)
-        except ApiError as exc:
-            if not started:
-                raise
-            # Output has started, so the status is already 200: end the stream with the error.
-            for name, payload in renderer.stream_error(exc):
                 self._send_sse(payload, name)
-            events.clear()
         except OSError:
             raise ClientGone()
-        for name, payload in renderer.stream_end():
-            self._send_sse(payload, name)
         self._end_sse()
-        return translator
 
     # -- access log and metrics -----------------------------------------------------------------
 
@@ -4292,12 +4340,12 @@ def serve(config: Config) -> int:
     # Probing `claude --version` takes ~0.3 s: do it beside serving, not before.
     threading.Thread(target=claude.probe, daemon=True).start()
 
-    def expire_idle():
+    def expire_kept():
         while True:
             time.sleep(1.0)
-            server.idle.expire()
+            server.pool.expire()
 
-    threading.Thread(target=expire_idle, daemon=True).start()
+    threading.Thread(target=expire_kept, daemon=True).start()
     if server.ignored_api_keys:
         sys.stderr.write("note: %s set but ignored: the CLI uses your Claude subscription login "
                          "(--use-api-key would bill that API account instead).\n"

@@ -36,6 +36,17 @@ MODULE = os.path.join(ROOT, "claude_max_proxy.py")
 FAKE_CLAUDE = os.path.join(HERE, "fake_claude.py")
 REQUIRE_E2E = os.environ.get("CLAUDE_MAX_PROXY_REQUIRE_E2E") == "1"
 TAG_VAR = "TMPDIR"  # a directory of each test proxy's own, inherited by every process it starts
+RUN_SLOW = os.environ.get("CLAUDE_MAX_PROXY_SLOW_TESTS") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow benchmark smoke tests run only when asked for (.ci/run asks, so CI runs them)."""
+    if RUN_SLOW:
+        return
+    skip = pytest.mark.skip(reason="slow: set CLAUDE_MAX_PROXY_SLOW_TESTS=1 to run it (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 # ---- the fake Anthropic API and the real CLI ----------------------------------------------------

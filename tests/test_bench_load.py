@@ -11,7 +11,11 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # minutes of benchmark: CI runs it (.ci/run), a local run skips it
 
 LOAD = os.path.join(ROOT, "bench", "load.py")
 REQUESTS = 16

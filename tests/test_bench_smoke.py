@@ -11,7 +11,11 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # minutes of benchmark: CI runs it (.ci/run), a local run skips it
 
 BENCH = os.path.join(ROOT, "bench", "bench.py")
 RUN_TIMEOUT = 900  # the benchmark's own --quick limit is 480 s; this only guards against a hang

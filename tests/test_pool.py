@@ -1,0 +1,406 @@
+"""The process pool and the turn against a scripted fake run: no CLI process, milliseconds each.
+
+A FakeRun stands in for CliRun: it answers each turn with the CLI events its script gives and
+records what the pool asked of it (started warm or not, next turns, closes). The pool's counts
+must come back to no busy slot on every path, which a slot released twice (or never) would break.
+"""
+
+import dataclasses
+import threading
+
+import pytest
+
+import claude_max_proxy as cmp
+from conftest import wait_until
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def text_answer(text):
+    """The CLI events of an answer with `text` that ends its turn."""
+    return [stream({"type": "message_start", "message": {"model": "claude-sonnet-4-5", "usage": {}}}),
+            stream({"type": "content_block_start", "index": 0, "content_block": {"type": "text"}}),
+            stream({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
+            stream({"type": "content_block_stop", "index": 0}),
+            stream({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {}}),
+            stream({"type": "message_stop"})]
+
+
+def tool_call_answer(tool_use_id):
+    return [stream({"type": "message_start", "message": {"model": "claude-sonnet-4-5", "usage": {}}}),
+            stream({"type": "content_block_start", "index": 0, "content_block": {
+                "type": "tool_use", "id": tool_use_id, "name": cmp.MCP_PREFIX + "get_weather"}}),
+            stream({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "input_json_delta", "partial_json": '{"city": "Oslo"}'}}),
+            stream({"type": "content_block_stop", "index": 0}),
+            stream({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {}}),
+            stream({"type": "message_stop"})]
+
+
+def stream(event):
+    return {"type": "stream_event", "event": event}
+
+
+ERROR_RESULT = [{"type": "result", "subtype": "success", "is_error": True, "api_error_status": 500,
+                 "result": "API Error: 500 upstream broke"}]
+
+
+class FakeRun:
+    """A scripted CliRun: `script` gives each turn's CLI events (a list), in order."""
+
+    def __init__(self, call, config, claude_path, observe=None):
+        self.call, self.script = call, list(SCRIPTS.pop(0)) if SCRIPTS else []
+        self.warm = None
+        self.turns = []      # (call, tool results) of each turn after the first
+        self.closed = 0
+        self.alive = True
+        self.result_seen = False
+        self.control_requests = []
+        MADE.append(self)
+
+    def start(self, send_prompt=True):
+        if FAIL_START:
+            raise cmp.ApiError(503, "cannot start the Claude CLI", "server_error", "cli_unavailable")
+        self.warm = not send_prompt
+        return self
+
+    def initialize(self, timeout):
+        return True
+
+    def next_turn(self, call, results):
+        self.call = call
+        self.turns.append((call, results))
+
+    def events(self, deadline, idle_timeout, client_gone=lambda: False):
+        for event in self.script.pop(0) if self.script else []:
+            if client_gone():
+                raise cmp.ClientGone()
+            yield event
+
+    def on_control_request(self, event):
+        self.control_requests.append(event)
+
+    def wait_for_result(self, timeout):
+        self.result_seen = True
+        return True
+
+    def running(self):
+        return self.alive and not self.closed
+
+    def failure(self):
+        return cmp.ApiError(502, "the Claude CLI exited without an answer", "server_error", "cli_failed")
+
+    def close(self):
+        self.closed += 1
+
+
+SCRIPTS = []    # per FakeRun made, in order: its turns' CLI events
+MADE = []       # every FakeRun made, in order
+FAIL_START = False
+
+
+class FakeClaude:
+    def resolve(self):
+        return "claude"
+
+
+@pytest.fixture(autouse=True)
+def fresh_script():
+    global FAIL_START
+    SCRIPTS.clear()
+    MADE.clear()
+    FAIL_START = False
+    yield
+    SCRIPTS.clear()
+    MADE.clear()
+
+
+def pool_with(**settings):
+    config = dataclasses.replace(cmp.Config(), **dict({"warm": 0}, **settings))
+    return cmp.ProcessPool(config, FakeClaude(), lambda event: None, run_class=FakeRun)
+
+
+def chat(messages, tools=None, **extra):
+    body = dict({"model": "claude-sonnet-4", "messages": messages}, **extra)
+    if tools:
+        body["tools"] = tools
+    return cmp.cli_call_for(body, cmp.Config())
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def run_turn(pool, call, client_gone=lambda: False):
+    """One turn through the pool: (its TurnEvents, whether it reused a process, its run)."""
+    with pool.turn(call, client_gone) as turn:
+        events = list(turn)
+        return events, turn.reused, turn.run
+
+
+def assert_no_slot_held(pool, kept=0):
+    counts = pool.counts()
+    assert counts["busy"] == 0, counts
+    assert counts["warm"] + counts["parked"] == kept, counts
+    assert pool.waiting == 0
+
+
+# ---- reuse ----------------------------------------------------------------------------------------
+
+def test_the_next_turn_of_a_conversation_continues_in_the_parked_process():
+    SCRIPTS.append([text_answer("one"), text_answer("two")])
+    pool = pool_with()
+    events, reused, first = run_turn(pool, chat([user("hi")]))
+    assert events[0] == ("text", "one") and events[-1][:2] == ("finish", "stop") and not reused
+    assert pool.counts()["parked"] == 1 and first.closed == 0
+
+    second_call = chat([user("hi"), assistant("one"), user("and?")])
+    events, reused, second = run_turn(pool, second_call)
+    assert reused and second is first and events[0] == ("text", "two")
+    assert first.turns == [(second_call, {})]
+    assert pool.counts()["hits"] == 1 and pool.counts()["misses"] == 1
+    assert_no_slot_held(pool, kept=1)
+
+
+@pytest.mark.parametrize("history", [
+    [user("hi"), assistant("something else"), user("and?")],   # the client edited the answer
+    [user("hello"), assistant("one"), user("and?")],           # another conversation
+])
+def test_a_conversation_that_differs_starts_a_new_process(history):
+    SCRIPTS.extend([[text_answer("one")], [text_answer("fresh")]])
+    pool = pool_with()
+    _, _, first = run_turn(pool, chat([user("hi")]))
+    events, reused, second = run_turn(pool, chat(history))
+    assert not reused and second is not first and events[0] == ("text", "fresh")
+    assert first.turns == [] and first.closed == 0  # still parked for its own conversation
+    assert pool.counts()["misses"] == 2
+    assert_no_slot_held(pool, kept=2)
+
+
+def test_a_settings_change_is_another_conversation():
+    SCRIPTS.extend([[text_answer("one")], [text_answer("two")]])
+    pool = pool_with()
+    run_turn(pool, chat([user("hi")]))
+    _, reused, _ = run_turn(pool, chat([user("hi"), assistant("one"), user("and?")], max_tokens=5))
+    assert not reused
+
+
+def test_a_parked_process_that_died_is_ended_and_the_turn_starts_cold():
+    SCRIPTS.extend([[text_answer("one")], [text_answer("cold")]])
+    pool = pool_with()
+    _, _, first = run_turn(pool, chat([user("hi")]))
+    first.alive = False
+    events, reused, second = run_turn(pool, chat([user("hi"), assistant("one"), user("and?")]))
+    assert not reused and second is not first and first.closed == 1
+    assert events[0] == ("text", "cold")
+    assert_no_slot_held(pool, kept=1)
+
+
+def test_with_parking_off_every_process_ends_after_its_turn():
+    SCRIPTS.append([text_answer("one")])
+    pool = pool_with(max_parked=0)
+    _, _, run = run_turn(pool, chat([user("hi")]))
+    assert run.closed == 1
+    assert_no_slot_held(pool)
+
+
+def test_an_answer_cut_by_a_stop_string_is_not_parked():
+    SCRIPTS.append([text_answer("one STOP two")])
+    pool = pool_with()
+    events, _, run = run_turn(pool, chat([user("hi")], stop=["STOP"]))
+    assert events[0] == ("text", "one ") and run.closed == 1
+    assert_no_slot_held(pool)
+
+
+# ---- tool calls ------------------------------------------------------------------------------------
+
+def tool_history():
+    return [user("weather?"), {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]}]
+
+
+def test_a_tool_call_is_parked_and_resumed_with_the_clients_results():
+    SCRIPTS.append([tool_call_answer("toolu_1"), text_answer("sunny")])
+    pool = pool_with()
+    events, _, first = run_turn(pool, chat([user("weather?")], tools=TOOLS))
+    assert [e[0] for e in events] == ["tool_call", "tool_args", "finish"] and events[-1][1] == "tool_calls"
+    assert pool.counts()["parked"] == 1
+
+    call = chat(tool_history() + [{"role": "tool", "tool_call_id": "toolu_1", "content": "12 C"}], tools=TOOLS)
+    events, reused, second = run_turn(pool, call)
+    assert reused and second is first and events[0] == ("text", "sunny")
+    assert first.turns == [(call, {"toolu_1": "12 C"})]
+    assert_no_slot_held(pool, kept=1)
+
+
+def test_text_for_a_process_waiting_on_a_tool_call_starts_afresh():
+    SCRIPTS.extend([[tool_call_answer("toolu_1")], [text_answer("fresh")]])
+    pool = pool_with()
+    _, _, first = run_turn(pool, chat([user("weather?")], tools=TOOLS))
+    first_key_history = tool_history()
+    # Same earlier turns as the parked process, but the new turn is text, not the tool's result.
+    events, reused, second = run_turn(pool, chat(first_key_history + [user("skip it")], tools=TOOLS))
+    assert not reused and second is not first and first.closed == 1
+    assert events[0] == ("text", "fresh")
+    assert_no_slot_held(pool, kept=1)
+
+
+def test_control_requests_go_to_the_runner():
+    question = {"type": "control_request", "request_id": "r1", "request": {"subtype": "can_use_tool"}}
+    SCRIPTS.append([[question] + text_answer("one")])
+    pool = pool_with()
+    _, _, run = run_turn(pool, chat([user("hi")]))
+    assert run.control_requests == [question]
+
+
+# ---- slots: released exactly once on every path --------------------------------------------------
+
+def test_an_error_result_ends_the_process_and_frees_its_slot():
+    SCRIPTS.append([ERROR_RESULT])
+    pool = pool_with()
+    with pytest.raises(cmp.ApiError) as caught:
+        run_turn(pool, chat([user("hi")]))
+    assert caught.value.status == 502 and "upstream broke" in caught.value.message and MADE[0].closed == 1
+    assert_no_slot_held(pool)
+
+
+def test_a_cli_that_ends_without_an_answer_is_a_502_and_frees_its_slot():
+    SCRIPTS.append([text_answer("cut")[:3]])
+    pool = pool_with()
+    with pytest.raises(cmp.ApiError) as caught:
+        run_turn(pool, chat([user("hi")]))
+    assert caught.value.status == 502 and MADE[0].closed == 1
+    assert_no_slot_held(pool)
+
+
+def test_a_process_that_fails_to_start_frees_its_slot():
+    global FAIL_START
+    FAIL_START = True
+    pool = pool_with()
+    with pytest.raises(cmp.ApiError):
+        run_turn(pool, chat([user("hi")]))
+    assert_no_slot_held(pool)
+
+
+def test_a_client_that_goes_away_mid_turn_ends_the_process():
+    SCRIPTS.append([text_answer("one")])
+    pool = pool_with()
+    seen = []
+    with pytest.raises(cmp.ClientGone):
+        run_turn(pool, chat([user("hi")]), client_gone=lambda: seen.append(1) or len(seen) > 2)
+    assert MADE[0].closed == 1
+    assert_no_slot_held(pool)
+
+
+def test_a_client_that_stops_reading_after_the_first_event_ends_the_process():
+    SCRIPTS.append([text_answer("one")])
+    pool = pool_with()
+    with pytest.raises(BrokenPipeError):
+        with pool.turn(chat([user("hi")]), lambda: False) as turn:
+            for _ in turn:
+                raise BrokenPipeError()  # the handler's write failed
+    assert MADE[0].closed == 1
+    assert_no_slot_held(pool)
+
+
+def test_a_full_pool_evicts_the_oldest_parked_process_for_a_new_request():
+    SCRIPTS.extend([[text_answer("one")], [text_answer("two")]])
+    pool = pool_with(max_concurrency=1)
+    _, _, first = run_turn(pool, chat([user("hi")]))
+    assert pool.counts()["parked"] == 1
+    _, reused, second = run_turn(pool, chat([user("another")]))
+    assert not reused and first.closed == 1 and second.closed == 0
+    assert_no_slot_held(pool, kept=1)
+
+
+def test_parking_past_the_limit_ends_the_oldest():
+    SCRIPTS.extend([[text_answer("one")], [text_answer("two")]])
+    pool = pool_with(max_parked=1)
+    _, _, first = run_turn(pool, chat([user("hi")]))
+    _, _, second = run_turn(pool, chat([user("another")]))
+    assert first.closed == 1 and second.closed == 0
+    assert_no_slot_held(pool, kept=1)
+
+
+def test_expired_processes_are_ended():
+    SCRIPTS.append([text_answer("one")])
+    pool = pool_with(parked_ttl=0.0)
+    _, _, run = run_turn(pool, chat([user("hi")]))
+    pool.expire()
+    assert run.closed == 1
+    assert_no_slot_held(pool)
+
+
+def test_a_busy_pool_with_a_full_queue_answers_429():
+    SCRIPTS.append([text_answer("one")])
+    pool = pool_with(max_concurrency=1, max_queue=0)
+    with pool.turn(chat([user("hi")]), lambda: False):
+        with pytest.raises(cmp.ApiError) as caught:
+            pool.acquire(1.0, lambda: False)
+    assert caught.value.status == 429 and caught.value.headers["Retry-After"] == "1"
+    assert_no_slot_held(pool)
+
+
+def test_a_waiting_request_gets_the_slot_a_finished_turn_frees():
+    SCRIPTS.extend([[text_answer("one")], [text_answer("two")]])
+    pool = pool_with(max_concurrency=1, max_parked=0)
+    got = []
+    with pool.turn(chat([user("hi")]), lambda: False) as turn:
+        list(turn)
+        waiter = threading.Thread(target=lambda: got.append(run_turn(pool, chat([user("next")]))))
+        waiter.start()
+        wait_until(lambda: pool.waiting == 1, 5, "the second request to queue")
+    waiter.join(5)
+    assert got and got[0][0][0] == ("text", "two")
+    assert_no_slot_held(pool)
+
+
+def test_a_client_that_leaves_the_queue_takes_no_slot():
+    SCRIPTS.append([text_answer("one")])
+    pool = pool_with(max_concurrency=1, max_parked=0)
+    with pool.turn(chat([user("hi")]), lambda: False):
+        with pytest.raises(cmp.ClientGone):
+            pool.acquire(5.0, lambda: True)
+        assert pool.waiting == 0
+    assert_no_slot_held(pool)
+
+
+# ---- warm processes --------------------------------------------------------------------------------
+
+def test_a_first_turn_leaves_a_warm_process_for_the_next_first_turn():
+    SCRIPTS.extend([[text_answer("one")], [text_answer("from warm")]])
+    pool = pool_with(warm=1)
+    _, reused, first = run_turn(pool, chat([user("hi")]))
+    assert not reused
+    wait_until(lambda: pool.counts()["warm"] == 1, 5, "a warm process")
+    warm = MADE[1]
+    assert warm.warm is True
+
+    events, reused, run = run_turn(pool, chat([user("a new conversation")]))
+    assert reused and run is warm and events[0] == ("text", "from warm")
+    assert warm.turns[0][1] == {}  # its first prompt went in as the next turn
+
+
+def test_no_warm_process_for_calls_with_tools_or_when_parking_is_off():
+    SCRIPTS.append([tool_call_answer("toolu_1")])
+    pool = pool_with(warm=1)
+    run_turn(pool, chat([user("weather?")], tools=TOOLS))
+    SCRIPTS.append([text_answer("one")])
+    off = pool_with(warm=1, max_parked=0)
+    run_turn(off, chat([user("hi")]))
+    assert len(MADE) == 2  # no third run was started for either pool
+    assert_no_slot_held(off)
+
+
+def test_a_warm_process_that_fails_to_load_frees_its_slot(monkeypatch):
+    SCRIPTS.append([text_answer("one")])
+    monkeypatch.setattr(FakeRun, "initialize", lambda self, timeout: False)
+    pool = pool_with(warm=1)
+    run_turn(pool, chat([user("hi")]))
+    wait_until(lambda: len(MADE) == 2 and MADE[1].closed == 1, 5, "the warm start to fail")
+    wait_until(lambda: pool.counts()["busy"] == 0, 5, "its slot back")
+    assert_no_slot_held(pool, kept=1)
