@@ -1777,7 +1777,11 @@ class Turn:
         # Before the answer's last bytes: a client's next turn must find the process waiting.
         translator = self.translator
         self.parked = self._park(finish)
-        if not self.parked and translator.stop_reason == "end_turn" and not translator.cut \
+        if not self.parked and translator.stop_reason == "max_tokens":
+            # The CLI would ask the model again by itself ("Output token limit hit..."), spending
+            # quota on an answer no client receives: end it before it can.
+            self.run.kill_now()
+        elif not self.parked and translator.stop_reason == "end_turn" and not translator.cut \
                 and not self.run.result_seen:
             self.run.wait_for_result(2.0)  # a 200's rate_limit_event follows its message
 
