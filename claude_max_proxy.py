@@ -965,7 +965,7 @@ def call_with_images(call: CliCall, fetched: Dict[str, Dict[str, Any]]) -> CliCa
 
 
 def cli_args_for(call: CliCall, claude_path: str, session_id: Optional[str],
-                 system_prompt_file: str) -> List[str]:
+                 system_prompt_file: str, transcript_id: Optional[str] = None) -> List[str]:
     """The argv of the CLI for a call. No client text goes here (one argument is capped at 128 KiB)."""
     args = [claude_path, "-p", "--input-format", "stream-json", "--output-format", "stream-json",
             "--verbose", "--include-partial-messages",
@@ -976,8 +976,9 @@ def cli_args_for(call: CliCall, claude_path: str, session_id: Optional[str],
             "--disable-slash-commands", "--restricted",
             "--model", call.model,
             # A recorded prompt would outlive a changed system message on resume.
-            "--system-prompt-snapshot", "off",
-            "--no-session-persistence"]
+            "--system-prompt-snapshot", "off"]
+    # A process the proxy learns the CLI's context rows from (NativeContext) keeps its transcript.
+    args += ["--session-id", transcript_id] if transcript_id else ["--no-session-persistence"]
     if call.tools:
         # The proxy answers this MCP server itself, and the CLI asks it before any tool runs:
         # that question is where a tool call is caught and handed to the client.
@@ -1052,11 +1053,18 @@ def project_key(cwd: str) -> str:
 
 
 def session_lines_for(history: List[Dict[str, Any]], session_id: str, cwd: str,
-                      now: Optional[float] = None) -> List[str]:
-    """A session transcript the CLI can --resume: the earlier turns as real user/assistant rows."""
-    stamp = datetime.datetime.fromtimestamp(now if now is not None else time.time(),
-                                            datetime.timezone.utc)
+                      now: Optional[float] = None,
+                      context: Tuple[Dict[str, Any], ...] = ()) -> List[str]:
+    """A session transcript the CLI can --resume: the earlier turns as real user/assistant rows.
+
+    `context` holds the CLI's own attachments (native_context_in) that follow the first user row,
+    as in a transcript the CLI writes; with them a resumed turn sends the same `messages` as a
+    process that held the conversation all along, so the prompt cache reads its history."""
+    now = now if now is not None else time.time()
+    stamp = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
     timestamp = stamp.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (stamp.microsecond // 1000)
+    # The CLI dates a conversation by the local date (its TZ is ours, see CLI_ENV_NAMES).
+    attachments = list(context) + [{"type": "date", "date": time.strftime("%Y-%m-%d", time.localtime(now))}]
     lines, parent = [], None
     for turn in history:
         row_id = str(uuid.uuid4())
@@ -1065,12 +1073,35 @@ def session_lines_for(history: List[Dict[str, Any]], session_id: str, cwd: str,
             message.update({"id": "msg_" + row_id.replace("-", ""), "type": "message",
                             "model": "claude", "stop_reason": "end_turn", "stop_sequence": None,
                             "usage": {"input_tokens": 0, "output_tokens": 0}})
-        lines.append(json.dumps({
-            "parentUuid": parent, "isSidechain": False, "type": turn["role"], "message": message,
-            "uuid": row_id, "timestamp": timestamp, "sessionId": session_id, "cwd": cwd,
-            "userType": "external"}, ensure_ascii=False))
-        parent = row_id
+        rows = [{"type": turn["role"], "message": message}]
+        if context and parent is None:
+            rows += [{"type": "attachment", "attachment": attachment} for attachment in attachments]
+        for row in rows:
+            row_id = row_id if row["type"] != "attachment" else str(uuid.uuid4())
+            lines.append(json.dumps(dict(
+                {"parentUuid": parent, "isSidechain": False}, **row, uuid=row_id, timestamp=timestamp,
+                sessionId=session_id, cwd=cwd, userType="external"), ensure_ascii=False))
+            parent = row_id
     return lines
+
+
+# The CLI's attachments that describe where and on what it runs, in the order it writes them.
+CONTEXT_ATTACHMENTS = ("environment", "model")
+
+
+def native_context_in(lines: List[str]) -> Dict[str, Dict[str, Any]]:
+    """The CLI's own context attachments in a transcript it wrote: {attachment type: attachment}."""
+    found = {}
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a row the CLI was still writing
+        attachment = row.get("attachment") if isinstance(row, dict) else None
+        if row.get("type") == "attachment" and isinstance(attachment, dict) \
+                and attachment.get("type") in CONTEXT_ATTACHMENTS:
+            found.setdefault(attachment["type"], attachment)
+    return found
 
 
 # ================================================================================================
@@ -1086,6 +1117,39 @@ SESSION_POINTER = "session-file"      # in a run's private dir: the path of its 
 CLIENT_CHECK_INTERVAL = 0.25  # seconds between checks that the client is still there
 LIVE_RUNS = set()          # every CliRun not yet reaped, so shutdown can end them all
 LIVE_RUNS_LOCK = threading.Lock()
+
+
+class NativeContext:
+    """The CLI's own environment and model attachments, learned from transcripts of processes the
+    proxy runs, so the transcripts it writes for --resume carry the exact values (session_lines_for).
+
+    The model row differs per --model value; the environment row (working directory, platform,
+    shell, OS version) is the same for every process of this proxy."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.environment = None  # type: Optional[Dict[str, Any]]
+        self.models = {}         # --model value -> its model attachment
+
+    def known(self, model: str) -> bool:
+        with self.lock:
+            return self.environment is not None and model in self.models
+
+    def rows_for(self, model: str) -> Tuple[Dict[str, Any], ...]:
+        """What a transcript for `model` can carry now (nothing until the environment is known)."""
+        with self.lock:
+            if self.environment is None:
+                return ()
+            return (self.environment,) + ((self.models[model],) if model in self.models else ())
+
+    def learn(self, model: str, found: Dict[str, Dict[str, Any]]) -> None:
+        with self.lock:
+            self.environment = found.get("environment", self.environment)
+            if "model" in found:
+                self.models[model] = found["model"]
+
+
+NATIVE_CONTEXT = NativeContext()
 
 
 def claude_projects_dir(environ: Dict[str, str]) -> str:
@@ -1118,6 +1182,7 @@ class CliRun:
         self.tool_results = {}  # tool_use_id -> result text the client sent, to hand to the CLI
         self.turns_done = 0      # turns this process has answered (0: a warm process)
         self.at_tool_call = False  # stopped at a client tool call, waiting for its results
+        self.keeps_transcript = False  # writes its own transcript (to teach NATIVE_CONTEXT)
 
     # -- starting -------------------------------------------------------------------------------
 
@@ -1148,7 +1213,10 @@ class CliRun:
             raise ApiError(503, "cannot write the files the Claude CLI needs for this request (%s): %s"
                            % (exc.filename or tempfile.gettempdir(), exc.strerror or exc),
                            "server_error", "storage_unavailable")
-        argv = cli_args_for(self.call, self.claude_path, session_id, prompt_file)
+        transcript_id = None
+        if session_id is None and not NATIVE_CONTEXT.known(self.call.model):
+            transcript_id, self.keeps_transcript = self._own_transcript(), True
+        argv = cli_args_for(self.call, self.claude_path, session_id, prompt_file, transcript_id)
         try:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -1180,11 +1248,31 @@ class CliRun:
             self.session_file = os.path.join(folder, session_id + ".jsonl")
             with open(os.path.join(self.private_dir, SESSION_POINTER), "w", encoding="utf-8") as handle:
                 handle.write(self.session_file)  # for remove_leftovers, should we die before close()
-            lines = session_lines_for(session_turns, session_id, real_cwd)
+            lines = session_lines_for(session_turns, session_id, real_cwd,
+                                      context=NATIVE_CONTEXT.rows_for(self.call.model))
             fd = os.open(self.session_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write("\n".join(lines) + "\n")
         return prompt_file, session_id
+
+    def _own_transcript(self) -> str:
+        """A session id for a fresh process whose transcript teaches NATIVE_CONTEXT; the file is
+        this run's session file, removed at close (or by remove_leftovers after a crash)."""
+        session_id = str(uuid.uuid4())
+        folder = os.path.join(claude_projects_dir(self.environ), project_key(os.path.realpath(self.config.workdir)))
+        self.session_file = os.path.join(folder, session_id + ".jsonl")
+        with open(os.path.join(self.private_dir, SESSION_POINTER), "w", encoding="utf-8") as handle:
+            handle.write(self.session_file)
+        return session_id
+
+    def _learn_context(self) -> None:
+        """Read the CLI's context rows from this process's transcript once it has written them."""
+        try:
+            with open(self.session_file, encoding="utf-8") as handle:
+                found = native_context_in(handle.read().splitlines())
+        except (OSError, TypeError):
+            return
+        NATIVE_CONTEXT.learn(self.call.model, found)
 
     # -- the CLI's questions (control requests) ------------------------------------------------
 
@@ -1292,7 +1380,10 @@ class CliRun:
                 line, self._buffer = self._buffer[:newline], self._buffer[newline + 1:]
                 event = self._parse(line)
                 if event is not None:
-                    if self.session_file and event.get("type") in ("stream_event", "result"):
+                    if self.keeps_transcript:
+                        if event.get("type") == "result" and not NATIVE_CONTEXT.known(self.call.model):
+                            self._learn_context()
+                    elif self.session_file and event.get("type") in ("stream_event", "result"):
                         self._remove_session_file()  # loaded by now; the CLI writes no more to it
                     yield event
                 continue
@@ -1376,6 +1467,8 @@ class CliRun:
                     pipe.close()
                 except (OSError, ValueError):
                     pass
+        if self.keeps_transcript and self.session_file and not NATIVE_CONTEXT.known(self.call.model):
+            self._learn_context()
         self._remove_session_file()
         if self.private_dir:
             shutil.rmtree(self.private_dir, ignore_errors=True)

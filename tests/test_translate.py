@@ -1751,6 +1751,63 @@ def test_session_lines_from_a_real_call():
     assert rows[0]["timestamp"] == "1970-01-01T00:00:00.000Z"
 
 
+ENVIRONMENT = {"type": "environment", "snapshot": {"workingDirectory": "/d", "isGitRepo": False, "platform": "linux"}}
+MODEL_ROW = {"type": "model", "identity": {"modelId": "claude-x-1", "marketingName": "X 1", "knowledgeCutoff": None},
+             "text": "You are powered by the model named X 1. The exact model ID is claude-x-1."}
+
+
+@pytest.mark.parametrize("context, attachments", [
+    ((), []),
+    ((ENVIRONMENT,), [ENVIRONMENT, {"type": "date", "date": "2023-11-14"}]),
+    ((ENVIRONMENT, MODEL_ROW), [ENVIRONMENT, MODEL_ROW, {"type": "date", "date": "2023-11-14"}]),
+])
+def test_session_lines_carry_the_clis_context_rows_after_the_first_user_row(monkeypatch, context, attachments):
+    # As the CLI writes its own transcripts: the context once, after the first user row, dated by
+    # the local date.
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        rows = [json.loads(line) for line in cmp.session_lines_for(HISTORY, "s", "/d", now=1700000000.5,
+                                                                   context=context)]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert [r["type"] for r in rows] == ["user"] + ["attachment"] * len(attachments) + ["assistant", "user", "assistant"]
+    assert [r["attachment"] for r in rows if r["type"] == "attachment"] == attachments
+    assert [r["parentUuid"] for r in rows[1:]] == [r["uuid"] for r in rows[:-1]]
+    assert len({r["uuid"] for r in rows}) == len(rows)
+
+
+def test_native_context_in_a_cli_transcript():
+    rows = [{"type": "user", "message": {"role": "user", "content": "x"}},
+            {"type": "attachment", "attachment": ENVIRONMENT},
+            {"type": "attachment", "attachment": MODEL_ROW},
+            {"type": "attachment", "attachment": {"type": "date", "date": "2023-11-14"}},
+            {"type": "attachment", "attachment": dict(MODEL_ROW, text="a later model change")}]
+    lines = [json.dumps(r) for r in rows] + ['{"type": "attachment", "attachm']
+    assert cmp.native_context_in(lines) == {"environment": ENVIRONMENT, "model": MODEL_ROW}
+    assert cmp.native_context_in(lines[:1]) == {}
+
+
+def test_native_context_gives_the_model_row_only_for_its_model():
+    context = cmp.NativeContext()
+    assert context.rows_for("sonnet") == () and not context.known("sonnet")
+    context.learn("sonnet", {"model": MODEL_ROW})
+    assert context.rows_for("sonnet") == () and not context.known("sonnet")  # no environment yet
+    context.learn("sonnet", {"environment": ENVIRONMENT})
+    assert context.rows_for("sonnet") == (ENVIRONMENT, MODEL_ROW) and context.known("sonnet")
+    assert context.rows_for("opus") == (ENVIRONMENT,) and not context.known("opus")
+
+
+@pytest.mark.parametrize("transcript_id, expected", [
+    (None, ["--no-session-persistence"]), ("sid-1", ["--session-id", "sid-1"])])
+def test_only_a_learning_process_keeps_its_transcript(transcript_id, expected):
+    args = cmp.cli_args_for(call_for(user("x")), "claude", None, "/tmp/p", transcript_id)
+    at = args.index(expected[0])
+    assert args[at:at + len(expected)] == expected
+    assert ("--no-session-persistence" in args) == (transcript_id is None)
+
+
 # ================================================================================================
 # error_from_result and usage_from
 # ================================================================================================
