@@ -23,6 +23,7 @@ Progress goes to stderr; stdout carries only the report.
 
 import argparse
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -65,6 +66,7 @@ BARS = {
     "ttft_ratio_first_turn_warm": ("<=", 0.25, "≤ 0.25"),
     "ttft_ratio_first_turn_warm_loaded": ("<=", 0.25, "≤ 0.25"),
     "ttft_ratio_later_turns_warm": ("<=", 0.25, "≤ 0.25"),
+    "cold_path_uncached_bytes_ratio": ("<=", 1.5, "≤ 1.5"),
     "relay_chunks_per_s": (">=", 20000, "≥ 20,000 chunks/s"),
     "concurrent_successes": (">=", CONCURRENT_STREAMS, "%d/%d" % (CONCURRENT_STREAMS, CONCURRENT_STREAMS)),
     "proxy_peak_rss_mb": ("<=", 40.0, "≤ 40 MB"),
@@ -747,6 +749,79 @@ def upstream_bytes(procs, cli, env, upstream, workdir, budget):
             "leftover_processes": proxy_leftovers}
 
 
+def prompt_units(body):
+    """A request's prompt in Anthropic's cache order (tools, system, messages), one JSON unit per
+    tool or content block, with whether a cache breakpoint ends it. String content is its one text
+    block, and `cache_control` is not part of the text: neither changes what the cache holds."""
+    def unit(block, role=None):
+        block = {"type": "text", "text": block} if isinstance(block, str) else dict(block)
+        marked = block.pop("cache_control", None) is not None
+        return json.dumps([role, block], sort_keys=True), marked
+    units = [unit(tool) for tool in body.get("tools") or []]
+    system = body.get("system") or []
+    units += [unit(block, "system") for block in ([system] if isinstance(system, str) else system)]
+    for message in body.get("messages") or []:
+        content = message["content"]
+        units += [unit(block, message["role"]) for block in ([content] if isinstance(content, str) else content)]
+    return units
+
+
+def uncached_bytes(bodies):
+    """Per request: the prompt bytes after the longest prefix that an earlier request sent with a
+    cache breakpoint at its end (what Anthropic's prompt cache can read), as JSON units."""
+    cached, result = set(), []
+    for body in bodies:
+        units = prompt_units(body)
+        sizes = [len(text.encode("utf-8")) for text, _ in units]
+        keys, running = [], hashlib.sha256()
+        for text, _ in units:
+            running.update(text.encode("utf-8") + b"\0")
+            keys.append(running.hexdigest())
+        hit = max([i + 1 for i, key in enumerate(keys) if key in cached] or [0])
+        result.append(sum(sizes[hit:]))
+        cached.update(key for key, (_, marked) in zip(keys, units) if marked)
+    return result
+
+
+def conversation_bodies(procs, cli, env, upstream, budget, args, requests):
+    """The upstream bodies of one conversation of `requests` chat requests through a proxy."""
+    proxy = ProxyProcess(procs, ["--claude", cli] + args, env, budget)
+    mark = uuid.uuid4().hex
+    client = chat_client(proxy.url)
+    messages = [{"role": "system", "content": "You are a careful assistant. " * 200}]
+    try:
+        for turn in range(requests):
+            budget.cap(1)
+            messages.append({"role": "user", "content": "Question %d of conversation %s: %s" % (
+                turn + 1, mark, "please explain the details. " * 40)})
+            answer = client.stream(messages)
+            messages.append({"role": "assistant", "content": answer.text})
+        proxy.wait_for_log(requests, 10)
+    finally:
+        client.close()
+        leftovers = proxy.stop()
+    with upstream.lock:
+        bodies = [r["body"] for r in upstream.requests if r["path"].startswith("/v1/messages")
+                  and "count_tokens" not in r["path"] and mark in json.dumps(r["body"]["messages"])]
+    return bodies, leftovers
+
+
+def cold_path_bytes(procs, cli, env, upstream, budget, requests=8):
+    """Uncached prompt bytes of requests 2..N of one conversation, reuse on (default flags) and
+    off (--max-parked 0: every turn resumes a transcript the proxy wrote)."""
+    result = {}
+    for name, args in (("reuse", []), ("cold", ["--max-parked", "0", "--warm", "0"])):
+        bodies, leftovers = conversation_bodies(procs, cli, env, upstream, budget, args, requests)
+        per_request = uncached_bytes(bodies)
+        result[name] = {"uncached_bytes": per_request, "later_uncached_bytes": sum(per_request[1:]),
+                        "requests": len(bodies), "empty_messages": sum(
+                            1 for b in bodies for m in b["messages"] if not m["content"]),
+                        "leftover_processes": leftovers}
+    reuse = result["reuse"]["later_uncached_bytes"]
+    result["ratio"] = result["cold"]["later_uncached_bytes"] / reuse if reuse else None
+    return result
+
+
 # ================================================================================================
 # 3. Relay throughput
 # ================================================================================================
@@ -1052,6 +1127,8 @@ def summary_of(sections):
         "ttft_ratio_later_turns_cold": ratio(later["cold"]["samples_s"]),
         "upstream_bytes_proxy": sections["upstream_bytes"]["proxy_bytes"],
         "upstream_bytes_bare_cli": sections["upstream_bytes"]["bare_bytes"],
+        "cold_path_uncached_bytes_ratio": sections["cold_path_bytes"]["ratio"],
+        "cold_path_empty_messages": sections["cold_path_bytes"]["cold"]["empty_messages"],
         "relay_chunks_per_s": median(sections["relay"]["chunks_per_s_samples"]),
         "fake_cli_alone_lines_per_s": sections["relay"]["fake_cli_alone_lines_per_s"],
         "concurrent_successes": conc["successes"],
@@ -1215,6 +1292,7 @@ def measure_all(procs, budget, repeats, cli, home):
         }
         progress("2. upstream request bytes")
         sections["upstream_bytes"] = upstream_bytes(procs, cli, env, upstream, workdir, budget)
+        sections["cold_path_bytes"] = cold_path_bytes(procs, cli, env, upstream, budget)
     finally:
         upstream.stop()
     progress("3. relay throughput")
