@@ -762,6 +762,38 @@ def tool_use_of(call: Any, where: str, names: Dict[str, str], field: Optional[st
             "input": parsed}
 
 
+# The tool-call ids a client gets are the CLI's with "x", "_" and "-" escaped as "xx", "xu", "xd":
+# letters and digits only, so a client that strips every other character (OpenClaw) sends back
+# the very id it got, and cli_tool_id maps it back to the CLI's exactly.
+TOOL_ID_ESCAPES = {"x": "xx", "_": "xu", "-": "xd"}
+TOOL_ID_UNESCAPES = {escaped: char for char, escaped in TOOL_ID_ESCAPES.items()}
+# OpenClaw's Responses mode sends a call_id back as call_<id>_fc_<item id>_<hash>.
+WRAPPED_CALL_ID = re.compile(r"call_([A-Za-z0-9]+)_fc_[A-Za-z0-9_-]*")
+
+
+def client_tool_id(cli_id: str) -> str:
+    """The id a chat or Responses client gets for a tool call of the CLI."""
+    return "".join(TOOL_ID_ESCAPES.get(char, char) for char in cli_id)
+
+
+def cli_tool_id(client_id: str) -> str:
+    """The CLI's id for a tool-call id a client sent back (as given, sanitized to letters and
+    digits, or wrapped by OpenClaw); an id the proxy never gave comes back unchanged."""
+    wrapped = WRAPPED_CALL_ID.fullmatch(client_id)
+    escaped = wrapped.group(1) if wrapped else client_id
+    if not re.fullmatch(r"[A-Za-z0-9]+", escaped):
+        return client_id
+    parts, at = [], 0
+    while at < len(escaped):
+        step = 2 if escaped[at] == "x" else 1
+        piece = escaped[at:at + step]
+        if step == 2 and piece not in TOOL_ID_UNESCAPES:
+            return client_id
+        parts.append(TOOL_ID_UNESCAPES.get(piece, piece))
+        at += step
+    return "".join(parts)
+
+
 def tool_result_of(tool_call_id: Any, content: Any, where: str) -> Dict[str, Any]:
     if not isinstance(tool_call_id, str) or not tool_call_id:
         raise invalid(where + ".tool_call_id", "`tool_call_id` is required", "missing_required_parameter")
@@ -806,6 +838,7 @@ def turns_from_messages(messages: Any, max_messages: int, tools: Tuple[ClientToo
                 raise invalid(param + ".tool_calls", "`tool_calls` must be an array", "invalid_type")
             for j, call in enumerate(calls or []):
                 blocks.append(tool_use_of(call, "%s.tool_calls[%d]" % (param, j), names))
+                blocks[-1]["id"] = cli_tool_id(blocks[-1]["id"])
             legacy = message.get("function_call")
             if isinstance(legacy, dict):
                 call_id = "call_legacy_%d" % i
@@ -814,6 +847,7 @@ def turns_from_messages(messages: Any, max_messages: int, tools: Tuple[ClientToo
                                           param + ".function_call."))
         elif role == "tool":
             blocks = [tool_result_of(message.get("tool_call_id"), message.get("content"), param)]
+            blocks[0]["tool_use_id"] = cli_tool_id(blocks[0]["tool_use_id"])
             role = "user"
         elif role == "function":
             name = message.get("name")
@@ -2016,7 +2050,7 @@ class ChatChunks:
         elif kind == "tool_call" and self.legacy_functions:
             out.append(self._chunk({"function_call": {"name": event[3], "arguments": ""}}))
         elif kind == "tool_call":
-            out.append(self._chunk({"tool_calls": [{"index": event[1], "id": event[2], "type": "function",
+            out.append(self._chunk({"tool_calls": [{"index": event[1], "id": client_tool_id(event[2]), "type": "function",
                                                     "function": {"name": event[3], "arguments": ""}}]}))
         elif kind == "tool_args" and self.legacy_functions:
             out.append(self._chunk({"function_call": {"arguments": event[2]}}))
@@ -2056,7 +2090,7 @@ def completion_from(events: List[TurnEvent], completion_id: str, created: int, m
         message["content"] = text or None
         finish = (finish[0], legacy_finish(finish[1])) + tuple(finish[2:])
     elif calls:
-        message["tool_calls"] = calls
+        message["tool_calls"] = [dict(c, id=client_tool_id(c["id"])) for c in calls]
         message["content"] = text or None
     reasoning = "".join(e[1] for e in events if e[0] == "reasoning")
     if reasoning:
@@ -2593,12 +2627,12 @@ class ResponsesRenderer:
         elif kind == "tool_call":
             out += self._close()
             item = {"id": "fc_" + uuid.uuid4().hex, "type": "function_call", "status": "in_progress",
-                    "call_id": event[2], "name": event[3], "arguments": ""}
+                    "call_id": client_tool_id(event[2]), "name": event[3], "arguments": ""}
             if event[3] in self.namespaced:
                 item["namespace"], item["name"] = self.namespaced[event[3]]
             if event[3] in self.custom:
                 item = {"id": "ctc_" + uuid.uuid4().hex, "type": "custom_tool_call", "status": "in_progress",
-                        "call_id": event[2], "name": event[3], "input": ""}
+                        "call_id": client_tool_id(event[2]), "name": event[3], "input": ""}
                 self.custom_arguments[item["id"]] = ""
             self.calls[event[1]] = item
             out += self._open(item)

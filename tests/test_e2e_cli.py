@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+import claude_max_proxy as cmp
 from conftest import marker, only_request, spec_checked_http_client, sse_payloads, upstream_texts
 import real_cli
 
@@ -484,13 +485,21 @@ def result_text(block):
     return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_tool_result_reaches_the_model_from_the_waiting_process(e2e_proxy, upstream, stream):
+def alphanumeric(text):
+    """What OpenClaw leaves of a tool-call id in chat-completions mode."""
+    return "".join(char for char in text if char.isascii() and char.isalnum())
+
+
+@pytest.mark.parametrize("stream, sanitize", [(False, False), (True, False), (False, True)])
+def test_tool_result_reaches_the_model_from_the_waiting_process(e2e_proxy, upstream, stream, sanitize):
     mark = marker()
     first = [{"role": "user", "content": tool_prompt(mark, {"city": "Paris"})}]
     body = json.loads(chat(e2e_proxy, first, tools=[WEATHER])[2])
     message = body["choices"][0]["message"]
     call_id = message["tool_calls"][0]["id"]
+    if sanitize:  # a client that strips ids to letters and digits still reaches the waiting process
+        call_id = alphanumeric(call_id)
+        message = dict(message, tool_calls=[dict(c, id=alphanumeric(c["id"])) for c in message["tool_calls"]])
     result = "Sunny, 21C " + uuid.uuid4().hex[:6]
     second = first + [message, {"role": "tool", "tool_call_id": call_id, "content": result}]
     status, headers, raw = chat(e2e_proxy, second, tools=[WEATHER], stream=stream)
@@ -501,7 +510,8 @@ def test_tool_result_reaches_the_model_from_the_waiting_process(e2e_proxy, upstr
     bodies = upstream.messages_requests(mark)
     assert len(bodies) == 2  # one model call per request
     [block] = tool_result_blocks(bodies[1])
-    assert block["tool_use_id"] == call_id and result_text(block) == result
+    assert block["tool_use_id"] == cmp.cli_tool_id(call_id) and result_text(block) == result
+    assert cmp.TOOL_RESULTS_PROMPT not in json.dumps(bodies[1])  # no replay
     assert " reused=1" in e2e_proxy.wait_for_line(headers["x-request-id"])
 
 

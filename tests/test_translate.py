@@ -1092,6 +1092,39 @@ def test_bad_tool_results_are_400(tool_call_id, content, param):
     assert (error.status, error.param) == (400, param)
 
 
+@pytest.mark.parametrize("cli_id, client_id", [
+    ("toolu_01AbCx9", "tooluxu01AbCxx9"),
+    ("toolu_fake0_17", "tooluxufake0xu17"),
+    ("call-1_x", "callxd1xuxx"),
+    ("ABC123", "ABC123"),
+])
+def test_client_tool_ids_are_alphanumeric_and_map_back_exactly(cli_id, client_id):
+    assert cmp.client_tool_id(cli_id) == client_id and client_id.isalnum()
+    assert cmp.cli_tool_id(client_id) == cli_id
+    # OpenClaw's Responses mode: call_<id>_fc_<item id>_<hash>.
+    assert cmp.cli_tool_id("call_%s_fc_0a1b2c_9f8e7d" % client_id) == cli_id
+
+
+@pytest.mark.parametrize("client_id", [
+    "call_1",           # the client's own id: never ours (ours have no "_")
+    "call_legacy_3",
+    "fox",              # a lone escape character
+    "axyb",             # an escape the proxy never writes
+    "toolu_01AbC",      # a CLI id sent back as it is (a client that keeps ids from elsewhere)
+])
+def test_ids_the_proxy_never_gave_pass_unchanged(client_id):
+    assert cmp.cli_tool_id(client_id) == client_id
+
+
+def test_sanitized_tool_call_ids_reach_the_cli_as_its_own():
+    given = cmp.client_tool_id("toolu_01Ab")
+    _, turns = cmp.turns_from_messages([
+        user("Weather?"), assistant_calls(None, tool_call(given, "get_weather", "{}")),
+        {"role": "tool", "tool_call_id": given, "content": "rain"}], 10)
+    assert turns[1]["content"][0]["id"] == "toolu_01Ab"
+    assert turns[2]["content"][0]["tool_use_id"] == "toolu_01Ab"
+
+
 def test_tool_calls_and_results_become_tool_use_then_tool_result_blocks():
     system_prompt, turns = cmp.turns_from_messages([
         system("S"),
@@ -2433,7 +2466,7 @@ def test_a_tool_call_reaches_the_client_with_its_id_name_and_arguments():
     for include_usage in (False, True):
         chunks = chunks_for_events(out, include_usage)
         assert streamed_tool_calls(chunks) == [
-            {"id": "toolu_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}]
+            {"id": "tooluxu1", "name": "get_weather", "arguments": '{"city": "Paris"}'}]
         assert finish_reasons(chunks) == ["tool_calls"]
         assert streamed_text(chunks) == "Let me check."
 
@@ -2448,12 +2481,12 @@ def test_parallel_tool_calls_keep_their_order_and_indexes():
         ("tool_call", 2, "toolu_3", LONG_NAME)]
     chunks = chunks_for_events(out, False)
     assert streamed_tool_calls(chunks) == [
-        {"id": "toolu_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
-        {"id": "toolu_2", "name": "get_time", "arguments": "{}"},
-        {"id": "toolu_3", "name": LONG_NAME, "arguments": '{"q": "t"}'}]
+        {"id": "tooluxu1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"id": "tooluxu2", "name": "get_time", "arguments": "{}"},
+        {"id": "tooluxu3", "name": LONG_NAME, "arguments": '{"q": "t"}'}]
     assert finish_reasons(chunks) == ["tool_calls"]
     message = cmp.completion_from(out, "c", 1, "m")["choices"][0]["message"]
-    assert [c["id"] for c in message["tool_calls"]] == ["toolu_1", "toolu_2", "toolu_3"]
+    assert [c["id"] for c in message["tool_calls"]] == ["tooluxu1", "tooluxu2", "tooluxu3"]
 
 
 ARGUMENT_VALUES = st.recursive(
@@ -2475,7 +2508,7 @@ def test_streamed_arguments_concatenate_to_valid_json_however_they_are_split(arg
     chunks = chunks_for_events(out, include_usage)
     calls = streamed_tool_calls(chunks)
     assert [json.loads(c["arguments"]) for c in calls] == arguments
-    assert [(c["id"], c["name"]) for c in calls] == [("toolu_%d" % n, names[n]) for n in range(len(arguments))]
+    assert [(c["id"], c["name"]) for c in calls] == [("tooluxu%d" % n, names[n]) for n in range(len(arguments))]
     assert finish_reasons(chunks) == ["tool_calls"]
     completion = cmp.completion_from(out, "c", 1, "m")
     assert completion["choices"][0]["message"]["tool_calls"] == [
@@ -2494,7 +2527,7 @@ def test_a_tool_call_without_argument_fragments_gets_an_empty_object(fragments):
               + [block_stop(0), message_delta("tool_use"), message_stop()])
     _, out = translate(events, call=tools_call())
     assert streamed_tool_calls(chunks_for_events(out, False)) == [
-        {"id": "toolu_1", "name": "get_time", "arguments": "{}"}]
+        {"id": "tooluxu1", "name": "get_time", "arguments": "{}"}]
     message = cmp.completion_from(out, "c", 1, "m")["choices"][0]["message"]
     assert message["tool_calls"][0]["function"]["arguments"] == "{}"
 
@@ -2607,10 +2640,10 @@ def test_chunks_for_tool_calls_and_reasoning():
     assert [c["choices"][0]["delta"] for c in chunks] == [
         {"role": "assistant", "content": ""},
         {"reasoning_content": "hm"},
-        {"tool_calls": [{"index": 0, "id": "toolu_1", "type": "function",
+        {"tool_calls": [{"index": 0, "id": "tooluxu1", "type": "function",
                          "function": {"name": "get_weather", "arguments": ""}}]},
         {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Paris"}'}}]},
-        {"tool_calls": [{"index": 1, "id": "toolu_2", "type": "function",
+        {"tool_calls": [{"index": 1, "id": "tooluxu2", "type": "function",
                          "function": {"name": "get_time", "arguments": ""}}]},
         {"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]},
         {}]
@@ -2647,7 +2680,7 @@ def test_completion_from_with_tool_calls_and_reasoning(events, content, reasonin
     assert ("tool_calls" in message) == calls
     if calls:
         assert message["tool_calls"] == [
-            {"id": "toolu_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]
+            {"id": "tooluxu1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]
     assert completion["choices"][0]["finish_reason"] == ("tool_calls" if calls else "stop")
 
 
@@ -2668,7 +2701,7 @@ def test_the_openai_sdk_accepts_tool_call_chunks_and_completions():
         assert choice.finish_reason == "tool_calls"
         assert choice.message.content == "Let me check."
         assert [(c.id, c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
-            ("toolu_1", "get_weather", {"city": "Paris"}), ("toolu_2", "get_time", {})]
+            ("tooluxu1", "get_weather", {"city": "Paris"}), ("tooluxu2", "get_time", {})]
     assert final.usage.total_tokens == completion["usage"]["total_tokens"]
 
 
