@@ -37,6 +37,7 @@ import binascii
 import collections
 import dataclasses
 import datetime
+import errno
 import hashlib
 import hmac
 import http.client
@@ -285,7 +286,7 @@ OPTIONS = [
     ("--port", int, "port to bind (default 3456; 0 picks a free one)"),
     ("--claude", str, "path or name of the Claude Code CLI (default: `claude` on PATH)"),
     ("--default-model", str, "model used when a request names none (default claude-sonnet-4)"),
-    ("--workdir", str, "private empty working directory for the CLI (default under ~/.cache)"),
+    ("--workdir", str, "private empty working directory for the CLI, outside HOME and any git repository (default under $XDG_RUNTIME_DIR or the temp dir)"),
     ("--request-timeout", float, "seconds a request may take in all (default 600) -> 504"),
     ("--idle-timeout", float, "seconds the CLI may stay silent (default 300) -> 504"),
     ("--max-body-bytes", int, "largest request body accepted (default 10 MiB) -> 413"),
@@ -328,9 +329,11 @@ def env_name(flag: str) -> str:
 
 
 def default_workdir(environ: Dict[str, str]) -> str:
-    home = environ.get("HOME") or os.path.expanduser("~")
-    cache = environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
-    return os.path.join(cache, "claude-max-proxy", "cwd")
+    """Outside HOME: the CLI names its working directory to the model in every request (a path
+    under HOME carries the user name, and HOME may be a git repository of dotfiles)."""
+    runtime = environ.get("XDG_RUNTIME_DIR") or ""
+    base = runtime if os.path.isabs(runtime) else tempfile.gettempdir()
+    return os.path.join(base, "claude-max-proxy-%d" % os.getuid(), "cwd")
 
 
 def is_loopback_host(host: str) -> bool:
@@ -1186,6 +1189,24 @@ class NativeContext:
 NATIVE_CONTEXT = NativeContext()
 
 
+def make_private_dir(path: str) -> None:
+    """Create `path` (and its parent) as ours alone; refuse one that another user could have made
+    or can write to, as in a shared /tmp."""
+    for folder in (os.path.dirname(path), path):
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            os.makedirs(folder, 0o700, exist_ok=True)
+    info, parent = os.lstat(path), os.stat(os.path.dirname(path))
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise OSError(errno.EPERM, "not a private directory of this user", path)
+    # Whoever owns the parent can swap the directory: us or root, or a sticky one such as /tmp.
+    if parent.st_uid not in (0, os.getuid()) or (parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX):
+        raise OSError(errno.EPERM, "its parent directory is writable by other users", path)
+
+
 def claude_projects_dir(environ: Dict[str, str]) -> str:
     base = environ.get("CLAUDE_CONFIG_DIR") or os.path.join(
         environ.get("HOME") or os.path.expanduser("~"), ".claude")
@@ -1267,7 +1288,7 @@ class CliRun:
     def _write_private_files(self, session_turns: List[Dict[str, Any]]) -> Tuple[str, Optional[str]]:
         """The system prompt file and the session transcript (if any): (prompt path, session id)."""
         cwd = self.config.workdir
-        os.makedirs(cwd, mode=0o700, exist_ok=True)
+        make_private_dir(cwd)
         # Private files for this run (the system prompt) live in a 0700 temp directory.
         self.private_dir = tempfile.mkdtemp(prefix="%s%d-" % (RUN_DIR_PREFIX, os.getpid()))
         prompt_file = os.path.join(self.private_dir, "system-prompt.txt")

@@ -12,7 +12,9 @@ import dataclasses
 import json
 import os
 import re
+import stat
 import string
+import tempfile
 import time
 
 import pytest
@@ -2960,9 +2962,30 @@ def test_unreadable_api_key_file_is_a_config_error(tmp_path):
         cmp.config_from(parsed("--api-key-file", str(tmp_path / "missing")), {})
 
 
-def test_default_workdir_follows_the_given_environment():
-    cfg = cmp.config_from(parsed(), {"XDG_CACHE_HOME": "/xdg-cache"})
-    assert cfg.workdir == os.path.join("/xdg-cache", "claude-max-proxy", "cwd")
+@pytest.mark.parametrize("environ, base", [
+    ({"XDG_RUNTIME_DIR": "/run/user/7", "HOME": "/home/alice"}, "/run/user/7"),
+    ({"XDG_RUNTIME_DIR": "relative", "HOME": "/home/alice"}, tempfile.gettempdir()),
+    ({"HOME": "/home/alice", "XDG_CACHE_HOME": "/home/alice/.cache"}, tempfile.gettempdir()),
+])
+def test_default_workdir_is_outside_home(environ, base):
+    # The CLI tells the model its working directory in every request: no user name in it.
+    cfg = cmp.config_from(parsed(), environ)
+    assert cfg.workdir == os.path.join(base, "claude-max-proxy-%d" % os.getuid(), "cwd")
+    assert "alice" not in cfg.workdir
+
+
+def test_a_workdir_others_can_write_to_is_refused(tmp_path):
+    cmp.make_private_dir(str(tmp_path / "mine" / "cwd"))
+    assert stat.S_IMODE(os.stat(str(tmp_path / "mine" / "cwd")).st_mode) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(OSError):
+        cmp.make_private_dir(str(shared / "cwd"))
+    (tmp_path / "open").mkdir(mode=0o777)
+    os.chmod(str(tmp_path / "open"), 0o777)
+    with pytest.raises(OSError):
+        cmp.make_private_dir(str(tmp_path / "open"))
 
 
 def test_unknown_default_model_is_a_config_error():
