@@ -434,10 +434,11 @@ class OpenAIChat:
         self.client = openai.OpenAI(base_url=base_url + "/v1", api_key="bench", max_retries=0,
                                     timeout=120.0, http_client=http_client)
 
-    def stream(self, messages):
+    def stream(self, messages, tools=None):
         started = time.perf_counter()
         first, parts, chunks = None, [], 0
-        stream = self.client.chat.completions.create(model=MODEL, messages=messages, stream=True)
+        stream = self.client.chat.completions.create(model=MODEL, messages=messages, stream=True,
+                                                     **({"tools": tools} if tools else {}))
         with contextlib.closing(stream):
             for chunk in stream:
                 chunks += 1
@@ -465,10 +466,11 @@ class HttpChat:
         self.port = int(base_url.rsplit(":", 1)[1])
         self.conn = None
 
-    def stream(self, messages):
+    def stream(self, messages, tools=None):
         if self.conn is None:
             self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        body = json.dumps({"model": MODEL, "messages": messages, "stream": True}).encode("utf-8")
+        body = json.dumps(dict({"model": MODEL, "messages": messages, "stream": True},
+                               **({"tools": tools} if tools else {}))).encode("utf-8")
         started = time.perf_counter()
         first, parts, chunks = None, [], 0
         try:
@@ -822,6 +824,61 @@ def cold_path_bytes(procs, cli, env, upstream, budget, requests=8):
     return result
 
 
+# An agent's first turn (OpenClaw's shape): a 49,000-character system prompt and 12 tools.
+AGENT_SYSTEM = ("You are a capable agent working for the user. " * 1100)[:49000]
+AGENT_TOOLS = [{"type": "function", "function": {
+    "name": "tool_%d" % n, "description": "Tool number %d does one thing well. " % n * 8,
+    "parameters": {"type": "object", "properties": {"path": {"type": "string"}, "limit": {"type": "integer"}}}}}
+    for n in range(12)]
+
+
+def ttft_agent_first_turns(procs, cli, env, budget, repeats, gap=1.5):
+    """First turns of new conversations that carry AGENT_SYSTEM and AGENT_TOOLS, `gap` s apart."""
+    proxy = ProxyProcess(procs, ["--claude", cli], env, budget)
+    client = chat_client(proxy.url)
+    samples = []
+    try:
+        for _ in range(repeats):
+            time.sleep(gap)  # the traffic's pace (a shape being measured), not synchronisation
+            samples.append(client.stream([{"role": "system", "content": AGENT_SYSTEM}, {
+                "role": "user", "content": "Say hi (%s)" % uuid.uuid4().hex[:8]}], AGENT_TOOLS).ttft)
+        log = proxy.wait_for_log(repeats, 10)
+    finally:
+        client.close()
+        leftovers = proxy.stop()
+    return {"samples_s": samples, "reused": sum(1 for e in log if e["reused"]),
+            "requests": repeats, "leftover_processes": leftovers}
+
+
+def ttft_history_rewriting(procs, cli, env, upstream, budget, turns=5, gap=2.0):
+    """A client that appends a fresh context message to every request and leaves it out of the
+    history it sends next; TTFT per turn, and whether each upstream request held only its own."""
+    proxy = ProxyProcess(procs, ["--claude", cli], env, budget)
+    client = chat_client(proxy.url)
+    mark = uuid.uuid4().hex
+    history, contexts, samples = [{"role": "system", "content": "You are a careful assistant."}], [], []
+    try:
+        for turn in range(1, turns + 1):
+            if turn > 1:
+                time.sleep(gap)  # the traffic's pace, not synchronisation
+            history.append({"role": "user", "content": "Question %d (%s)" % (turn, mark)})
+            contexts.append("[context %s]" % uuid.uuid4().hex)
+            answer = client.stream(history + [{"role": "user", "content": contexts[-1]}])
+            samples.append(answer.ttft)
+            history.append({"role": "assistant", "content": answer.text})
+        log = proxy.wait_for_log(turns, 10)
+    finally:
+        client.close()
+        leftovers = proxy.stop()
+    with upstream.lock:
+        bodies = [json.dumps(r["body"]) for r in upstream.requests if r["path"].startswith("/v1/messages")
+                  and "count_tokens" not in r["path"] and mark in json.dumps(r["body"])]
+    faithful = len(bodies) == turns and all(
+        contexts[n] in body and not any(c in body for c in contexts[:n]) for n, body in enumerate(bodies))
+    return {"samples_s": samples, "reused": [e["reused"] for e in log], "faithful_upstream": faithful,
+            "leftover_processes": leftovers}
+
+
 # ================================================================================================
 # 3. Relay throughput
 # ================================================================================================
@@ -1128,6 +1185,9 @@ def summary_of(sections):
         "upstream_bytes_proxy": sections["upstream_bytes"]["proxy_bytes"],
         "upstream_bytes_bare_cli": sections["upstream_bytes"]["bare_bytes"],
         "cold_path_uncached_bytes_ratio": sections["cold_path_bytes"]["ratio"],
+        "ttft_ratio_agent_first_turns": ratio(sections["agent_first_turns"]["samples_s"]),
+        "ttft_ratio_history_rewriting_turns_3_5": ratio(sections["history_rewriting"]["samples_s"][2:5]),
+        "history_rewriting_faithful_upstream": sections["history_rewriting"]["faithful_upstream"],
         "cold_path_empty_messages": sections["cold_path_bytes"]["cold"]["empty_messages"],
         "relay_chunks_per_s": median(sections["relay"]["chunks_per_s_samples"]),
         "fake_cli_alone_lines_per_s": sections["relay"]["fake_cli_alone_lines_per_s"],
@@ -1293,6 +1353,9 @@ def measure_all(procs, budget, repeats, cli, home):
         progress("2. upstream request bytes")
         sections["upstream_bytes"] = upstream_bytes(procs, cli, env, upstream, workdir, budget)
         sections["cold_path_bytes"] = cold_path_bytes(procs, cli, env, upstream, budget)
+        progress("2b. traffic shapes: an agent's first turns, a history-rewriting client")
+        sections["agent_first_turns"] = ttft_agent_first_turns(procs, cli, env, budget, repeats["ttft"])
+        sections["history_rewriting"] = ttft_history_rewriting(procs, cli, env, upstream, budget)
     finally:
         upstream.stop()
     progress("3. relay throughput")

@@ -724,25 +724,10 @@ def test_later_turns_continue_in_the_waiting_process_and_the_model_sees_the_same
         assert upstream_texts(w) == [(r, t.replace(cold_mark, warm_mark)) for r, t in upstream_texts(c)]
         assert system_texts(w) == system_texts(c)
         assert w.get("tools", []) == c.get("tools", [])
-
-
-def test_a_resumed_turn_sends_the_same_messages_as_the_process_that_held_the_conversation(
-        start_proxy, real_claude, e2e_env, upstream):
-    # The cold path writes the CLI's own environment, model and date rows into the transcript it
-    # resumes, so the prompt cache can read the history: byte-equal `messages`, no empty message.
-    native = start_proxy(["--claude", real_claude], e2e_env)
-    cold = start_proxy(["--claude", real_claude, "--max-parked", "0", "--warm", "0"], e2e_env)
-    native_mark, cold_mark = marker(), marker()
-    native_ids = converse(native, "hello " + native_mark, 4)
-    cold_ids = converse(cold, "hello " + cold_mark, 4)
-    assert [" reused=1" in native.wait_for_line(i) for i in native_ids] == [False, True, True, True]
-    assert not any(" reused=1" in cold.wait_for_line(i) for i in cold_ids)
-    native_bodies, cold_bodies = upstream.messages_requests(native_mark), upstream.messages_requests(cold_mark)
-    assert len(native_bodies) == len(cold_bodies) == 4
-    for n, c in zip(native_bodies, cold_bodies):
-        assert json.loads(json.dumps(c["messages"]).replace(cold_mark, native_mark)) == n["messages"]
+        # The cold path's transcript carries the CLI's own environment, model and date rows: the
+        # same `messages` byte for byte (so the prompt cache reads the history), none empty.
+        assert json.loads(json.dumps(c["messages"]).replace(cold_mark, warm_mark)) == w["messages"]
         assert all(m["content"] for m in c["messages"]), c["messages"]
-    assert any(m["role"] == "system" for m in cold_bodies[-1]["messages"][:2])
 
 
 def test_a_first_turn_takes_a_warm_process_that_behaves_like_a_cold_one(start_proxy, real_claude, e2e_env, upstream):
