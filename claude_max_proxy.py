@@ -286,7 +286,8 @@ OPTIONS = [
     ("--port", int, "port to bind (default 3456; 0 picks a free one)"),
     ("--claude", str, "path or name of the Claude Code CLI (default: `claude` on PATH)"),
     ("--default-model", str, "model used when a request names none (default claude-sonnet-4)"),
-    ("--workdir", str, "private empty working directory for the CLI, outside HOME and any git repository (default under $XDG_RUNTIME_DIR or the temp dir)"),
+    ("--workdir", str, "private empty working directory for the CLI, outside HOME (default under "
+                       "$XDG_RUNTIME_DIR or the temp dir)"),
     ("--request-timeout", float, "seconds a request may take in all (default 600) -> 504"),
     ("--idle-timeout", float, "seconds the CLI may stay silent (default 300) -> 504"),
     ("--max-body-bytes", int, "largest request body accepted (default 10 MiB) -> 413"),
