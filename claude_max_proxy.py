@@ -1270,7 +1270,10 @@ class CliRun:
                            % (exc.filename or tempfile.gettempdir(), exc.strerror or exc),
                            "server_error", "storage_unavailable")
         transcript_id = None
-        if session_id is None and not NATIVE_CONTEXT.known(self.call.model):
+        # Not with images: a CLI that keeps its transcript also saves them and names the file
+        # to the model.
+        if session_id is None and not NATIVE_CONTEXT.known(self.call.model) \
+                and not any(block["type"] == "image" for block in self.call.prompt):
             transcript_id, self.keeps_transcript = self._own_transcript(), True
         argv = cli_args_for(self.call, self.claude_path, session_id, prompt_file, transcript_id)
         try:

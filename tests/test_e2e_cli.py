@@ -710,9 +710,10 @@ def converse(proxy, opening, turns):
 
 
 def test_later_turns_continue_in_the_waiting_process_and_the_model_sees_the_same_turns(
-        start_proxy, real_claude, e2e_env, upstream):
-    warm = start_proxy(["--claude", real_claude], e2e_env)
-    cold = start_proxy(["--claude", real_claude, "--max-parked", "0", "--warm", "0"], e2e_env)
+        start_proxy, real_claude, e2e_env, upstream, tmp_path):
+    workdir = str(tmp_path / "cwd")  # one machine: the CLI names its working directory upstream
+    warm = start_proxy(["--claude", real_claude, "--workdir", workdir], e2e_env)
+    cold = start_proxy(["--claude", real_claude, "--workdir", workdir, "--max-parked", "0", "--warm", "0"], e2e_env)
     warm_mark, cold_mark = marker(), marker()
     warm_ids = converse(warm, "hello " + warm_mark, 5)
     converse(cold, "hello " + cold_mark, 5)
