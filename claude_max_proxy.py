@@ -1248,7 +1248,7 @@ class CliRun:
         Without `send_prompt` the process starts warm: loaded and waiting on stdin."""
         try:
             session_turns, stdin_blocks = cold_turns_for(self.call)
-            self._spawn(session_turns)
+            self._spawn(session_turns, learn=send_prompt)
             if send_prompt:
                 self.proc.stdin.write(stdin_line_for(stdin_blocks))
             if self.call.tools or self.config.max_parked > 0:
@@ -1262,7 +1262,7 @@ class CliRun:
             raise
         return self
 
-    def _spawn(self, session_turns: List[Dict[str, Any]]) -> None:
+    def _spawn(self, session_turns: List[Dict[str, Any]], learn: bool = True) -> None:
         try:
             prompt_file, session_id = self._write_private_files(session_turns)
         except OSError as exc:  # a full disk or temp dir, a read-only HOME: say which, not "OSError"
@@ -1270,9 +1270,10 @@ class CliRun:
                            % (exc.filename or tempfile.gettempdir(), exc.strerror or exc),
                            "server_error", "storage_unavailable")
         transcript_id = None
-        # Not with images: a CLI that keeps its transcript also saves them and names the file
-        # to the model.
-        if session_id is None and not NATIVE_CONTEXT.known(self.call.model) \
+        # Only for a prompt known now and without images: a CLI that keeps its transcript also
+        # saves images and names the file to the model (so never a warm process, whose prompt
+        # comes later).
+        if learn and session_id is None and not NATIVE_CONTEXT.known(self.call.model) \
                 and not any(block["type"] == "image" for block in self.call.prompt):
             transcript_id, self.keeps_transcript = self._own_transcript(), True
         argv = cli_args_for(self.call, self.claude_path, session_id, prompt_file, transcript_id)
