@@ -334,7 +334,7 @@ def default_workdir(environ: Dict[str, str]) -> str:
     under HOME carries the user name, and HOME may be a git repository of dotfiles)."""
     runtime = environ.get("XDG_RUNTIME_DIR") or ""
     base = runtime if os.path.isabs(runtime) else tempfile.gettempdir()
-    return os.path.join(base, "claude-max-proxy-%d" % os.getuid(), "cwd")
+    return os.path.join(base, "claude-max-proxy-cwd-%d" % os.getuid())
 
 
 def is_loopback_host(host: str) -> bool:

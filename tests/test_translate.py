@@ -2970,7 +2970,7 @@ def test_unreadable_api_key_file_is_a_config_error(tmp_path):
 def test_default_workdir_is_outside_home(environ, base):
     # The CLI tells the model its working directory in every request: no user name in it.
     cfg = cmp.config_from(parsed(), environ)
-    assert cfg.workdir == os.path.join(base, "claude-max-proxy-%d" % os.getuid(), "cwd")
+    assert cfg.workdir == os.path.join(base, "claude-max-proxy-cwd-%d" % os.getuid())
     assert "alice" not in cfg.workdir
 
 
