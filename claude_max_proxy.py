@@ -41,6 +41,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import errno
 import hashlib
 import hmac
 import http.client
@@ -289,7 +290,8 @@ OPTIONS = [
     ("--port", int, "port to bind (default 3456; 0 picks a free one)"),
     ("--claude", str, "path or name of the Claude Code CLI (default: `claude` on PATH)"),
     ("--default-model", str, "model used when a request names none (default claude-sonnet-4)"),
-    ("--workdir", str, "private empty working directory for the CLI (default under ~/.cache)"),
+    ("--workdir", str, "private empty working directory for the CLI, outside HOME (default under "
+                       "$XDG_RUNTIME_DIR or the temp dir)"),
     ("--request-timeout", float, "seconds a request may take in all (default 600) -> 504"),
     ("--idle-timeout", float, "seconds the CLI may stay silent (default 300) -> 504"),
     ("--max-body-bytes", int, "largest request body accepted (default 10 MiB) -> 413"),
@@ -332,9 +334,11 @@ def env_name(flag: str) -> str:
 
 
 def default_workdir(environ: Dict[str, str]) -> str:
-    home = environ.get("HOME") or os.path.expanduser("~")
-    cache = environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
-    return os.path.join(cache, "claude-max-proxy", "cwd")
+    """Outside HOME: the CLI names its working directory to the model in every request (a path
+    under HOME carries the user name, and HOME may be a git repository of dotfiles)."""
+    runtime = environ.get("XDG_RUNTIME_DIR") or ""
+    base = runtime if os.path.isabs(runtime) else tempfile.gettempdir()
+    return os.path.join(base, "claude-max-proxy-cwd-%d" % os.getuid())
 
 
 def is_loopback_host(host: str) -> bool:
@@ -766,6 +770,38 @@ def tool_use_of(call: Any, where: str, names: Dict[str, str], field: Optional[st
             "input": parsed}
 
 
+# The tool-call ids a client gets are the CLI's with "x", "_" and "-" escaped as "xx", "xu", "xd":
+# letters and digits only, so a client that strips every other character (OpenClaw) sends back
+# the very id it got, and cli_tool_id maps it back to the CLI's exactly.
+TOOL_ID_ESCAPES = {"x": "xx", "_": "xu", "-": "xd"}
+TOOL_ID_UNESCAPES = {escaped: char for char, escaped in TOOL_ID_ESCAPES.items()}
+# OpenClaw's Responses mode sends a call_id back as call_<id>_fc_<item id>_<hash>.
+WRAPPED_CALL_ID = re.compile(r"call_([A-Za-z0-9]+)_fc_[A-Za-z0-9_-]*")
+
+
+def client_tool_id(cli_id: str) -> str:
+    """The id a chat or Responses client gets for a tool call of the CLI."""
+    return "".join(TOOL_ID_ESCAPES.get(char, char) for char in cli_id)
+
+
+def cli_tool_id(client_id: str) -> str:
+    """The CLI's id for a tool-call id a client sent back (as given, sanitized to letters and
+    digits, or wrapped by OpenClaw); an id the proxy never gave comes back unchanged."""
+    wrapped = WRAPPED_CALL_ID.fullmatch(client_id)
+    escaped = wrapped.group(1) if wrapped else client_id
+    if not re.fullmatch(r"[A-Za-z0-9]+", escaped):
+        return client_id
+    parts, at = [], 0
+    while at < len(escaped):
+        step = 2 if escaped[at] == "x" else 1
+        piece = escaped[at:at + step]
+        if step == 2 and piece not in TOOL_ID_UNESCAPES:
+            return client_id
+        parts.append(TOOL_ID_UNESCAPES.get(piece, piece))
+        at += step
+    return "".join(parts)
+
+
 def tool_result_of(tool_call_id: Any, content: Any, where: str) -> Dict[str, Any]:
     if not isinstance(tool_call_id, str) or not tool_call_id:
         raise invalid(where + ".tool_call_id", "`tool_call_id` is required", "missing_required_parameter")
@@ -810,6 +846,7 @@ def turns_from_messages(messages: Any, max_messages: int, tools: Tuple[ClientToo
                 raise invalid(param + ".tool_calls", "`tool_calls` must be an array", "invalid_type")
             for j, call in enumerate(calls or []):
                 blocks.append(tool_use_of(call, "%s.tool_calls[%d]" % (param, j), names))
+                blocks[-1]["id"] = cli_tool_id(blocks[-1]["id"])
             legacy = message.get("function_call")
             if isinstance(legacy, dict):
                 call_id = "call_legacy_%d" % i
@@ -818,6 +855,7 @@ def turns_from_messages(messages: Any, max_messages: int, tools: Tuple[ClientToo
                                           param + ".function_call."))
         elif role == "tool":
             blocks = [tool_result_of(message.get("tool_call_id"), message.get("content"), param)]
+            blocks[0]["tool_use_id"] = cli_tool_id(blocks[0]["tool_use_id"])
             role = "user"
         elif role == "function":
             name = message.get("name")
@@ -969,7 +1007,7 @@ def call_with_images(call: CliCall, fetched: Dict[str, Dict[str, Any]]) -> CliCa
 
 
 def cli_args_for(call: CliCall, claude_path: str, session_id: Optional[str],
-                 system_prompt_file: str) -> List[str]:
+                 system_prompt_file: str, transcript_id: Optional[str] = None) -> List[str]:
     """The argv of the CLI for a call. No client text goes here (one argument is capped at 128 KiB)."""
     args = [claude_path, "-p", "--input-format", "stream-json", "--output-format", "stream-json",
             "--verbose", "--include-partial-messages",
@@ -980,8 +1018,9 @@ def cli_args_for(call: CliCall, claude_path: str, session_id: Optional[str],
             "--disable-slash-commands", "--restricted",
             "--model", call.model,
             # A recorded prompt would outlive a changed system message on resume.
-            "--system-prompt-snapshot", "off",
-            "--no-session-persistence"]
+            "--system-prompt-snapshot", "off"]
+    # A process the proxy learns the CLI's context rows from (NativeContext) keeps its transcript.
+    args += ["--session-id", transcript_id] if transcript_id else ["--no-session-persistence"]
     if call.tools:
         # The proxy answers this MCP server itself, and the CLI asks it before any tool runs:
         # that question is where a tool call is caught and handed to the client.
@@ -1056,11 +1095,18 @@ def project_key(cwd: str) -> str:
 
 
 def session_lines_for(history: List[Dict[str, Any]], session_id: str, cwd: str,
-                      now: Optional[float] = None) -> List[str]:
-    """A session transcript the CLI can --resume: the earlier turns as real user/assistant rows."""
-    stamp = datetime.datetime.fromtimestamp(now if now is not None else time.time(),
-                                            datetime.timezone.utc)
+                      now: Optional[float] = None,
+                      context: Tuple[Dict[str, Any], ...] = ()) -> List[str]:
+    """A session transcript the CLI can --resume: the earlier turns as real user/assistant rows.
+
+    `context` holds the CLI's own attachments (native_context_in) that follow the first user row,
+    as in a transcript the CLI writes; with them a resumed turn sends the same `messages` as a
+    process that held the conversation all along, so the prompt cache reads its history."""
+    now = now if now is not None else time.time()
+    stamp = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
     timestamp = stamp.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (stamp.microsecond // 1000)
+    # The CLI dates a conversation by the local date (its TZ is ours, see CLI_ENV_NAMES).
+    attachments = list(context) + [{"type": "date", "date": time.strftime("%Y-%m-%d", time.localtime(now))}]
     lines, parent = [], None
     for turn in history:
         row_id = str(uuid.uuid4())
@@ -1069,12 +1115,35 @@ def session_lines_for(history: List[Dict[str, Any]], session_id: str, cwd: str,
             message.update({"id": "msg_" + row_id.replace("-", ""), "type": "message",
                             "model": "claude", "stop_reason": "end_turn", "stop_sequence": None,
                             "usage": {"input_tokens": 0, "output_tokens": 0}})
-        lines.append(json.dumps({
-            "parentUuid": parent, "isSidechain": False, "type": turn["role"], "message": message,
-            "uuid": row_id, "timestamp": timestamp, "sessionId": session_id, "cwd": cwd,
-            "userType": "external"}, ensure_ascii=False))
-        parent = row_id
+        rows = [{"type": turn["role"], "message": message}]
+        if context and parent is None:
+            rows += [{"type": "attachment", "attachment": attachment} for attachment in attachments]
+        for row in rows:
+            row_id = row_id if row["type"] != "attachment" else str(uuid.uuid4())
+            lines.append(json.dumps(dict(
+                {"parentUuid": parent, "isSidechain": False}, **row, uuid=row_id, timestamp=timestamp,
+                sessionId=session_id, cwd=cwd, userType="external"), ensure_ascii=False))
+            parent = row_id
     return lines
+
+
+# The CLI's attachments that describe where and on what it runs, in the order it writes them.
+CONTEXT_ATTACHMENTS = ("environment", "model")
+
+
+def native_context_in(lines: List[str]) -> Dict[str, Dict[str, Any]]:
+    """The CLI's own context attachments in a transcript it wrote: {attachment type: attachment}."""
+    found = {}
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a row the CLI was still writing
+        attachment = row.get("attachment") if isinstance(row, dict) else None
+        if row.get("type") == "attachment" and isinstance(attachment, dict) \
+                and attachment.get("type") in CONTEXT_ATTACHMENTS:
+            found.setdefault(attachment["type"], attachment)
+    return found
 
 
 # ================================================================================================
@@ -1090,6 +1159,57 @@ SESSION_POINTER = "session-file"      # in a run's private dir: the path of its 
 CLIENT_CHECK_INTERVAL = 0.25  # seconds between checks that the client is still there
 LIVE_RUNS = set()          # every CliRun not yet reaped, so shutdown can end them all
 LIVE_RUNS_LOCK = threading.Lock()
+
+
+class NativeContext:
+    """The CLI's own environment and model attachments, learned from transcripts of processes the
+    proxy runs, so the transcripts it writes for --resume carry the exact values (session_lines_for).
+
+    The model row differs per --model value; the environment row (working directory, platform,
+    shell, OS version) is the same for every process of this proxy."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.environment = None  # type: Optional[Dict[str, Any]]
+        self.models = {}         # --model value -> its model attachment
+
+    def known(self, model: str) -> bool:
+        with self.lock:
+            return self.environment is not None and model in self.models
+
+    def rows_for(self, model: str) -> Tuple[Dict[str, Any], ...]:
+        """What a transcript for `model` can carry now (nothing until the environment is known)."""
+        with self.lock:
+            if self.environment is None:
+                return ()
+            return (self.environment,) + ((self.models[model],) if model in self.models else ())
+
+    def learn(self, model: str, found: Dict[str, Dict[str, Any]]) -> None:
+        with self.lock:
+            self.environment = found.get("environment", self.environment)
+            if "model" in found:
+                self.models[model] = found["model"]
+
+
+NATIVE_CONTEXT = NativeContext()
+
+
+def make_private_dir(path: str) -> None:
+    """Create `path` (and its parent) as ours alone; refuse one that another user could have made
+    or can write to, as in a shared /tmp."""
+    for folder in (os.path.dirname(path), path):
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            os.makedirs(folder, 0o700, exist_ok=True)
+    info, parent = os.lstat(path), os.stat(os.path.dirname(path))
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise OSError(errno.EPERM, "not a private directory of this user", path)
+    # Whoever owns the parent can swap the directory: us or root, or a sticky one such as /tmp.
+    if parent.st_uid not in (0, os.getuid()) or (parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX):
+        raise OSError(errno.EPERM, "its parent directory is writable by other users", path)
 
 
 def claude_projects_dir(environ: Dict[str, str]) -> str:
@@ -1140,6 +1260,7 @@ class CliRun:
         self.permissions = {}   # tool_use_id -> (control request id, tool input): asked, unanswered
         self.mcp_calls = {}     # tool_use_id -> (control request id, JSON-RPC id): asked, unanswered
         self.tool_results = {}  # tool_use_id -> result text the client sent, to hand to the CLI
+        self.keeps_transcript = False  # writes its own transcript (to teach NATIVE_CONTEXT)
 
     # -- starting -------------------------------------------------------------------------------
 
@@ -1149,7 +1270,7 @@ class CliRun:
         Without `send_prompt` the process starts warm: loaded and waiting on stdin."""
         try:
             session_turns, stdin_blocks = cold_turns_for(self.call)
-            self._spawn(session_turns)
+            self._spawn(session_turns, learn=send_prompt)
             if send_prompt:
                 self.proc.stdin.write(stdin_line_for(stdin_blocks))
             if self.call.tools or self.config.max_parked > 0:
@@ -1163,14 +1284,21 @@ class CliRun:
             raise
         return self
 
-    def _spawn(self, session_turns: List[Dict[str, Any]]) -> None:
+    def _spawn(self, session_turns: List[Dict[str, Any]], learn: bool = True) -> None:
         try:
             prompt_file, session_id = self._write_private_files(session_turns)
         except OSError as exc:  # a full disk or temp dir, a read-only HOME: say which, not "OSError"
             raise ApiError(503, "cannot write the files the Claude CLI needs for this request (%s): %s"
                            % (exc.filename or tempfile.gettempdir(), exc.strerror or exc),
                            "server_error", "storage_unavailable")
-        argv = cli_args_for(self.call, self.claude_path, session_id, prompt_file)
+        transcript_id = None
+        # Only for a prompt known now and without images: a CLI that keeps its transcript also
+        # saves images and names the file to the model (so never a warm process, whose prompt
+        # comes later).
+        if learn and session_id is None and not NATIVE_CONTEXT.known(self.call.model) \
+                and not any(block["type"] == "image" for block in self.call.prompt):
+            transcript_id, self.keeps_transcript = self._own_transcript(), True
+        argv = cli_args_for(self.call, self.claude_path, session_id, prompt_file, transcript_id)
         try:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -1187,7 +1315,7 @@ class CliRun:
     def _write_private_files(self, session_turns: List[Dict[str, Any]]) -> Tuple[str, Optional[str]]:
         """The system prompt file and the session transcript (if any): (prompt path, session id)."""
         cwd = self.config.workdir
-        os.makedirs(cwd, mode=0o700, exist_ok=True)
+        make_private_dir(cwd)
         # Private files for this run (the system prompt) live in a 0700 temp directory.
         self.private_dir = tempfile.mkdtemp(prefix="%s%d-" % (RUN_DIR_PREFIX, os.getpid()))
         prompt_file = os.path.join(self.private_dir, "system-prompt.txt")
@@ -1202,11 +1330,31 @@ class CliRun:
             self.session_file = os.path.join(folder, session_id + ".jsonl")
             with open(os.path.join(self.private_dir, SESSION_POINTER), "w", encoding="utf-8") as handle:
                 handle.write(self.session_file)  # for remove_leftovers, should we die before close()
-            lines = session_lines_for(session_turns, session_id, real_cwd)
+            lines = session_lines_for(session_turns, session_id, real_cwd,
+                                      context=NATIVE_CONTEXT.rows_for(self.call.model))
             fd = os.open(self.session_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write("\n".join(lines) + "\n")
         return prompt_file, session_id
+
+    def _own_transcript(self) -> str:
+        """A session id for a fresh process whose transcript teaches NATIVE_CONTEXT; the file is
+        this run's session file, removed at close (or by remove_leftovers after a crash)."""
+        session_id = str(uuid.uuid4())
+        folder = os.path.join(claude_projects_dir(self.environ), project_key(os.path.realpath(self.config.workdir)))
+        self.session_file = os.path.join(folder, session_id + ".jsonl")
+        with open(os.path.join(self.private_dir, SESSION_POINTER), "w", encoding="utf-8") as handle:
+            handle.write(self.session_file)
+        return session_id
+
+    def _learn_context(self) -> None:
+        """Read the CLI's context rows from this process's transcript once it has written them."""
+        try:
+            with open(self.session_file, encoding="utf-8") as handle:
+                found = native_context_in(handle.read().splitlines())
+        except (OSError, TypeError):
+            return
+        NATIVE_CONTEXT.learn(self.call.model, found)
 
     # -- the CLI's questions (control requests) ------------------------------------------------
 
@@ -1323,7 +1471,10 @@ class CliRun:
                 line, self._buffer = self._buffer[:newline], self._buffer[newline + 1:]
                 event = self._parse(line)
                 if event is not None:
-                    if self.session_file and event.get("type") in ("stream_event", "result"):
+                    if self.keeps_transcript:
+                        if event.get("type") == "result" and not NATIVE_CONTEXT.known(self.call.model):
+                            self._learn_context()
+                    elif self.session_file and event.get("type") in ("stream_event", "result"):
                         self._remove_session_file()  # loaded by now; the CLI writes no more to it
                     yield event
                 continue
@@ -1407,6 +1558,8 @@ class CliRun:
                     pipe.close()
                 except (OSError, ValueError):
                     pass
+        if self.keeps_transcript and self.session_file and not NATIVE_CONTEXT.known(self.call.model):
+            self._learn_context()
         self._remove_session_file()
         if self.private_dir:
             shutil.rmtree(self.private_dir, ignore_errors=True)
@@ -1599,6 +1752,9 @@ class ProcessPool:
         run = entry.run if entry is not None else None
         if entry is not None and entry.at_tool_call != bool(results):
             self._end(run)  # a tool call answered with text, or results for no call: start afresh
+            run = None
+        elif run is not None and run.keeps_transcript and any(b["type"] == "image" for b in call.prompt):
+            self._end(run)  # a CLI keeping its transcript would tell the model where it saved the image
             run = None
         if run is not None:
             try:
@@ -2166,7 +2322,7 @@ class ChatChunks:
         elif kind == "tool_call" and self.legacy_functions:
             out.append(self._chunk({"function_call": {"name": event[3], "arguments": ""}}))
         elif kind == "tool_call":
-            out.append(self._chunk({"tool_calls": [{"index": event[1], "id": event[2], "type": "function",
+            out.append(self._chunk({"tool_calls": [{"index": event[1], "id": client_tool_id(event[2]), "type": "function",
                                                     "function": {"name": event[3], "arguments": ""}}]}))
         elif kind == "tool_args" and self.legacy_functions:
             out.append(self._chunk({"function_call": {"arguments": event[2]}}))
@@ -2755,12 +2911,12 @@ class ResponsesRenderer:
         elif kind == "tool_call":
             out += self._close()
             item = {"id": "fc_" + uuid.uuid4().hex, "type": "function_call", "status": "in_progress",
-                    "call_id": event[2], "name": event[3], "arguments": ""}
+                    "call_id": client_tool_id(event[2]), "name": event[3], "arguments": ""}
             if event[3] in self.namespaced:
                 item["namespace"], item["name"] = self.namespaced[event[3]]
             if event[3] in self.custom:
                 item = {"id": "ctc_" + uuid.uuid4().hex, "type": "custom_tool_call", "status": "in_progress",
-                        "call_id": event[2], "name": event[3], "input": ""}
+                        "call_id": client_tool_id(event[2]), "name": event[3], "input": ""}
                 self.custom_arguments[item["id"]] = ""
             self.calls[event[1]] = item
             out += self._open(item)

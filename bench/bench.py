@@ -23,6 +23,7 @@ Progress goes to stderr; stdout carries only the report.
 
 import argparse
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -65,6 +66,7 @@ BARS = {
     "ttft_ratio_first_turn_warm": ("<=", 0.25, "≤ 0.25"),
     "ttft_ratio_first_turn_warm_loaded": ("<=", 0.25, "≤ 0.25"),
     "ttft_ratio_later_turns_warm": ("<=", 0.25, "≤ 0.25"),
+    "cold_path_uncached_bytes_ratio": ("<=", 1.5, "≤ 1.5"),
     "relay_chunks_per_s": (">=", 20000, "≥ 20,000 chunks/s"),
     "concurrent_successes": (">=", CONCURRENT_STREAMS, "%d/%d" % (CONCURRENT_STREAMS, CONCURRENT_STREAMS)),
     "proxy_peak_rss_mb": ("<=", 40.0, "≤ 40 MB"),
@@ -432,10 +434,11 @@ class OpenAIChat:
         self.client = openai.OpenAI(base_url=base_url + "/v1", api_key="bench", max_retries=0,
                                     timeout=120.0, http_client=http_client)
 
-    def stream(self, messages):
+    def stream(self, messages, tools=None):
         started = time.perf_counter()
         first, parts, chunks = None, [], 0
-        stream = self.client.chat.completions.create(model=MODEL, messages=messages, stream=True)
+        stream = self.client.chat.completions.create(model=MODEL, messages=messages, stream=True,
+                                                     **({"tools": tools} if tools else {}))
         with contextlib.closing(stream):
             for chunk in stream:
                 chunks += 1
@@ -463,10 +466,11 @@ class HttpChat:
         self.port = int(base_url.rsplit(":", 1)[1])
         self.conn = None
 
-    def stream(self, messages):
+    def stream(self, messages, tools=None):
         if self.conn is None:
             self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        body = json.dumps({"model": MODEL, "messages": messages, "stream": True}).encode("utf-8")
+        body = json.dumps(dict({"model": MODEL, "messages": messages, "stream": True},
+                               **({"tools": tools} if tools else {}))).encode("utf-8")
         started = time.perf_counter()
         first, parts, chunks = None, [], 0
         try:
@@ -745,6 +749,134 @@ def upstream_bytes(procs, cli, env, upstream, workdir, budget):
             "bare_model_calls": len(bare_calls),
             "bare_all_requests": bare,
             "leftover_processes": proxy_leftovers}
+
+
+def prompt_units(body):
+    """A request's prompt in Anthropic's cache order (tools, system, messages), one JSON unit per
+    tool or content block, with whether a cache breakpoint ends it. String content is its one text
+    block, and `cache_control` is not part of the text: neither changes what the cache holds."""
+    def unit(block, role=None):
+        block = {"type": "text", "text": block} if isinstance(block, str) else dict(block)
+        marked = block.pop("cache_control", None) is not None
+        return json.dumps([role, block], sort_keys=True), marked
+    units = [unit(tool) for tool in body.get("tools") or []]
+    system = body.get("system") or []
+    units += [unit(block, "system") for block in ([system] if isinstance(system, str) else system)]
+    for message in body.get("messages") or []:
+        content = message["content"]
+        units += [unit(block, message["role"]) for block in ([content] if isinstance(content, str) else content)]
+    return units
+
+
+def uncached_bytes(bodies):
+    """Per request: the prompt bytes after the longest prefix that an earlier request sent with a
+    cache breakpoint at its end (what Anthropic's prompt cache can read), as JSON units."""
+    cached, result = set(), []
+    for body in bodies:
+        units = prompt_units(body)
+        sizes = [len(text.encode("utf-8")) for text, _ in units]
+        keys, running = [], hashlib.sha256()
+        for text, _ in units:
+            running.update(text.encode("utf-8") + b"\0")
+            keys.append(running.hexdigest())
+        hit = max([i + 1 for i, key in enumerate(keys) if key in cached] or [0])
+        result.append(sum(sizes[hit:]))
+        cached.update(key for key, (_, marked) in zip(keys, units) if marked)
+    return result
+
+
+def conversation_bodies(procs, cli, env, upstream, budget, args, requests):
+    """The upstream bodies of one conversation of `requests` chat requests through a proxy."""
+    proxy = ProxyProcess(procs, ["--claude", cli] + args, env, budget)
+    mark = uuid.uuid4().hex
+    client = chat_client(proxy.url)
+    messages = [{"role": "system", "content": "You are a careful assistant. " * 200}]
+    try:
+        for turn in range(requests):
+            budget.cap(1)
+            messages.append({"role": "user", "content": "Question %d of conversation %s: %s" % (
+                turn + 1, mark, "please explain the details. " * 40)})
+            answer = client.stream(messages)
+            messages.append({"role": "assistant", "content": answer.text})
+        proxy.wait_for_log(requests, 10)
+    finally:
+        client.close()
+        leftovers = proxy.stop()
+    with upstream.lock:
+        bodies = [r["body"] for r in upstream.requests if r["path"].startswith("/v1/messages")
+                  and "count_tokens" not in r["path"] and mark in json.dumps(r["body"]["messages"])]
+    return bodies, leftovers
+
+
+def cold_path_bytes(procs, cli, env, upstream, budget, requests=8):
+    """Uncached prompt bytes of requests 2..N of one conversation, reuse on (default flags) and
+    off (--max-parked 0: every turn resumes a transcript the proxy wrote)."""
+    result = {}
+    for name, args in (("reuse", []), ("cold", ["--max-parked", "0", "--warm", "0"])):
+        bodies, leftovers = conversation_bodies(procs, cli, env, upstream, budget, args, requests)
+        per_request = uncached_bytes(bodies)
+        result[name] = {"uncached_bytes": per_request, "later_uncached_bytes": sum(per_request[1:]),
+                        "requests": len(bodies), "empty_messages": sum(
+                            1 for b in bodies for m in b["messages"] if not m["content"]),
+                        "leftover_processes": leftovers}
+    reuse = result["reuse"]["later_uncached_bytes"]
+    result["ratio"] = result["cold"]["later_uncached_bytes"] / reuse if reuse else None
+    return result
+
+
+# An agent's first turn (OpenClaw's shape): a 49,000-character system prompt and 12 tools.
+AGENT_SYSTEM = ("You are a capable agent working for the user. " * 1100)[:49000]
+AGENT_TOOLS = [{"type": "function", "function": {
+    "name": "tool_%d" % n, "description": "Tool number %d does one thing well. " % n * 8,
+    "parameters": {"type": "object", "properties": {"path": {"type": "string"}, "limit": {"type": "integer"}}}}}
+    for n in range(12)]
+
+
+def ttft_agent_first_turns(procs, cli, env, budget, repeats, gap=1.5):
+    """First turns of new conversations that carry AGENT_SYSTEM and AGENT_TOOLS, `gap` s apart."""
+    proxy = ProxyProcess(procs, ["--claude", cli], env, budget)
+    client = chat_client(proxy.url)
+    samples = []
+    try:
+        for _ in range(repeats):
+            time.sleep(gap)  # the traffic's pace (a shape being measured), not synchronisation
+            samples.append(client.stream([{"role": "system", "content": AGENT_SYSTEM}, {
+                "role": "user", "content": "Say hi (%s)" % uuid.uuid4().hex[:8]}], AGENT_TOOLS).ttft)
+        log = proxy.wait_for_log(repeats, 10)
+    finally:
+        client.close()
+        leftovers = proxy.stop()
+    return {"samples_s": samples, "reused": sum(1 for e in log if e["reused"]),
+            "requests": repeats, "leftover_processes": leftovers}
+
+
+def ttft_history_rewriting(procs, cli, env, upstream, budget, turns=5, gap=2.0):
+    """A client that appends a fresh context message to every request and leaves it out of the
+    history it sends next; TTFT per turn, and whether each upstream request held only its own."""
+    proxy = ProxyProcess(procs, ["--claude", cli], env, budget)
+    client = chat_client(proxy.url)
+    mark = uuid.uuid4().hex
+    history, contexts, samples = [{"role": "system", "content": "You are a careful assistant."}], [], []
+    try:
+        for turn in range(1, turns + 1):
+            if turn > 1:
+                time.sleep(gap)  # the traffic's pace, not synchronisation
+            history.append({"role": "user", "content": "Question %d (%s)" % (turn, mark)})
+            contexts.append("[context %s]" % uuid.uuid4().hex)
+            answer = client.stream(history + [{"role": "user", "content": contexts[-1]}])
+            samples.append(answer.ttft)
+            history.append({"role": "assistant", "content": answer.text})
+        log = proxy.wait_for_log(turns, 10)
+    finally:
+        client.close()
+        leftovers = proxy.stop()
+    with upstream.lock:
+        bodies = [json.dumps(r["body"]) for r in upstream.requests if r["path"].startswith("/v1/messages")
+                  and "count_tokens" not in r["path"] and mark in json.dumps(r["body"])]
+    faithful = len(bodies) == turns and all(
+        contexts[n] in body and not any(c in body for c in contexts[:n]) for n, body in enumerate(bodies))
+    return {"samples_s": samples, "reused": [e["reused"] for e in log], "faithful_upstream": faithful,
+            "leftover_processes": leftovers}
 
 
 # ================================================================================================
@@ -1052,6 +1184,11 @@ def summary_of(sections):
         "ttft_ratio_later_turns_cold": ratio(later["cold"]["samples_s"]),
         "upstream_bytes_proxy": sections["upstream_bytes"]["proxy_bytes"],
         "upstream_bytes_bare_cli": sections["upstream_bytes"]["bare_bytes"],
+        "cold_path_uncached_bytes_ratio": sections["cold_path_bytes"]["ratio"],
+        "ttft_ratio_agent_first_turns": ratio(sections["agent_first_turns"]["samples_s"]),
+        "ttft_ratio_history_rewriting_turns_3_5": ratio(sections["history_rewriting"]["samples_s"][2:5]),
+        "history_rewriting_faithful_upstream": sections["history_rewriting"]["faithful_upstream"],
+        "cold_path_empty_messages": sections["cold_path_bytes"]["cold"]["empty_messages"],
         "relay_chunks_per_s": median(sections["relay"]["chunks_per_s_samples"]),
         "fake_cli_alone_lines_per_s": sections["relay"]["fake_cli_alone_lines_per_s"],
         "concurrent_successes": conc["successes"],
@@ -1112,6 +1249,20 @@ def table(m, sections):
         ("2", "upstream request bytes, bare `claude -p \"Say hi\"` (CLI defaults)",
          "%d B (%.1f× the proxy's)" % (m["upstream_bytes_bare_cli"],
                                        m["upstream_bytes_bare_cli"] / float(m["upstream_bytes_proxy"])), "—", "—"),
+        ("2", "uncached prompt bytes, requests 2–8 of a conversation: reuse off ÷ reuse on",
+         "%s (%d B ÷ %d B; empty upstream messages with reuse off: %d)" % (
+             r(m["cold_path_uncached_bytes_ratio"]), sections["cold_path_bytes"]["cold"]["later_uncached_bytes"],
+             sections["cold_path_bytes"]["reuse"]["later_uncached_bytes"], m["cold_path_empty_messages"]),
+         BARS["cold_path_uncached_bytes_ratio"][2],
+         yes_no("cold_path_uncached_bytes_ratio", m["cold_path_uncached_bytes_ratio"])),
+        ("2b", "TTFT ratio, an agent's first turns (49,000-character system prompt, 12 tools, 1.5 s apart)",
+         "%s (reused %d/%d)" % (r(m["ttft_ratio_agent_first_turns"]), sections["agent_first_turns"]["reused"],
+                                sections["agent_first_turns"]["requests"]), "—", "—"),
+        ("2b", "TTFT ratio, turns 3–5 of a client that rewrites its history (fresh context message each time)",
+         "%s (reused %s; upstream saw only the current context: %s)" % (
+             r(m["ttft_ratio_history_rewriting_turns_3_5"]),
+             "".join("1" if x else "0" for x in sections["history_rewriting"]["reused"]),
+             "yes" if m["history_rewriting_faithful_upstream"] else "no"), "—", "—"),
         ("3", "relay throughput, fake CLI words:%d, streaming" % RELAY_DELTAS,
          "%.0f chunks/s (fake CLI alone writes %.0f lines/s)" % (m["relay_chunks_per_s"],
                                                                  m["fake_cli_alone_lines_per_s"] or 0),
@@ -1215,6 +1366,10 @@ def measure_all(procs, budget, repeats, cli, home):
         }
         progress("2. upstream request bytes")
         sections["upstream_bytes"] = upstream_bytes(procs, cli, env, upstream, workdir, budget)
+        sections["cold_path_bytes"] = cold_path_bytes(procs, cli, env, upstream, budget)
+        progress("2b. traffic shapes: an agent's first turns, a history-rewriting client")
+        sections["agent_first_turns"] = ttft_agent_first_turns(procs, cli, env, budget, repeats["ttft"])
+        sections["history_rewriting"] = ttft_history_rewriting(procs, cli, env, upstream, budget)
     finally:
         upstream.stop()
     progress("3. relay throughput")

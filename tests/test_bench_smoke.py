@@ -25,12 +25,15 @@ SECONDS = ("cli_cold_ttft_s", "proxy_first_turn_warm_ttft_s", "proxy_first_turn_
            "fake_direct_32_at_once_median_s", "cold_start_connect_s", "cold_start_health_s")
 SIGNED_SECONDS = ("added_latency_p50_s", "added_latency_p99_s", "added_latency_vs_32_at_once_p50_s")
 RATIOS = ("ttft_ratio_first_turn_warm", "ttft_ratio_first_turn_warm_loaded", "ttft_ratio_first_turn_cold",
-          "ttft_ratio_later_turns_warm", "ttft_ratio_later_turns_cold")
+          "ttft_ratio_later_turns_warm", "ttft_ratio_later_turns_cold", "cold_path_uncached_bytes_ratio",
+          "ttft_ratio_agent_first_turns", "ttft_ratio_history_rewriting_turns_3_5")
 RATES = ("relay_chunks_per_s", "fake_cli_alone_lines_per_s")
 SIZES = ("upstream_bytes_proxy", "upstream_bytes_bare_cli", "proxy_peak_rss_mb", "proxy_peak_vmrss_sampled_mb",
          "proxy_idle_rss_mb")
 COUNTS = ("first_turn_warm_hits", "first_turn_warm_requests", "first_turn_warm_loaded_hits",
-          "later_turns_warm_reused", "later_turns_warm_count", "concurrent_successes", "concurrent_streams")
+          "later_turns_warm_reused", "later_turns_warm_count", "concurrent_successes", "concurrent_streams",
+          "cold_path_empty_messages")
+FLAGS = ("history_rewriting_faithful_upstream",)
 
 
 def is_number(value):
@@ -57,12 +60,14 @@ def run_bench(env):
 def test_quick_benchmark_reports_every_metric(real_claude):
     result = run_bench(dict(os.environ, CLAUDE_MAX_PROXY_TEST_CLI=real_claude))
     metrics = result["metrics"]
-    expected = SECONDS + SIGNED_SECONDS + RATIOS + RATES + SIZES + COUNTS
+    expected = SECONDS + SIGNED_SECONDS + RATIOS + RATES + SIZES + COUNTS + FLAGS
     assert sorted(metrics) == sorted(expected), "metrics changed: update this test with bench.py"
     for name in SECONDS + RATIOS + RATES + SIZES:
         assert is_number(metrics[name]) and metrics[name] > 0, (name, metrics[name])
     for name in SIGNED_SECONDS:
         assert is_number(metrics[name]), (name, metrics[name])
+    for name in FLAGS:
+        assert metrics[name] in (True, False), (name, metrics[name])
     for name in COUNTS:
         assert isinstance(metrics[name], int) and not isinstance(metrics[name], bool), (name, metrics[name])
     assert 0 <= metrics["first_turn_warm_hits"] <= metrics["first_turn_warm_requests"]

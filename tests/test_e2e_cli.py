@@ -14,6 +14,7 @@ import uuid
 
 import pytest
 
+import claude_max_proxy as cmp
 from conftest import marker, only_request, spec_checked_http_client, sse_payloads, upstream_texts
 import real_cli
 
@@ -489,13 +490,21 @@ def result_text(block):
     return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_tool_result_reaches_the_model_from_the_waiting_process(e2e_proxy, upstream, stream):
+def alphanumeric(text):
+    """What OpenClaw leaves of a tool-call id in chat-completions mode."""
+    return "".join(char for char in text if char.isascii() and char.isalnum())
+
+
+@pytest.mark.parametrize("stream, sanitize", [(False, False), (True, False), (False, True)])
+def test_tool_result_reaches_the_model_from_the_waiting_process(e2e_proxy, upstream, stream, sanitize):
     mark = marker()
     first = [{"role": "user", "content": tool_prompt(mark, {"city": "Paris"})}]
     body = json.loads(chat(e2e_proxy, first, tools=[WEATHER])[2])
     message = body["choices"][0]["message"]
     call_id = message["tool_calls"][0]["id"]
+    if sanitize:  # a client that strips ids to letters and digits still reaches the waiting process
+        call_id = alphanumeric(call_id)
+        message = dict(message, tool_calls=[dict(c, id=alphanumeric(c["id"])) for c in message["tool_calls"]])
     result = "Sunny, 21C " + uuid.uuid4().hex[:6]
     second = first + [message, {"role": "tool", "tool_call_id": call_id, "content": result}]
     status, headers, raw = chat(e2e_proxy, second, tools=[WEATHER], stream=stream)
@@ -506,7 +515,8 @@ def test_tool_result_reaches_the_model_from_the_waiting_process(e2e_proxy, upstr
     bodies = upstream.messages_requests(mark)
     assert len(bodies) == 2  # one model call per request
     [block] = tool_result_blocks(bodies[1])
-    assert block["tool_use_id"] == call_id and result_text(block) == result
+    assert block["tool_use_id"] == cmp.cli_tool_id(call_id) and result_text(block) == result
+    assert cmp.TOOL_RESULTS_PROMPT not in json.dumps(bodies[1])  # no replay
     assert " reused=1" in e2e_proxy.wait_for_line(headers["x-request-id"])
 
 
@@ -705,9 +715,10 @@ def converse(proxy, opening, turns):
 
 
 def test_later_turns_continue_in_the_waiting_process_and_the_model_sees_the_same_turns(
-        start_proxy, real_claude, e2e_env, upstream):
-    warm = start_proxy(["--claude", real_claude], e2e_env)
-    cold = start_proxy(["--claude", real_claude, "--max-parked", "0", "--warm", "0"], e2e_env)
+        start_proxy, real_claude, e2e_env, upstream, tmp_path):
+    workdir = str(tmp_path / "cwd")  # one machine: the CLI names its working directory upstream
+    warm = start_proxy(["--claude", real_claude, "--workdir", workdir], e2e_env)
+    cold = start_proxy(["--claude", real_claude, "--workdir", workdir, "--max-parked", "0", "--warm", "0"], e2e_env)
     warm_mark, cold_mark = marker(), marker()
     warm_ids = converse(warm, "hello " + warm_mark, 5)
     converse(cold, "hello " + cold_mark, 5)
@@ -719,6 +730,10 @@ def test_later_turns_continue_in_the_waiting_process_and_the_model_sees_the_same
         assert upstream_texts(w) == [(r, t.replace(cold_mark, warm_mark)) for r, t in upstream_texts(c)]
         assert system_texts(w) == system_texts(c)
         assert w.get("tools", []) == c.get("tools", [])
+        # The cold path's transcript carries the CLI's own environment, model and date rows: the
+        # same `messages` byte for byte (so the prompt cache reads the history), none empty.
+        assert json.loads(json.dumps(c["messages"]).replace(cold_mark, warm_mark)) == w["messages"]
+        assert all(m["content"] for m in c["messages"]), c["messages"]
 
 
 def test_a_first_turn_takes_a_warm_process_that_behaves_like_a_cold_one(start_proxy, real_claude, e2e_env, upstream):

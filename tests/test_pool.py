@@ -55,6 +55,7 @@ class FakeRun:
         self.closed = 0
         self.alive = True
         self.result_seen = False
+        self.keeps_transcript = False
         self.control_requests = []
         MADE.append(self)
 
@@ -195,6 +196,23 @@ def test_a_parked_process_that_died_is_ended_and_the_turn_starts_cold():
     _, _, first = run_turn(pool, chat([user("hi")]))
     first.alive = False
     events, reused, second = run_turn(pool, chat([user("hi"), assistant("one"), user("and?")]))
+    assert not reused and second is not first and first.closed == 1
+    assert events[0] == ("text", "cold")
+    assert_no_slot_held(pool, kept=1)
+
+
+PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+
+
+def test_a_process_keeping_its_transcript_gets_no_turn_with_an_image():
+    # Such a CLI saves a sent image to disk and tells the model its path: not the client's turn.
+    SCRIPTS.extend([[text_answer("one")], [text_answer("cold")]])
+    pool = pool_with()
+    _, _, first = run_turn(pool, chat([user("hi")]))
+    first.keeps_transcript = True
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_1PX}}
+    events, reused, second = run_turn(pool, chat([user("hi"), assistant("one"),
+                                                  user([{"type": "text", "text": "and this?"}, image])]))
     assert not reused and second is not first and first.closed == 1
     assert events[0] == ("text", "cold")
     assert_no_slot_held(pool, kept=1)

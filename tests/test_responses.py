@@ -284,14 +284,14 @@ def test_function_calls_stream_their_arguments_and_close_in_order():
     added = [p for _, p in out if p["type"] == "response.output_item.added"]
     assert [p["output_index"] for p in added] == [0, 1, 2]
     call = added[1]["item"]
-    assert call["id"].startswith("fc_") and call["call_id"] == "toolu_1" and call["name"] == "get_weather"
+    assert call["id"].startswith("fc_") and call["call_id"] == "tooluxu1" and call["name"] == "get_weather"
     assert call["arguments"] == "" and call["status"] == "in_progress"
     done = [p for _, p in out if p["type"] == "response.function_call_arguments.done"]
     assert [(p["output_index"], p["arguments"]) for p in done] == [(1, '{"city": "Oslo"}'), (2, "{}")]
     final = out[-1][1]["response"]
     assert [i["type"] for i in final["output"]] == ["message", "function_call", "function_call"]
     assert final["output"][1] == {"id": call["id"], "type": "function_call", "status": "completed",
-                                  "call_id": "toolu_1", "name": "get_weather", "arguments": '{"city": "Oslo"}'}
+                                  "call_id": "tooluxu1", "name": "get_weather", "arguments": '{"city": "Oslo"}'}
     assert final["output_text"] == "Let me check." and final["status"] == "completed"
 
 
@@ -415,15 +415,15 @@ def test_custom_tools_are_functions_of_one_string_and_their_calls_come_back_as_c
     render, out = streamed(CUSTOM_TURN, {"input": "hi", "tools": [APPLY_PATCH]})
     [call] = render.response["output"]
     assert (call["type"], call["name"], call["input"], call["call_id"]) == (
-        "custom_tool_call", "apply_patch", "*** Begin Patch\n", "toolu_1")
+        "custom_tool_call", "apply_patch", "*** Begin Patch\n", "tooluxu1")
     names = [name for name, _ in out]
     assert "response.function_call_arguments.delta" not in names
     assert names.index("response.custom_tool_call_input.done") < names.index("response.output_item.done")
-    replay = cmp.responses_output_messages([call, {"type": "custom_tool_call_output", "call_id": "toolu_1",
+    replay = cmp.responses_output_messages([call, {"type": "custom_tool_call_output", "call_id": "tooluxu1",
                                                    "output": "Done."}])
-    assert replay == [{"role": "assistant", "content": None, "tool_calls": [{"id": "toolu_1", "type": "function",
+    assert replay == [{"role": "assistant", "content": None, "tool_calls": [{"id": "tooluxu1", "type": "function",
                        "function": {"name": "apply_patch", "arguments": '{"input": "*** Begin Patch\\n"}'}}]},
-                      {"role": "tool", "tool_call_id": "toolu_1", "content": "Done."}]
+                      {"role": "tool", "tool_call_id": "tooluxu1", "content": "Done."}]
     assert cmp.hosted_tools_of([APPLY_PATCH, {"type": "web_search"}]) == ["web_search"]
     error = error_of({"input": [{"role": "user", "content": "x"}, dict(call, input=5),
                                 {"type": "custom_tool_call_output", "call_id": "toolu_1", "output": "x"}],
@@ -473,7 +473,7 @@ def test_output_items_replay_as_the_assistant_turn_the_cli_process_holds():
     response = renderer({"input": "weather?", "tools": [WEATHER]}, first).whole(TOOL_TURN, "m")
     stored = conversation + cmp.responses_output_messages(response["output"])
     assert stored[1] == {"role": "assistant", "content": [{"type": "text", "text": "Let me check."}]}
-    assert [c["id"] for c in stored[2]["tool_calls"]] == ["toolu_1", "toolu_2"]
+    assert [c["id"] for c in stored[2]["tool_calls"]] == ["tooluxu1", "tooluxu2"]
     second, _ = call_for({"input": [{"type": "function_call_output", "call_id": "toolu_1", "output": "rain"},
                                     {"type": "function_call_output", "call_id": "toolu_2", "output": "sun"}],
                           "tools": [WEATHER], "instructions": "Be brief."}, stored)
@@ -702,7 +702,12 @@ def test_a_response_can_be_continued_at_once_over_a_new_connection(e2e_proxy, st
     assert json.loads(raw)["previous_response_id"] == first["id"]
 
 
-@pytest.mark.parametrize("via", ["previous_response_id", "items", "stream"])
+def openclaw_call_id(call_id, item_id):
+    """How OpenClaw's Responses mode rewrites a call_id it sends back."""
+    return "call_%s_fc_%s_%s" % (call_id, item_id.replace("fc_", ""), uuid.uuid4().hex[:8])
+
+
+@pytest.mark.parametrize("via", ["previous_response_id", "items", "stream", "openclaw"])
 def test_function_call_round_trip(client, upstream, e2e_proxy, via):
     mark, args = marker(), {"city": "Paris", "units": ["c", 1, None]}
     tools = [WEATHER]
@@ -713,8 +718,11 @@ def test_function_call_round_trip(client, upstream, e2e_proxy, via):
     assert first.status == "completed"
     result = "Sunny, 21C " + uuid.uuid4().hex[:6]
     output = {"type": "function_call_output", "call_id": call.call_id, "output": result}
-    if via == "items":
+    if via in ("items", "openclaw"):
         items = request + [item.model_dump(exclude_none=True) for item in first.output] + [output]
+        if via == "openclaw":
+            wrapped = openclaw_call_id(call.call_id, call.id)
+            items = [dict(item, call_id=wrapped) if item.get("call_id") else item for item in items]
         second = client.responses.create(model="claude-sonnet-4", input=items, tools=tools)
         text = second.output_text
     else:
@@ -729,7 +737,7 @@ def test_function_call_round_trip(client, upstream, e2e_proxy, via):
     assert len(bodies) == 2
     results = [b for m in bodies[1]["messages"] if m["role"] == "user" and isinstance(m["content"], list)
                for b in m["content"] if b.get("type") == "tool_result"]
-    assert [r["tool_use_id"] for r in results] == [call.call_id]
+    assert [r["tool_use_id"] for r in results] == [cmp.cli_tool_id(call.call_id)]
     # The CLI process that made the call got the result: same conversation, either way it is sent.
     first_line = e2e_proxy.wait_for_line(" POST /v1/responses ")
     second_line = e2e_proxy.wait_for_line(" POST /v1/responses ", start=e2e_proxy.lines.index(first_line) + 1)

@@ -1170,7 +1170,8 @@ def test_a_restart_removes_what_a_killed_proxy_left_behind(fake_proxy, trace, tm
     first = fake_proxy(**trace.env)
     sock = open_raw(first.port, chat_body(messages=history + [{"role": "user", "content": "c @@fake:hang@@"}]))
     trace.wait_for_turn()
-    left = [os.path.join(first.tmp, name) for name in os.listdir(first.tmp)]
+    left = [os.path.join(first.tmp, name) for name in os.listdir(first.tmp)
+            if name.startswith("%s%d-" % (claude_max_proxy.RUN_DIR_PREFIX, first.proc.pid))]
     sessions = [os.path.join(folder, name) for folder, _, names in os.walk(str(tmp_path / ".claude"))
                 for name in names if name.endswith(".jsonl")]
     assert left and sessions  # the system prompt's dir and the transcript, as a crash leaves them

@@ -12,7 +12,9 @@ import dataclasses
 import json
 import os
 import re
+import stat
 import string
+import tempfile
 import time
 
 import pytest
@@ -1092,6 +1094,39 @@ def test_bad_tool_results_are_400(tool_call_id, content, param):
     assert (error.status, error.param) == (400, param)
 
 
+@pytest.mark.parametrize("cli_id, client_id", [
+    ("toolu_01AbCx9", "tooluxu01AbCxx9"),
+    ("toolu_fake0_17", "tooluxufake0xu17"),
+    ("call-1_x", "callxd1xuxx"),
+    ("ABC123", "ABC123"),
+])
+def test_client_tool_ids_are_alphanumeric_and_map_back_exactly(cli_id, client_id):
+    assert cmp.client_tool_id(cli_id) == client_id and client_id.isalnum()
+    assert cmp.cli_tool_id(client_id) == cli_id
+    # OpenClaw's Responses mode: call_<id>_fc_<item id>_<hash>.
+    assert cmp.cli_tool_id("call_%s_fc_0a1b2c_9f8e7d" % client_id) == cli_id
+
+
+@pytest.mark.parametrize("client_id", [
+    "call_1",           # the client's own id: never ours (ours have no "_")
+    "call_legacy_3",
+    "fox",              # a lone escape character
+    "axyb",             # an escape the proxy never writes
+    "toolu_01AbC",      # a CLI id sent back as it is (a client that keeps ids from elsewhere)
+])
+def test_ids_the_proxy_never_gave_pass_unchanged(client_id):
+    assert cmp.cli_tool_id(client_id) == client_id
+
+
+def test_sanitized_tool_call_ids_reach_the_cli_as_its_own():
+    given = cmp.client_tool_id("toolu_01Ab")
+    _, turns = cmp.turns_from_messages([
+        user("Weather?"), assistant_calls(None, tool_call(given, "get_weather", "{}")),
+        {"role": "tool", "tool_call_id": given, "content": "rain"}], 10)
+    assert turns[1]["content"][0]["id"] == "toolu_01Ab"
+    assert turns[2]["content"][0]["tool_use_id"] == "toolu_01Ab"
+
+
 def test_tool_calls_and_results_become_tool_use_then_tool_result_blocks():
     system_prompt, turns = cmp.turns_from_messages([
         system("S"),
@@ -1751,6 +1786,63 @@ def test_session_lines_from_a_real_call():
     assert rows[0]["timestamp"] == "1970-01-01T00:00:00.000Z"
 
 
+ENVIRONMENT = {"type": "environment", "snapshot": {"workingDirectory": "/d", "isGitRepo": False, "platform": "linux"}}
+MODEL_ROW = {"type": "model", "identity": {"modelId": "claude-x-1", "marketingName": "X 1", "knowledgeCutoff": None},
+             "text": "You are powered by the model named X 1. The exact model ID is claude-x-1."}
+
+
+@pytest.mark.parametrize("context, attachments", [
+    ((), []),
+    ((ENVIRONMENT,), [ENVIRONMENT, {"type": "date", "date": "2023-11-14"}]),
+    ((ENVIRONMENT, MODEL_ROW), [ENVIRONMENT, MODEL_ROW, {"type": "date", "date": "2023-11-14"}]),
+])
+def test_session_lines_carry_the_clis_context_rows_after_the_first_user_row(monkeypatch, context, attachments):
+    # As the CLI writes its own transcripts: the context once, after the first user row, dated by
+    # the local date.
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        rows = [json.loads(line) for line in cmp.session_lines_for(HISTORY, "s", "/d", now=1700000000.5,
+                                                                   context=context)]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert [r["type"] for r in rows] == ["user"] + ["attachment"] * len(attachments) + ["assistant", "user", "assistant"]
+    assert [r["attachment"] for r in rows if r["type"] == "attachment"] == attachments
+    assert [r["parentUuid"] for r in rows[1:]] == [r["uuid"] for r in rows[:-1]]
+    assert len({r["uuid"] for r in rows}) == len(rows)
+
+
+def test_native_context_in_a_cli_transcript():
+    rows = [{"type": "user", "message": {"role": "user", "content": "x"}},
+            {"type": "attachment", "attachment": ENVIRONMENT},
+            {"type": "attachment", "attachment": MODEL_ROW},
+            {"type": "attachment", "attachment": {"type": "date", "date": "2023-11-14"}},
+            {"type": "attachment", "attachment": dict(MODEL_ROW, text="a later model change")}]
+    lines = [json.dumps(r) for r in rows] + ['{"type": "attachment", "attachm']
+    assert cmp.native_context_in(lines) == {"environment": ENVIRONMENT, "model": MODEL_ROW}
+    assert cmp.native_context_in(lines[:1]) == {}
+
+
+def test_native_context_gives_the_model_row_only_for_its_model():
+    context = cmp.NativeContext()
+    assert context.rows_for("sonnet") == () and not context.known("sonnet")
+    context.learn("sonnet", {"model": MODEL_ROW})
+    assert context.rows_for("sonnet") == () and not context.known("sonnet")  # no environment yet
+    context.learn("sonnet", {"environment": ENVIRONMENT})
+    assert context.rows_for("sonnet") == (ENVIRONMENT, MODEL_ROW) and context.known("sonnet")
+    assert context.rows_for("opus") == (ENVIRONMENT,) and not context.known("opus")
+
+
+@pytest.mark.parametrize("transcript_id, expected", [
+    (None, ["--no-session-persistence"]), ("sid-1", ["--session-id", "sid-1"])])
+def test_only_a_learning_process_keeps_its_transcript(transcript_id, expected):
+    args = cmp.cli_args_for(call_for(user("x")), "claude", None, "/tmp/p", transcript_id)
+    at = args.index(expected[0])
+    assert args[at:at + len(expected)] == expected
+    assert ("--no-session-persistence" in args) == (transcript_id is None)
+
+
 # ================================================================================================
 # error_from_result and usage_from
 # ================================================================================================
@@ -2376,7 +2468,7 @@ def test_a_tool_call_reaches_the_client_with_its_id_name_and_arguments():
     for include_usage in (False, True):
         chunks = chunks_for_events(out, include_usage)
         assert streamed_tool_calls(chunks) == [
-            {"id": "toolu_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}]
+            {"id": "tooluxu1", "name": "get_weather", "arguments": '{"city": "Paris"}'}]
         assert finish_reasons(chunks) == ["tool_calls"]
         assert streamed_text(chunks) == "Let me check."
 
@@ -2391,12 +2483,12 @@ def test_parallel_tool_calls_keep_their_order_and_indexes():
         ("tool_call", 2, "toolu_3", LONG_NAME)]
     chunks = chunks_for_events(out, False)
     assert streamed_tool_calls(chunks) == [
-        {"id": "toolu_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
-        {"id": "toolu_2", "name": "get_time", "arguments": "{}"},
-        {"id": "toolu_3", "name": LONG_NAME, "arguments": '{"q": "t"}'}]
+        {"id": "tooluxu1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"id": "tooluxu2", "name": "get_time", "arguments": "{}"},
+        {"id": "tooluxu3", "name": LONG_NAME, "arguments": '{"q": "t"}'}]
     assert finish_reasons(chunks) == ["tool_calls"]
     message = cmp.completion_from(out, "c", 1, "m")["choices"][0]["message"]
-    assert [c["id"] for c in message["tool_calls"]] == ["toolu_1", "toolu_2", "toolu_3"]
+    assert [c["id"] for c in message["tool_calls"]] == ["tooluxu1", "tooluxu2", "tooluxu3"]
 
 
 ARGUMENT_VALUES = st.recursive(
@@ -2418,7 +2510,7 @@ def test_streamed_arguments_concatenate_to_valid_json_however_they_are_split(arg
     chunks = chunks_for_events(out, include_usage)
     calls = streamed_tool_calls(chunks)
     assert [json.loads(c["arguments"]) for c in calls] == arguments
-    assert [(c["id"], c["name"]) for c in calls] == [("toolu_%d" % n, names[n]) for n in range(len(arguments))]
+    assert [(c["id"], c["name"]) for c in calls] == [("tooluxu%d" % n, names[n]) for n in range(len(arguments))]
     assert finish_reasons(chunks) == ["tool_calls"]
     completion = cmp.completion_from(out, "c", 1, "m")
     assert completion["choices"][0]["message"]["tool_calls"] == [
@@ -2437,7 +2529,7 @@ def test_a_tool_call_without_argument_fragments_gets_an_empty_object(fragments):
               + [block_stop(0), message_delta("tool_use"), message_stop()])
     _, out = translate(events, call=tools_call())
     assert streamed_tool_calls(chunks_for_events(out, False)) == [
-        {"id": "toolu_1", "name": "get_time", "arguments": "{}"}]
+        {"id": "tooluxu1", "name": "get_time", "arguments": "{}"}]
     message = cmp.completion_from(out, "c", 1, "m")["choices"][0]["message"]
     assert message["tool_calls"][0]["function"]["arguments"] == "{}"
 
@@ -2550,10 +2642,10 @@ def test_chunks_for_tool_calls_and_reasoning():
     assert [c["choices"][0]["delta"] for c in chunks] == [
         {"role": "assistant", "content": ""},
         {"reasoning_content": "hm"},
-        {"tool_calls": [{"index": 0, "id": "toolu_1", "type": "function",
+        {"tool_calls": [{"index": 0, "id": "tooluxu1", "type": "function",
                          "function": {"name": "get_weather", "arguments": ""}}]},
         {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Paris"}'}}]},
-        {"tool_calls": [{"index": 1, "id": "toolu_2", "type": "function",
+        {"tool_calls": [{"index": 1, "id": "tooluxu2", "type": "function",
                          "function": {"name": "get_time", "arguments": ""}}]},
         {"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]},
         {}]
@@ -2590,7 +2682,7 @@ def test_completion_from_with_tool_calls_and_reasoning(events, content, reasonin
     assert ("tool_calls" in message) == calls
     if calls:
         assert message["tool_calls"] == [
-            {"id": "toolu_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]
+            {"id": "tooluxu1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]
     assert completion["choices"][0]["finish_reason"] == ("tool_calls" if calls else "stop")
 
 
@@ -2611,7 +2703,7 @@ def test_the_openai_sdk_accepts_tool_call_chunks_and_completions():
         assert choice.finish_reason == "tool_calls"
         assert choice.message.content == "Let me check."
         assert [(c.id, c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
-            ("toolu_1", "get_weather", {"city": "Paris"}), ("toolu_2", "get_time", {})]
+            ("tooluxu1", "get_weather", {"city": "Paris"}), ("tooluxu2", "get_time", {})]
     assert final.usage.total_tokens == completion["usage"]["total_tokens"]
 
 
@@ -2870,9 +2962,30 @@ def test_unreadable_api_key_file_is_a_config_error(tmp_path):
         cmp.config_from(parsed("--api-key-file", str(tmp_path / "missing")), {})
 
 
-def test_default_workdir_follows_the_given_environment():
-    cfg = cmp.config_from(parsed(), {"XDG_CACHE_HOME": "/xdg-cache"})
-    assert cfg.workdir == os.path.join("/xdg-cache", "claude-max-proxy", "cwd")
+@pytest.mark.parametrize("environ, base", [
+    ({"XDG_RUNTIME_DIR": "/run/user/7", "HOME": "/home/alice"}, "/run/user/7"),
+    ({"XDG_RUNTIME_DIR": "relative", "HOME": "/home/alice"}, tempfile.gettempdir()),
+    ({"HOME": "/home/alice", "XDG_CACHE_HOME": "/home/alice/.cache"}, tempfile.gettempdir()),
+])
+def test_default_workdir_is_outside_home(environ, base):
+    # The CLI tells the model its working directory in every request: no user name in it.
+    cfg = cmp.config_from(parsed(), environ)
+    assert cfg.workdir == os.path.join(base, "claude-max-proxy-cwd-%d" % os.getuid())
+    assert "alice" not in cfg.workdir
+
+
+def test_a_workdir_others_can_write_to_is_refused(tmp_path):
+    cmp.make_private_dir(str(tmp_path / "mine" / "cwd"))
+    assert stat.S_IMODE(os.stat(str(tmp_path / "mine" / "cwd")).st_mode) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(OSError):
+        cmp.make_private_dir(str(shared / "cwd"))
+    (tmp_path / "open").mkdir(mode=0o777)
+    os.chmod(str(tmp_path / "open"), 0o777)
+    with pytest.raises(OSError):
+        cmp.make_private_dir(str(tmp_path / "open"))
 
 
 def test_unknown_default_model_is_a_config_error():
