@@ -891,6 +891,11 @@ def has_tool_blocks(turns: List[Dict[str, Any]]) -> bool:
     return any(b["type"] in ("tool_use", "tool_result") for t in turns for b in t["content"])
 
 
+def has_image(blocks: List[Dict[str, Any]]) -> bool:
+    """A CLI that keeps its transcript saves such a turn's images and names the file to the model."""
+    return any(b["type"] == "image" for b in blocks)
+
+
 def tool_choice_applied(choice: str, chosen: Optional[str], tools: Tuple[ClientTool, ...],
                         turns: List[Dict[str, Any]], system_prompt: str) -> Tuple[str, Tuple[ClientTool, ...]]:
     """(system prompt, tools offered) for a tool choice: the CLI has no tool_choice of its own."""
@@ -1296,7 +1301,7 @@ class CliRun:
         # saves images and names the file to the model (so never a warm process, whose prompt
         # comes later).
         if learn and session_id is None and not NATIVE_CONTEXT.known(self.call.model) \
-                and not any(block["type"] == "image" for block in self.call.prompt):
+                and not has_image(self.call.prompt):
             transcript_id, self.keeps_transcript = self._own_transcript(), True
         argv = cli_args_for(self.call, self.claude_path, session_id, prompt_file, transcript_id)
         try:
@@ -1753,7 +1758,7 @@ class ProcessPool:
         if entry is not None and entry.at_tool_call != bool(results):
             self._end(run)  # a tool call answered with text, or results for no call: start afresh
             run = None
-        elif run is not None and run.keeps_transcript and any(b["type"] == "image" for b in call.prompt):
+        elif run is not None and run.keeps_transcript and has_image(call.prompt):
             self._end(run)  # a CLI keeping its transcript would tell the model where it saved the image
             run = None
         if run is not None:
