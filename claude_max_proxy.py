@@ -4280,17 +4280,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def _common_headers(self) -> None:
-        self.send_header("x-request-id", self.request_id)
+        headers = {"x-request-id": self.request_id}
         if getattr(self, "dropped_tools", ""):
-            self.send_header("x-claude-max-proxy-dropped-tools", self.dropped_tools)
+            headers["x-claude-max-proxy-dropped-tools"] = self.dropped_tools
+        # Every answer carries the latest known plan-limit state, as Anthropic's own headers do.
+        if not self.server.config.api_keys or authorized(self.server.config, self.headers):
+            headers.update(ratelimit_headers_for(self.server.limits.current(time.time())))
         origin = self.headers.get("Origin")
         if origin and origin in self.server.config.allowed_origins:
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Vary", "Origin")
-        # Every answer carries the latest known plan-limit state, as Anthropic's own headers do.
-        if not self.server.config.api_keys or authorized(self.server.config, self.headers):
-            for key, value in ratelimit_headers_for(self.server.limits.current(time.time())).items():
-                self.send_header(key, value)
+            # Without this a page's script cannot read any of them (nor an error's Retry-After).
+            self.send_header("Access-Control-Expose-Headers", ", ".join(list(headers) + ["Retry-After"]))
+        for key, value in headers.items():
+            self.send_header(key, value)
 
     # -- bodies ---------------------------------------------------------------------------------
 

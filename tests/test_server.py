@@ -448,6 +448,9 @@ def test_allowed_origin_gets_cors_headers_and_a_preflight(fake_proxy):
     assert status == 200, raw
     assert headers["access-control-allow-origin"] == origin
     assert "origin" in headers.get("vary", "").lower()
+    # A page's script can read the proxy's own headers, not only the CORS-safelisted ones.
+    exposed = [h.strip().lower() for h in headers["access-control-expose-headers"].split(",")]
+    assert headers["x-request-id"] and {"x-request-id", "retry-after"} <= set(exposed)
     # Errors carry CORS headers too, or the page could not read why it failed.
     response = proxy.chat(chat_body(), headers={"Origin": origin})
     error_of(response, 401)
