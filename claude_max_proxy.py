@@ -4281,6 +4281,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _common_headers(self) -> None:
         headers = {"x-request-id": self.request_id}
+        if getattr(self, "path", "").startswith("/v1/messages"):
+            headers["request-id"] = self.request_id  # Anthropic's name, read by its SDKs
         if getattr(self, "dropped_tools", ""):
             headers["x-claude-max-proxy-dropped-tools"] = self.dropped_tools
         # Every answer carries the latest known plan-limit state, as Anthropic's own headers do.

@@ -53,6 +53,7 @@ def test_plain_message_has_anthropics_shape_and_the_upstream_usage(client, upstr
     message = client.messages.create(model=MODEL, max_tokens=256, messages=user("Say hi " + mark))
     sent = only_request(upstream, mark)
     assert message.type == "message" and message.role == "assistant" and message.id.startswith("msg_")
+    assert message._request_id.startswith("req_")  # the SDK reads Anthropic's `request-id` header
     assert [(b.type, b.text) for b in message.content] == [("text", TEXT)]
     assert message.stop_reason == "end_turn" and message.stop_sequence is None
     assert message.model == sent["model"]  # what the CLI reports using
@@ -405,8 +406,9 @@ def test_every_error_on_the_messages_routes_is_in_anthropics_envelope(fake_proxy
                                                                       status, kind):
     proxy = fake_proxy(["--max-body-bytes", "1024"])
     sent = dict({"Content-Type": "application/json"}, **headers) if body is not None else headers
-    got, _, raw = proxy.request(method, path, body, sent)
+    got, got_headers, raw = proxy.request(method, path, body, sent)
     assert got == status
+    assert got_headers["request-id"] == got_headers["x-request-id"]
     reply = json.loads(raw)
     assert reply["type"] == "error" and reply["error"]["type"] == kind and reply["error"]["message"]
 
