@@ -47,10 +47,10 @@ sys.path.insert(0, TESTS)
 
 import claude_max_proxy as cmp  # noqa: E402
 import fake_upstream  # noqa: E402
-from procs import tagged_processes  # noqa: E402
+import launch  # noqa: E402
+from launch import MODULE, http_request, tagged_processes  # noqa: E402
 import real_cli  # noqa: E402
 
-MODULE = os.path.join(ROOT, "claude_max_proxy.py")
 FAKE_CLAUDE = os.path.join(TESTS, "fake_claude.py")
 TAG_VAR = "CLAUDE_MAX_PROXY_BENCH_TAG"
 MODEL = "claude-sonnet-4"
@@ -320,85 +320,21 @@ def machine_description(cli_path, cli_version):
 # Proxies as processes
 # ================================================================================================
 
-class ProxyProcess:
-    """`python3 claude_max_proxy.py --port 0 ...`: its port, its access log, /health."""
+class ProxyProcess(launch.ProxyProcess):
+    """The shared launcher (tests/launch.py) spawning through the run's `Processes`, each wait
+    within the run's `Budget`; `stop` also counts the CLIs its proxy left behind."""
 
     def __init__(self, procs, args, env, budget):
         self.procs = procs
-        argv = [sys.executable, MODULE, "--host", "127.0.0.1", "--port", "0"] + list(args)
-        self.proc = procs.popen(argv, dict(env, PYTHONUNBUFFERED="1"), stderr=subprocess.PIPE,
-                                cwd=ROOT)
-        self.lines = []
-        self.changed = threading.Condition()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
-        line = self.wait_for(lambda: next((l for l in self.lines if "listening on" in l), None),
-                             budget.cap(30))
-        if line is None:
-            self.stop()
-            raise RuntimeError("the proxy did not start: %s" % "\n".join(self.lines[-20:]))
-        self.port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
-        self.url = "http://127.0.0.1:%d" % self.port
+        super().__init__(args, env, tmp=procs.tmp, start_timeout=budget.cap(30))
 
-    def _read_stderr(self):
-        for raw in iter(self.proc.stderr.readline, b""):
-            with self.changed:
-                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-                self.changed.notify_all()
-        with self.changed:
-            self.changed.notify_all()
-
-    def wait_for(self, found, timeout):
-        """Wait (bounded) until `found()` over the stderr lines is not None; return it."""
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while True:
-                value = found()
-                if value is not None:
-                    return value
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    return found()
-                self.changed.wait(min(left, 0.2))
-
-    def chat_log(self):
-        """Access-log entries of chat completions, in order: dicts with ttft and reused."""
-        with self.changed:
-            lines = [l for l in self.lines if " req_" in l and "/v1/chat/completions" in l]
-        entries = []
-        for line in lines:
-            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
-            ttft = fields.get("ttft", "-")
-            entries.append({"ttft": float(ttft) if ttft != "-" else None,
-                            "reused": fields.get("reused") == "1"})
-        return entries
-
-    def wait_for_log(self, count, timeout):
-        self.wait_for(lambda: True if len(self.chat_log()) >= count else None, timeout)
-        return self.chat_log()
-
-    def health(self, timeout=10):
-        status, _, body = http_request(self.port, "GET", "/health", timeout=timeout)
-        if status != 200:
-            raise RuntimeError("/health answered %d: %r" % (status, body[:200]))
-        return json.loads(body.decode("utf-8"))
+    def spawn(self, argv, env, cwd):
+        return self.procs.popen(argv, env, stderr=subprocess.PIPE, cwd=cwd)
 
     def stop(self):
         """SIGTERM, bounded wait, SIGKILL; then every CLI it started must be gone."""
         self.procs.end(self.proc, term_wait=15)
         return self.procs.sweep()
-
-
-def http_request(port, method, path, body=None, timeout=60):
-    """(status, headers, body) over a fresh loopback connection."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = json.dumps(body).encode("utf-8") if body is not None else None
-        headers = {"Content-Type": "application/json"} if data is not None else {}
-        conn.request(method, path, body=data, headers=headers)
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
 
 
 def wait_until(check, timeout, interval, budget):

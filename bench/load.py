@@ -19,7 +19,6 @@ process it leaves behind is reported and killed.
 """
 
 import argparse
-import collections
 import http.client
 import json
 import math
@@ -36,59 +35,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROXY = os.path.join(ROOT, "claude_max_proxy.py")
 FAKE_CLAUDE = os.path.join(ROOT, "tests", "fake_claude.py")
 HELLO = "Hello from the fake CLI."  # what tests/fake_claude.py answers in its text/slow modes
-TAG_VAR = "TMPDIR"  # the proxy's own (see main), passed on to every process it starts
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from procs import tagged_processes  # noqa: E402  (the /proc scan the tests use too)
+from launch import ProxyProcess  # noqa: E402  (the proxy launcher the tests use too)
 
 
 # ---- the proxy process ---------------------------------------------------------------------------
-
-class ProxyProcess:
-    """The proxy under test: started on an ephemeral port, its stderr drained, always ended."""
-
-    def __init__(self, args, env, start_timeout=20.0):
-        self.tmp = env["TMPDIR"]  # the proxy's private temp files land here
-        self.tag = self.tmp
-        env = dict(env, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, env=env, cwd=ROOT)
-        self.tail = collections.deque(maxlen=200)  # last stderr lines, for diagnostics
-        self.port = None
-        self.listening = threading.Event()
-        self.reader = threading.Thread(target=self._read_stderr, daemon=True)
-        self.reader.start()
-        # Reading stderr until EOF also keeps the access log from filling the pipe and blocking it.
-        if not self.listening.wait(start_timeout) or self.port is None:
-            self.stop()
-            raise RuntimeError("the proxy did not start:\n" + "\n".join(self.tail))
-
-    def _read_stderr(self):
-        for raw in iter(self.proc.stderr.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.tail.append(line)
-            if self.port is None and "listening on http://" in line:
-                self.port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
-                self.listening.set()
-        self.listening.set()
-
-    def stop(self, timeout=15.0):
-        """SIGTERM, then SIGKILL; returns the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        self.reader.join(2.0)
-        return self.proc.returncode
-
-
-def tagged_pids(tag, exclude=()):
-    """Live (or unreaped) processes whose environment carries the tag."""
-    return tagged_processes(TAG_VAR, tag, exclude)
-
 
 def resources(proxy):
     """The proxy's thread count, open fds and descendant processes, from /proc."""
@@ -96,7 +48,7 @@ def resources(proxy):
     with open("/proc/%d/status" % pid) as handle:
         threads = next(int(line.split()[1]) for line in handle if line.startswith("Threads:"))
     return {"threads": threads, "fds": len(os.listdir("/proc/%d/fd" % pid)),
-            "children": len(tagged_pids(proxy.tag, exclude=(pid,))),
+            "children": len(proxy.tagged_pids()),
             "temp_dirs": len(os.listdir(proxy.tmp)) if proxy.tmp else 0}
 
 
@@ -117,16 +69,6 @@ def settled_resources(proxy, baseline=None, timeout=5.0):
 
 # ---- HTTP ------------------------------------------------------------------------------------------
 
-def health(port, timeout=5.0):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", "/health")
-        response = conn.getresponse()
-        return json.loads(response.read())
-    finally:
-        conn.close()
-
-
 def in_flight(report):
     """Requests the proxy is serving or queueing, and idle CLI processes it keeps (if it pools)."""
     slots = report.get("slots") or {}
@@ -140,11 +82,11 @@ def wait_idle(proxy, timeout):
     last = None
     while time.monotonic() < deadline:
         try:
-            last = health(proxy.port)
+            last = proxy.health(timeout=5.0)
             busy, pooled = in_flight(last)
             if busy == 0 and pooled == 0:
                 return True, last
-        except (OSError, ValueError, http.client.HTTPException) as exc:
+        except (OSError, ValueError, RuntimeError, http.client.HTTPException) as exc:
             last = {"error": repr(exc)}
         time.sleep(0.1)
     return False, last
@@ -271,19 +213,20 @@ def proxy_flags(python, proxy_path):
 def run_load(options):
     """Start the proxy, measure, load, measure again, stop it; the numbers as a dict."""
     home = tempfile.mkdtemp(prefix="claude-max-proxy-bench-")
-    args = [options.python, options.proxy, "--host", "127.0.0.1", "--port", "0",
-            "--claude", options.claude, "--max-concurrency", str(options.concurrency),
+    args = ["--claude", options.claude, "--max-concurrency", str(options.concurrency),
             "--max-queue", str(options.max_queue), "--workdir", os.path.join(home, "cwd")]
     if "--parked-ttl" in proxy_flags(options.python, options.proxy):
         # Idle CLI processes are kept by design; a short life lets the "after" reading see them go.
         args += ["--parked-ttl", str(options.parked_ttl)]
     args += options.proxy_arg
-    os.makedirs(os.path.join(home, "tmp"))
-    env = dict(os.environ, HOME=home, TMPDIR=os.path.join(home, "tmp"))
+    os.makedirs(os.path.join(home, "tmp"))  # the proxy's TMPDIR: its private temp dirs land here
+    env = dict(os.environ, HOME=home)
     env.pop("FAKE_CLAUDE_MODE", None)
     report = {"requests": options.requests, "max_concurrency": options.concurrency,
-              "max_queue": options.max_queue, "delay": options.delay, "proxy_args": args[2:]}
-    proxy = ProxyProcess(args, env)
+              "max_queue": options.max_queue, "delay": options.delay}
+    proxy = ProxyProcess(args, env, tmp=os.path.join(home, "tmp"), program=options.proxy,
+                         python=options.python)
+    report["proxy_args"] = proxy.argv[2:]
     try:
         body = stream_body(options.delay)
         # Warm-up: the probe of `claude --version` done, the first request served and let go.
@@ -305,20 +248,11 @@ def run_load(options):
         report["after"] = settled_resources(proxy, report["baseline"], timeout=options.settle)
     finally:
         proxy.stop()
-        pid = proxy.proc.pid
-        deadline = time.monotonic() + 5
-        while tagged_pids(proxy.tag, exclude=(pid,)) and time.monotonic() < deadline:
-            time.sleep(0.05)  # killed process groups take a moment to vanish
-        left = tagged_pids(proxy.tag, exclude=(pid,))
-        for leftover in left:
-            try:
-                os.kill(leftover, signal.SIGKILL)
-            except OSError:
-                pass
+        left = proxy.kill_leftovers()
         report["left_after_exit"] = len(left)
         report["temp_dirs_left_after_exit"] = len(os.listdir(proxy.tmp))
         report["exit_status"] = proxy.proc.returncode
-        report["stderr_tail"] = list(proxy.tail)[-20:]
+        report["stderr_tail"] = proxy.lines[-20:]
         shutil.rmtree(home, ignore_errors=True)
     full = [r for r in results if r["outcome"] == "full"]
     others = [r for r in results if r["outcome"] == "other"]

@@ -1,22 +1,16 @@
 """Shared fixtures: the fake upstream, the pinned real CLI, and proxies run as real processes.
 
 Every proxy a test starts runs as `python3 claude_max_proxy.py --port 0` in a subprocess with a
-TMPDIR of its own. The proxy passes its CLI children only an allow-list of variables, TMPDIR among
+TMPDIR of its own (tests/launch.py, which the benchmarks share). The proxy passes its CLI children only an allow-list of variables, TMPDIR among
 them (nothing test-only gets through), so that directory tags every process the proxy starts;
 teardown stops the proxy and looks through /proc for any process still carrying it, so a leaked
 `claude` fails the test. The fake `claude` gets its FAKE_CLAUDE_* settings from a wrapper script.
 """
 
-import http.client
-import json
 import os
 import shlex
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 
@@ -28,14 +22,13 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 import fake_upstream  # noqa: E402
+import launch  # noqa: E402
+from launch import MODULE  # noqa: E402,F401  (tests import it from here)
 import openapi_check  # noqa: E402
-from procs import tagged_processes  # noqa: E402
 import real_cli  # noqa: E402
 
-MODULE = os.path.join(ROOT, "claude_max_proxy.py")
 FAKE_CLAUDE = os.path.join(HERE, "fake_claude.py")
 REQUIRE_E2E = os.environ.get("CLAUDE_MAX_PROXY_REQUIRE_E2E") == "1"
-TAG_VAR = "TMPDIR"  # a directory of each test proxy's own, inherited by every process it starts
 RUN_SLOW = os.environ.get("CLAUDE_MAX_PROXY_SLOW_TESTS") == "1"
 
 
@@ -84,101 +77,16 @@ def e2e_env(cli_home, upstream):
 
 # ---- proxies as real processes --------------------------------------------------------------------
 
-class Proxy:
-    """A running proxy process: its base URL, its stderr lines, and a tag its children carry."""
-
-    def __init__(self, args, env, cwd=None, tmp=None):
-        self.tmp = tmp or tempfile.mkdtemp(prefix="proxy-tmp-")  # a given one: a restart's, kept
-        self.owns_tmp = tmp is None
-        self.tag = self.tmp
-        env = dict(env)
-        env[TAG_VAR] = self.tag
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        self.proc = subprocess.Popen(
-            [sys.executable, MODULE, "--host", "127.0.0.1", "--port", "0"] + list(args),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=env, cwd=cwd or ROOT)
-        self.lines = []
-        self.lines_changed = threading.Condition()
-        self.port = None
-        threading.Thread(target=self._read_stderr, daemon=True).start()
-        line = self.wait_for_line("listening on", timeout=20)
-        if line is None:
-            self.stop()
-            raise RuntimeError("proxy did not start:\n" + "\n".join(self.lines))
-        self.port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
-        self.url = "http://127.0.0.1:%d" % self.port
-
-    def _read_stderr(self):
-        for raw in iter(self.proc.stderr.readline, b""):
-            with self.lines_changed:
-                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-                self.lines_changed.notify_all()
-        with self.lines_changed:
-            self.lines_changed.notify_all()
-
-    def wait_for_line(self, needle, timeout=10.0, start=0):
-        """The first stderr line from index `start` containing `needle` (waits on output, not time)."""
-        deadline = time.monotonic() + timeout
-        with self.lines_changed:
-            while True:
-                for line in self.lines[start:]:
-                    if needle in line:
-                        return line
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self._reader_alive()):
-                    return None
-                self.lines_changed.wait(min(left, 0.5))
-
-    def _reader_alive(self):
-        return not self.proc.stderr.closed and self.proc.poll() is None
-
-    def access_lines(self):
-        with self.lines_changed:
-            return [l for l in self.lines if " req_" in l]
-
-    def stop(self, sig=signal.SIGTERM, timeout=15):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def remove_tmp(self):
-        if self.owns_tmp:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def tagged_pids(self):
-        """Live processes this proxy started (directly or not), the proxy itself excluded."""
-        return tagged_processes(TAG_VAR, self.tag, exclude=(self.proc.pid,))
-
-    # -- HTTP --------------------------------------------------------------------------------------
+class Proxy(launch.ProxyProcess):
+    """A test's proxy (tests/launch.py): every answer read through `request` is spec-checked."""
 
     def request(self, method, path, body=None, headers=None, timeout=60):
         return http_request(self.port, method, path, body, headers, timeout)
 
-    def chat(self, body, headers=None, timeout=60):
-        return self.request("POST", "/v1/chat/completions", body, headers, timeout)
-
 
 def http_request(port, method, path, body=None, headers=None, timeout=60):
-    """(status, headers dict lower-cased, body bytes) over a fresh connection."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = None
-        hdrs = {"Host": "127.0.0.1:%d" % port}
-        if body is not None:
-            data = body if isinstance(body, bytes) else json.dumps(body).encode()
-            hdrs["Content-Type"] = "application/json"
-        hdrs.update(headers or {})
-        conn.request(method, path, body=data, headers=hdrs)
-        response = conn.getresponse()
-        answer = response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
+    """(status, headers dict lower-cased, body bytes) over a fresh connection, spec-checked."""
+    answer = launch.http_request(port, method, path, body, headers, timeout)
     spec_checked(method, path, *answer)
     return answer
 
@@ -280,16 +188,8 @@ def start_proxy():
     for proxy in proxies:  # all of them first: a restarted proxy shares its predecessor's TMPDIR
         proxy.stop()
     for proxy in proxies:
-        deadline = time.monotonic() + 5
-        while proxy.tagged_pids() and time.monotonic() < deadline:
-            time.sleep(0.05)  # bounded wait for the kernel to finish tearing down killed groups
-        leaks += proxy.tagged_pids()
+        leaks += proxy.kill_leftovers()
         proxy.remove_tmp()
-    for pid in leaks:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
     assert not leaks, "processes outlived their proxy: %s" % leaks
 
 
