@@ -802,14 +802,17 @@ def cli_tool_id(client_id: str) -> str:
     return "".join(parts)
 
 
-def tool_result_of(tool_call_id: Any, content: Any, where: str) -> Dict[str, Any]:
+def tool_result_of(tool_call_id: Any, content: Any, where: str, is_error: bool = False) -> Dict[str, Any]:
     if not isinstance(tool_call_id, str) or not tool_call_id:
         raise invalid(where + ".tool_call_id", "`tool_call_id` is required", "missing_required_parameter")
     if not TOOL_CALL_ID.fullmatch(tool_call_id):
         raise invalid(where + ".tool_call_id", "tool call ids must match ^[A-Za-z0-9_-]{1,128}$")
     blocks = text_blocks_of(content, where + ".content")
     text = "".join(b.get("text", "") for b in blocks if b["type"] == "text")
-    # The same shape the CLI gives a result its MCP server returned: cold and warm turns match.
+    # The same shape the CLI gives a result its MCP server returned (an error's as a bare string):
+    # cold and warm turns match.
+    if is_error:
+        return {"type": "tool_result", "tool_use_id": tool_call_id, "content": text, "is_error": True}
     return {"type": "tool_result", "tool_use_id": tool_call_id, "content": [{"type": "text", "text": text}]}
 
 
@@ -1080,7 +1083,8 @@ def tool_results_in(blocks: List[Dict[str, Any]]) -> Dict[str, str]:
     """tool_use_id -> result text, when a user turn is made of tool results only (else empty)."""
     if not blocks or any(b["type"] != "tool_result" for b in blocks):
         return {}
-    return {b["tool_use_id"]: "".join(part.get("text", "") for part in b["content"]) for b in blocks}
+    return {b["tool_use_id"]: b["content"] if isinstance(b["content"], str)
+            else "".join(part.get("text", "") for part in b["content"]) for b in blocks}
 
 
 def cold_turns_for(call: CliCall) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
@@ -1443,9 +1447,12 @@ class CliRun:
         for tool_use_id in [t for t in self.permissions if t in self.tool_results]:
             request_id, tool_input = self.permissions.pop(tool_use_id)
             self._reply(request_id, {"behavior": "allow", "updatedInput": tool_input})
+        failed = {b["tool_use_id"] for b in self.call.prompt if b.get("is_error")}
         for tool_use_id in [t for t in self.mcp_calls if t in self.tool_results]:
             request_id, rpc_id = self.mcp_calls.pop(tool_use_id)
             result = {"content": [{"type": "text", "text": self.tool_results[tool_use_id]}]}
+            if tool_use_id in failed:
+                result["isError"] = True  # the client's tool failed: the model is told so
             self._reply(request_id, {"mcp_response": {"jsonrpc": "2.0", "id": rpc_id, "result": result}})
 
     def _reply(self, request_id: Any, response: Dict[str, Any]) -> None:
@@ -3422,7 +3429,7 @@ def message_blocks_of(content: Any, role: str, where: str, names: Dict[str, str]
                 raise invalid(at + ".tool_use_id", "`tool_use_id` must match ^[A-Za-z0-9_-]{1,128}$")
             if not isinstance(block.get("is_error", False), bool):
                 raise invalid(at + ".is_error", "`is_error` must be a boolean", "invalid_type")
-            blocks.append(tool_result_of(block["tool_use_id"], block.get("content"), at))
+            blocks.append(tool_result_of(block["tool_use_id"], block.get("content"), at, block.get("is_error", False)))
         elif kind == "tool_use":
             if not isinstance(block.get("input"), dict):
                 raise invalid(at + ".input", "`input` must be an object", "invalid_type")

@@ -453,3 +453,25 @@ def test_claude_code_itself_works_as_an_anthropic_client_of_the_proxy(e2e_proxy,
     assert "Claude agent" in "\n".join(system_texts(sent))  # the client CLI's system prompt reached it
     offered = [t["name"] for t in sent["tools"] if t["name"].startswith("mcp__client__")]
     assert "mcp__client__Bash" in offered  # the client's tools, offered to run on the client's side
+
+
+@pytest.mark.parametrize("waiting", [True, False])
+def test_a_failed_tool_result_reaches_the_model_marked_as_an_error(client, upstream, waiting):
+    mark = marker()
+    messages = user(tool_prompt(mark, {"city": "Lima"}))
+    if waiting:
+        first = client.messages.create(model=MODEL, max_tokens=200, tools=[WEATHER], messages=messages)
+        call_id, content = first.content[-1].id, first.content
+    else:
+        call_id = "toolu_failed" + uuid.uuid4().hex[:6]
+        content = [{"type": "tool_use", "id": call_id, "name": "get_weather", "input": {"city": "Lima"}}]
+    error = "lookup failed " + uuid.uuid4().hex[:6]
+    messages += [{"role": "assistant", "content": content},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call_id, "content": error,
+                                               "is_error": True}]}]
+    client.messages.create(model=MODEL, max_tokens=200, tools=[WEATHER], messages=messages)
+    sent = upstream.messages_requests(mark)[-1]
+    [result] = [b for m in sent["messages"] if m["role"] == "user" for b in m["content"]
+                if isinstance(b, dict) and b.get("type") == "tool_result"]
+    # In the shape the CLI itself gives a failed MCP call, on the waiting and the replay path alike.
+    assert result["is_error"] is True and result["content"] == error
