@@ -4712,7 +4712,7 @@ def program_argv_for(executable: str, module_file: str) -> List[str]:
         raise ServiceError("cannot tell which Python runs this program (sys.executable is empty)")
     module_file = os.path.normpath(os.path.abspath(module_file))
     container = os.path.dirname(module_file)
-    # Inside a zipapp the module's __file__ is <archive>/claude_max_proxy.py: run the archive.
+    # Inside a zipapp the module's __file__ is <archive>/claude_max_proxy.py (.pyc): run the archive.
     program = container if os.path.isfile(container) else module_file
     return [os.path.abspath(executable), program]
 
