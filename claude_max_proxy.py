@@ -49,7 +49,6 @@ import io
 import ipaddress
 import json
 import os
-import plistlib
 import re
 import select
 import shlex
@@ -5310,6 +5309,7 @@ def installed_service_argv(platform: str, unit_path: str) -> Optional[List[str]]
     if text is None:
         return None
     if platform == "macos":
+        import plistlib  # only here: it loads an XML parser that serving never needs
         try:
             return list(plistlib.loads(text.encode("utf-8")).get("ProgramArguments") or [])
         except Exception:  # plistlib raises several types for a damaged file
