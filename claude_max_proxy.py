@@ -49,7 +49,6 @@ import io
 import ipaddress
 import json
 import os
-import plistlib
 import re
 import select
 import shlex
@@ -1166,6 +1165,7 @@ class ClientGone(Exception):
 RUN_DIR_PREFIX = "claude-max-proxy-"  # + our pid: a run's private dir, found again after a crash
 SESSION_POINTER = "session-file"      # in a run's private dir: the path of its session transcript
 CLIENT_CHECK_INTERVAL = 0.25  # seconds between checks that the client is still there
+DELTA_LINE = b'{"type":"stream_event","event":{"type":"content_block_delta"'  # how the CLI prints a delta
 LIVE_RUNS = set()          # every CliRun not yet reaped, so shutdown can end them all
 LIVE_RUNS_LOCK = threading.Lock()
 
@@ -1264,7 +1264,8 @@ class CliRun:
         self.stderr_reader = None  # type: Optional[threading.Thread]
         self.stderr_tail = collections.deque(maxlen=40)
         self.garbage_lines = 0
-        self._buffer = b""
+        self._lines = collections.deque()  # whole lines read from stdout, not parsed yet
+        self._buffer = b""  # the unfinished line after them
         self.stdin_lock = threading.Lock()
         self.permissions = {}   # tool_use_id -> (control request id, tool input): asked, unanswered
         self.mcp_calls = {}     # tool_use_id -> (control request id, JSON-RPC id): asked, unanswered
@@ -1478,10 +1479,8 @@ class CliRun:
                 last_check = time.monotonic()
                 if client_gone():
                     raise ClientGone()
-            newline = self._buffer.find(b"\n")
-            if newline >= 0:
-                line, self._buffer = self._buffer[:newline], self._buffer[newline + 1:]
-                event = self._parse(line)
+            if self._lines:
+                event = self._parse(self._lines.popleft())
                 if event is not None:
                     if self.keeps_transcript:
                         if event.get("type") == "result" and not NATIVE_CONTEXT.known(self.call.model):
@@ -1511,16 +1510,33 @@ class CliRun:
                     if event is not None:
                         yield event
                 return
-            self._buffer += data
+            # One split per read, rather than a copy of the rest of the buffer per line.
+            lines = data.split(b"\n")
+            lines[0] = self._buffer + lines[0]
+            self._buffer = lines.pop()
+            self._lines.extend(lines)
             last_output = time.monotonic()
+
+    def next_is_delta(self) -> bool:
+        """True when the next line is already read and is a streamed delta, so the reader goes on
+        without waiting (a relay may then hold its last frame back and write both together)."""
+        try:
+            return self._lines[0].startswith(DELTA_LINE)
+        except IndexError:  # nothing read ahead (or a parked process's next reader took it)
+            return False
 
     def _parse(self, line: bytes) -> Optional[Dict[str, Any]]:
         if not line.strip():
             return None
         try:
-            event = json.loads(line)
+            # Decoded first: json.loads skips its encoding detection. What fails goes the way
+            # it always went (bytes to json.loads), so no line parses differently.
+            event = json.loads(line.decode("utf-8"))
         except ValueError:
-            event = None
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
         if not isinstance(event, dict):
             self.garbage_lines += 1
             return None
@@ -4117,6 +4133,10 @@ def check_method(method: str, path: str, methods: Tuple[str, ...]) -> None:
                    "method_not_allowed", headers={"Allow": ", ".join(allow)})
 
 
+SSE_HOLD_BYTES = 32768  # most bytes of frames held back for one write while more are at hand
+SSE_JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps(..., ensure_ascii=False), built once
+
+
 class ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "claude-max-proxy/" + __version__
@@ -4125,6 +4145,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- entry points ---------------------------------------------------------------------------
 
     unread_body = False
+    sse_held, sse_held_bytes = (), 0  # SSE frames held back for one write (from _start_sse: a list)
 
     def finish(self):
         super().finish()
@@ -4393,6 +4414,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _start_sse(self) -> None:
         self.status = 200
+        self.sse_held, self.sse_held_bytes = [], 0  # frames written together with the next one
         self.send_response(200)
         self._common_headers()
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -4403,13 +4425,21 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.headers_sent = True
         self.last_frame_at = time.monotonic()
 
-    def _send_sse(self, payload: Any, event: Optional[str] = None) -> None:
-        text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    def _send_sse(self, payload: Any, event: Optional[str] = None, hold: bool = False) -> None:
+        """Write one frame; with `hold`, keep it (up to SSE_HOLD_BYTES) for the next write."""
+        text = payload if isinstance(payload, str) else SSE_JSON.encode(payload)
         data = ("%sdata: %s\n\n" % ("event: %s\n" % event if event else "", text)).encode("utf-8")
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
-        self.sent_bytes += len(data)
+        self.sse_held.append(b"%x\r\n%s\r\n" % (len(data), data))
+        self.sse_held_bytes += len(data)
         self.last_frame_at = time.monotonic()
+        if not hold or self.sse_held_bytes >= SSE_HOLD_BYTES:
+            self._write_held()
+
+    def _write_held(self) -> None:
+        if self.sse_held:
+            self.wfile.write(b"".join(self.sse_held))
+            self.sent_bytes += self.sse_held_bytes
+            self.sse_held, self.sse_held_bytes = [], 0
 
     def _keep_alive(self, renderer: Any) -> None:
         """Send the renderer's keep-alive frames (if it has any) on a stream silent for too long."""
@@ -4420,6 +4450,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self._send_sse(payload, name)
 
     def _end_sse(self) -> None:
+        self._write_held()
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
@@ -4469,19 +4500,26 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if not call.stream:
                 events = list(turn)
                 return self._send_json(200, renderer.whole(events, turn.model))
-            self._relay(stream_frames(turn, renderer))
+            self._relay(stream_frames(turn, renderer), turn.run.next_is_delta)
 
-    def _relay(self, frames: Iterator[Tuple[Optional[str], Any]]) -> None:
+    def _relay(self, frames: Iterator[Tuple[Optional[str], Any]],
+               more_at_hand: Callable[[], bool] = lambda: False) -> None:
         """Write a stream's SSE frames; the headers wait for the first one, so an error before any
-        output is still a proper HTTP status."""
+        output is still a proper HTTP status.
+
+        A frame is written at once unless `more_at_hand()`: a CLI that streams faster than one
+        write per frame gets its frames written in batches, never held while the CLI is waited for."""
         try:
             for name, payload in frames:
                 if not self.headers_sent:
                     self.first_token_at = time.monotonic()
                     self._start_sse()
-                self._send_sse(payload, name)
+                self._send_sse(payload, name, hold=more_at_hand())
         except OSError:
             raise ClientGone()
+        finally:
+            with contextlib.suppress(OSError):
+                self._write_held()  # what was held still goes out before an error propagates
         self._end_sse()
 
     # -- access log and metrics -----------------------------------------------------------------
@@ -4685,7 +4723,7 @@ def program_argv_for(executable: str, module_file: str) -> List[str]:
         raise ServiceError("cannot tell which Python runs this program (sys.executable is empty)")
     module_file = os.path.normpath(os.path.abspath(module_file))
     container = os.path.dirname(module_file)
-    # Inside a zipapp the module's __file__ is <archive>/claude_max_proxy.py: run the archive.
+    # Inside a zipapp the module's __file__ is <archive>/claude_max_proxy.py (.pyc): run the archive.
     program = container if os.path.isfile(container) else module_file
     return [os.path.abspath(executable), program]
 
@@ -5283,6 +5321,7 @@ def installed_service_argv(platform: str, unit_path: str) -> Optional[List[str]]
     if text is None:
         return None
     if platform == "macos":
+        import plistlib  # only here: it loads an XML parser that serving never needs
         try:
             return list(plistlib.loads(text.encode("utf-8")).get("ProgramArguments") or [])
         except Exception:  # plistlib raises several types for a damaged file

@@ -14,6 +14,9 @@ What is measured (the section functions below, in this order):
   4. concurrent_streams  32 streams at once on the fake CLI: successes, added latency, proxy RSS
   5. cold_start        proxy process spawn -> first TCP connect and first /health answer
 
+Sections 3-5 run the proxy as it ships, the zipapp (`python3 claude_max_proxy.pyz`, built here by
+packaging/build_pyz.py); section 5 also times `python3 claude_max_proxy.py` and a bare interpreter.
+
 Everything stays on loopback. Every process started here carries an environment tag inherited by
 its children (the CLIs a proxy starts): at the end any tagged process still alive is counted as a
 leftover and killed, whatever path the run took (SIGINT and SIGTERM included). Every wait is
@@ -44,7 +47,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, TESTS)
+sys.path.insert(0, os.path.join(ROOT, "packaging"))
 
+import build_pyz  # noqa: E402
 import claude_max_proxy as cmp  # noqa: E402
 import fake_upstream  # noqa: E402
 import launch  # noqa: E402
@@ -324,9 +329,9 @@ class ProxyProcess(launch.ProxyProcess):
     """The shared launcher (tests/launch.py) spawning through the run's `Processes`, each wait
     within the run's `Budget`; `stop` also counts the CLIs its proxy left behind."""
 
-    def __init__(self, procs, args, env, budget):
+    def __init__(self, procs, args, env, budget, program=MODULE):
         self.procs = procs
-        super().__init__(args, env, tmp=procs.tmp, start_timeout=budget.cap(30))
+        super().__init__(args, env, tmp=procs.tmp, start_timeout=budget.cap(30), program=program)
 
     def spawn(self, argv, env, cwd):
         return self.procs.popen(argv, env, stderr=subprocess.PIPE, cwd=cwd)
@@ -886,9 +891,9 @@ def fake_direct_rate(procs, budget, home):
     return count / (last - first) if count > 1 else None
 
 
-def relay_throughput(procs, repeats, budget, home):
+def relay_throughput(procs, repeats, budget, home, program):
     proxy = ProxyProcess(procs, ["--claude", FAKE_CLAUDE, "--max-parked", "0"], dict(os.environ, HOME=home),
-                         budget)
+                         budget, program)
     body = {"model": MODEL, "stream": True,
             "messages": [{"role": "user", "content": "@@fake:words:%d@@" % RELAY_DELTAS}]}
     rates, counts = [], []
@@ -958,11 +963,11 @@ def one_stream(port, body, timeout):
         conn.close()
 
 
-def concurrent_streams(procs, repeats, budget, home):
+def concurrent_streams(procs, repeats, budget, home, program):
     direct = fake_direct_times(procs, repeats, budget, home)
     direct_concurrent = fake_direct_times(procs, CONCURRENT_STREAMS, budget, home, concurrent=True)
     proxy = ProxyProcess(procs, ["--claude", FAKE_CLAUDE, "--max-concurrency", str(CONCURRENT_STREAMS),
-                                 "--max-parked", "0"], dict(os.environ, HOME=home), budget)
+                                 "--max-parked", "0"], dict(os.environ, HOME=home), budget, program)
     body = {"model": MODEL, "stream": True,
             "messages": [{"role": "user", "content": "@@fake:slow:%s@@ hi" % SLOW_DELAY}]}
     results = [None] * CONCURRENT_STREAMS
@@ -1041,9 +1046,9 @@ def health_over(sock, port):
         and b"claude-max-proxy/" in data
 
 
-def cold_start_once(procs, port, budget, home):
+def cold_start_once(procs, port, budget, home, program):
     """(seconds to the first TCP connect, seconds to the first /health answer)."""
-    argv = [sys.executable, MODULE, "--port", str(port), "--claude", FAKE_CLAUDE]
+    argv = [sys.executable, program, "--port", str(port), "--claude", FAKE_CLAUDE]
     started = time.perf_counter()
     proc = procs.popen(argv, dict(os.environ, HOME=home), cwd=ROOT)
     try:
@@ -1068,15 +1073,31 @@ def cold_start_once(procs, port, budget, home):
         procs.sweep()
 
 
-def cold_start(procs, repeats, budget, home):
+def interpreter_start(procs, budget, home):
+    """Seconds for `python3 -c pass`: what any Python program pays before its first line."""
+    started = time.perf_counter()
+    proc = procs.popen([sys.executable, "-c", "pass"], dict(os.environ, HOME=home), cwd=ROOT)
+    try:
+        proc.wait(budget.cap(30))
+    finally:
+        procs.end(proc)
+    return time.perf_counter() - started
+
+
+def cold_start(procs, repeats, budget, home, program):
+    """The shipped zipapp (`program`), the module run as a script and a bare interpreter, in turns."""
     port = free_port()
-    connects, healths = [], []
+    connects, healths, script_healths, bare = [], [], [], []
     for i in range(repeats):
-        connect, health = cold_start_once(procs, port, budget, home)
+        connect, health = cold_start_once(procs, port, budget, home, program)
         connects.append(connect)
         healths.append(health)
-        progress("cold start %d/%d: connect %.3f s, /health %.3f s" % (i + 1, repeats, connect, health))
-    return {"connect_samples_s": connects, "health_samples_s": healths}
+        script_healths.append(cold_start_once(procs, port, budget, home, MODULE)[1])
+        bare.append(interpreter_start(procs, budget, home))
+        progress("cold start %d/%d: zipapp connect %.3f s, /health %.3f s; module as a script /health %.3f s; "
+                 "python3 -c pass %.3f s" % (i + 1, repeats, connect, health, script_healths[-1], bare[-1]))
+    return {"connect_samples_s": connects, "health_samples_s": healths,
+            "script_health_samples_s": script_healths, "interpreter_samples_s": bare}
 
 
 # ================================================================================================
@@ -1139,6 +1160,8 @@ def summary_of(sections):
         if conc["proxy_vmrss_peak_kb"] else None,
         "cold_start_connect_s": median(sections["cold_start"]["connect_samples_s"]),
         "cold_start_health_s": median(sections["cold_start"]["health_samples_s"]),
+        "cold_start_script_health_s": median(sections["cold_start"]["script_health_samples_s"]),
+        "interpreter_start_s": median(sections["cold_start"]["interpreter_samples_s"]),
     }
 
 
@@ -1216,11 +1239,13 @@ def table(m, sections):
          "%.1f MB (%.1f MB; %.1f MB)" % (m["proxy_peak_rss_mb"] or 0, m["proxy_peak_vmrss_sampled_mb"] or 0,
                                          m["proxy_idle_rss_mb"] or 0),
          BARS["proxy_peak_rss_mb"][2], yes_no("proxy_peak_rss_mb", m["proxy_peak_rss_mb"])),
-        ("5", "proxy cold start: spawn → first TCP connect",
+        ("5", "proxy cold start (zipapp): spawn → first TCP connect",
          s(m["cold_start_connect_s"]), "—", "—"),
-        ("5", "proxy cold start: spawn → /health answered",
+        ("5", "proxy cold start (zipapp): spawn → /health answered",
          s(m["cold_start_health_s"]), BARS["cold_start_health_s"][2],
          yes_no("cold_start_health_s", m["cold_start_health_s"])),
+        ("5", "same, `python3 claude_max_proxy.py` (compiles the module at every start); bare `python3 -c pass`",
+         "%s; %s" % (s(m["cold_start_script_health_s"]), s(m["interpreter_start_s"])), "—", "—"),
     ]
     out = ["| # | measurement (median) | result | bar | meets bar |", "|---|---|---|---|---|"]
     out += ["| %s |" % " | ".join(row) for row in rows]
@@ -1308,12 +1333,14 @@ def measure_all(procs, budget, repeats, cli, home):
         sections["history_rewriting"] = ttft_history_rewriting(procs, cli, env, upstream, budget)
     finally:
         upstream.stop()
-    progress("3. relay throughput")
-    sections["relay"] = relay_throughput(procs, repeats["relay"], budget, home)
+    # What users run: the zipapp, whose bytecode is precompiled (the module file compiles at each start).
+    program = build_pyz.build_pyz(MODULE, os.path.join(home, "claude_max_proxy.pyz"))
+    progress("3. relay throughput (%s)" % program)
+    sections["relay"] = relay_throughput(procs, repeats["relay"], budget, home, program)
     progress("4. %d concurrent streams" % CONCURRENT_STREAMS)
-    sections["concurrent"] = concurrent_streams(procs, repeats["fake_direct"], budget, home)
+    sections["concurrent"] = concurrent_streams(procs, repeats["fake_direct"], budget, home, program)
     progress("5. cold start")
-    sections["cold_start"] = cold_start(procs, repeats["cold_start"], budget, home)
+    sections["cold_start"] = cold_start(procs, repeats["cold_start"], budget, home, program)
     return sections
 
 

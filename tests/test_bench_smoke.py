@@ -22,7 +22,8 @@ RUN_TIMEOUT = 900  # the benchmark's own --quick limit is 480 s; this only guard
 
 SECONDS = ("cli_cold_ttft_s", "proxy_first_turn_warm_ttft_s", "proxy_first_turn_warm_loaded_ttft_s",
            "proxy_first_turn_cold_ttft_s", "proxy_later_turns_warm_ttft_s", "proxy_later_turns_cold_ttft_s",
-           "fake_direct_32_at_once_median_s", "cold_start_connect_s", "cold_start_health_s")
+           "fake_direct_32_at_once_median_s", "cold_start_connect_s", "cold_start_health_s",
+           "cold_start_script_health_s", "interpreter_start_s")
 SIGNED_SECONDS = ("added_latency_p50_s", "added_latency_p99_s", "added_latency_vs_32_at_once_p50_s")
 RATIOS = ("ttft_ratio_first_turn_warm", "ttft_ratio_first_turn_warm_loaded", "ttft_ratio_first_turn_cold",
           "ttft_ratio_later_turns_warm", "ttft_ratio_later_turns_cold", "cold_path_uncached_bytes_ratio",

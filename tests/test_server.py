@@ -602,6 +602,38 @@ def test_stream_bytes_are_well_formed_chunks_and_the_connection_is_reused(fake_p
         assert json.loads(body)["status"] == "ok"
 
 
+def test_a_fast_cli_stream_arrives_whole_in_order_in_well_formed_chunks(fake_proxy):
+    # Frames of a CLI that writes faster than one write per frame go out in batches.
+    proxy = fake_proxy()
+    count = 5000
+    sock = open_raw(proxy.port, stream_body("words:%d" % count, stream_options={"include_usage": True}))
+    with sock:
+        raw = recv_until(sock, b"", b"\r\n0\r\n\r\n")
+    status, headers, rest = split_response(raw)
+    assert status == 200 and headers["transfer-encoding"] == "chunked"
+    body, leftover, complete = dechunk(rest)
+    assert complete and leftover == b""
+    payloads = sse_payloads(body)
+    assert payloads[-1] == "[DONE]" and payloads.count("[DONE]") == 1
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    texts = [c["choices"][0]["delta"]["content"] for c in chunks[1:] if c["choices"]
+             and c["choices"][0]["delta"].get("content")]
+    assert texts == ["w%d " % i for i in range(count)]
+    assert finish_reasons(chunks) == ["stop"] and chunks[-1]["usage"]["completion_tokens"] == count
+
+
+def test_a_delta_is_sent_while_the_cli_is_silent_after_it(fake_proxy, trace):
+    # A frame is never held back while the proxy waits for the CLI's next line: the first
+    # delta arrives although the CLI then stays silent far longer than the socket's timeout.
+    proxy = fake_proxy(**trace.env)
+    sock = open_raw(proxy.port, stream_body("stall:120"))
+    with sock:
+        sock.settimeout(15)
+        raw = recv_until(sock, b"", b'"content": "Hello "')
+        assert b"HTTP/1.1 200" in raw and b"from " not in raw
+    wait_reaped(trace.runs()[0]["pid"], timeout=15)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("stop", ["w3", ["nowhere", "w3"]])
 def test_stop_string_cuts_the_answer(fake_proxy, trace, stream, stop):
@@ -1148,6 +1180,26 @@ def test_a_full_disk_is_a_503_that_says_so(monkeypatch, tmp_path):
     assert (error.status, error.code) == (503, "storage_unavailable")
     assert os.strerror(errno.ENOSPC) in error.message and str(tmp_path) in error.message
     assert run.proc is None
+
+
+def test_a_cli_line_parses_exactly_as_json_loads_of_its_bytes(tmp_path):
+    # Lines are decoded before parsing (faster); odd encodings must still end as they always did.
+    config = claude_max_proxy.Config(workdir=str(tmp_path / "cwd"))
+    call = claude_max_proxy.cli_call_for({"messages": [{"role": "user", "content": "hi"}]}, config)
+    run = claude_max_proxy.CliRun(call, config, "/nonexistent/claude", {"HOME": str(tmp_path)})
+    lines = [b'{"type":"x","text":"caf\xc3\xa9 \xe2\x9c\x93"}', b'\xef\xbb\xbf{"type":"bom"}',
+             '{"type":"utf-16"}'.encode("utf-16"), b'{"type":"x","text":"\xed\xa0\x80"}',
+             b'{"type":"x","text":"\xff"}', b"[1]", b"not json", b'{"type":', b"  "]
+    garbage = 0
+    for line in lines:
+        try:
+            expected = json.loads(line)
+        except ValueError:
+            expected = None
+        expected = expected if isinstance(expected, dict) else None
+        garbage += expected is None and bool(line.strip())
+        assert run._parse(line) == expected, line
+    assert run.garbage_lines == garbage == 4
 
 
 def test_control_bytes_in_the_path_are_escaped_in_the_access_log(fake_proxy):

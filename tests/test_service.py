@@ -8,6 +8,7 @@ real CLI (not logged in, then pointed at tests/fake_upstream.py) and against rea
 """
 
 import http.server
+import importlib.util
 import json
 import os
 import plistlib
@@ -536,6 +537,74 @@ def test_the_pyz_build_is_reproducible_and_the_archive_runs(machine, tmp_path):
     assert out.returncode == 0, out.stderr
     argv = plistlib.loads(dry_run_files(out.stdout)[machine.plist_path].encode())["ProgramArguments"]
     assert_runs_this_program(argv, program=pyz)
+
+
+def build_archive(tmp_path, name="claude_max_proxy.pyz"):
+    output = str(tmp_path / name)
+    build = subprocess.run([sys.executable, BUILD_PYZ, "--output", output], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert build.returncode == 0, build.stderr
+    return output
+
+
+def loaded_from(archive, python=sys.executable):
+    """Where the archive's module code came from: the name compiled into it ("claude_max_proxy.py"
+    for the shipped bytecode, the path inside the archive when zipimport compiled the source)."""
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import claude_max_proxy as m; "
+             "print(m.main.__code__.co_filename); print(m.__file__)")
+    out = subprocess.run([python, "-c", probe, archive], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split("\n")[:2]
+
+
+def rewritten_archive(archive, output, change):
+    """A copy of the archive with `change(name, data) -> data` applied to every member."""
+    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(output, "w") as target:
+        for info in source.infolist():
+            target.writestr(info, change(info.filename, source.read(info.filename)))
+    return output
+
+
+def test_the_pyz_ships_bytecode_that_this_python_runs_without_compiling(tmp_path):
+    archive = build_archive(tmp_path)
+    with zipfile.ZipFile(archive) as handle:
+        names = handle.namelist()
+        bytecode = handle.read("claude_max_proxy.pyc")
+    assert names == ["__main__.py", "claude_max_proxy.py", "claude_max_proxy.pyc"]
+    assert bytecode[:4] == importlib.util.MAGIC_NUMBER
+    code_name, module_file = loaded_from(archive)
+    assert code_name == "claude_max_proxy.py"  # the shipped bytecode, not a compile of the source
+    # The module's file is claude_max_proxy.pyc in the archive: install-service still runs the archive.
+    assert cmp.program_argv_for(sys.executable, module_file) == [sys.executable, archive]
+
+
+@pytest.mark.parametrize("change", ["other_python", "edited_source"])
+def test_the_pyz_falls_back_to_its_source_when_the_bytecode_does_not_fit(tmp_path, change):
+    archive = build_archive(tmp_path)
+    marker = "# edited after the build\n"
+
+    def changed(name, data):
+        if change == "other_python" and name.endswith(".pyc"):
+            return b"\x00\x00" + data[2:]  # another bytecode version's magic number
+        if change == "edited_source" and name == "claude_max_proxy.py":
+            return data + marker.encode()  # the bytecode's source hash no longer matches
+        return data
+
+    copy = rewritten_archive(archive, str(tmp_path / "changed.pyz"), changed)
+    code_name, _ = loaded_from(copy)
+    assert code_name == os.path.join(copy, "claude_max_proxy.py")  # compiled from the source
+    result = subprocess.run([sys.executable, copy, "--version"], stdout=subprocess.PIPE,
+                            universal_newlines=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "claude-max-proxy " + cmp.__version__
+
+
+def test_the_pyz_runs_from_source_on_an_older_python(tmp_path):
+    old = oldest_python()
+    if old is None:
+        pytest.skip("no Python 3.9 on this machine")
+    archive = build_archive(tmp_path)
+    assert loaded_from(archive, old)[0] == os.path.join(archive, "claude_max_proxy.py")
 
 
 def vermin_command():
