@@ -276,7 +276,7 @@ class Config:
     include_reasoning: bool = False
     max_parked: int = dataclasses.field(default_factory=lambda: default_max_parked(*machine_memory()))
     parked_ttl: float = 300.0
-    warm: int = 3
+    warm: int = 4
     allow_image_fetch: bool = False
     client_timeout: float = 30.0
     no_overage: bool = False
@@ -1762,6 +1762,7 @@ class WarmLoad:
 
 WARM_LOAD_SECONDS = 60.0  # a warm process that has not answered its initialize by then is ended
 DEMAND_WINDOW = 60.0      # seconds of first turns that decide how many warm processes a shape gets
+LOADS_AT_ONCE = max(1, (os.cpu_count() or 2) // 2)  # warm processes loading at the same time
 WARM_SHAPES = 16          # first-turn shapes whose demand is remembered (least recently seen forgotten)
 
 
@@ -1786,6 +1787,7 @@ class ProcessPool:
         self.demand = collections.OrderedDict()  # type: Dict[str, List[float]]  # shape -> first turns' times
         self.hits = self.misses = 0
         self.closed = False
+        self.loads = 0  # warm processes loading now (LOADS_AT_ONCE)
 
     # -- turns ----------------------------------------------------------------------------------
 
@@ -1799,6 +1801,9 @@ class ProcessPool:
             self._note_demand(call)
         run = self._parked_run_for(call)
         reused = run is not None
+        if reused and not call.history:
+            # A warm one was taken: one successor loads while this turn runs (more would slow it).
+            self.prestart(call, most=1)
         if run is None:
             self.acquire(self.config.queue_timeout, client_gone)
             try:
@@ -1813,7 +1818,8 @@ class ProcessPool:
             if not turn.parked:
                 self._end(run)
             if not call.history:
-                # After the answer, so its start-up does not compete with this turn for the CPU.
+                # A shape seen for the first time gets its warm process after the answer, so its
+                # start-up does not compete with this turn's cold one for the CPU.
                 self.prestart(call)
 
     def _parked_run_for(self, call: CliCall) -> Optional[CliRun]:
@@ -1863,6 +1869,7 @@ class ProcessPool:
                 found = next((i for i in matches if self.kept[i].loading is None), matches[0])
                 entry = self.kept.pop(found)
                 self.busy += 1
+                self.lock.notify_all()  # a load waiting for its turn goes now
             # The loader's own bound (WARM_LOAD_SECONDS) ends this wait: it always sets `done`.
             if entry.loading is None or (entry.loading.done.wait() and entry.loading.ok):
                 if entry.run.running():
@@ -1957,9 +1964,9 @@ class ProcessPool:
             recent = sum(1 for t in self.demand.get(key, ()) if t > now - DEMAND_WINDOW)
         return min(self.config.warm, recent)
 
-    def prestart(self, call: CliCall, wanted: Optional[int] = None) -> int:
-        """Start warm processes (in the background) until first turns like this one have as many
-        as their recent demand asks for (or `wanted`); returns how many were started."""
+    def prestart(self, call: CliCall, wanted: Optional[int] = None, most: Optional[int] = None) -> int:
+        """Start warm processes (in the background, `most` of them now) until first turns like this
+        one have as many as their recent demand asks for (or `wanted`); returns how many started."""
         key = conversation_key(call, [])
         wanted = self.warm_wanted(key) if wanted is None else min(wanted, self.config.warm)
         try:
@@ -1967,7 +1974,8 @@ class ProcessPool:
         except ApiError:
             return 0
         started = 0
-        for _ in range(wanted if self.keep > 0 else 0):  # a load that fails at once is not retried here
+        # At most `wanted` rounds: a load that fails at once is not retried here.
+        for _ in range(min(wanted, wanted if most is None else most) if self.keep > 0 else 0):
             with self.lock:
                 have = sum(1 for entry in self.kept.values() if entry.key == key and entry.warm)
                 if self.closed or have >= wanted:
@@ -1987,15 +1995,26 @@ class ProcessPool:
         return started
 
     def _load_warm(self, run: CliRun, load: WarmLoad) -> None:
-        """Start a warm process and have it finish loading; file it as ready, or end it."""
+        """Start a warm process and have it finish loading; file it as ready, or end it.
+
+        Loads take turns (LOADS_AT_ONCE): sharing the CPU, several would all be ready late, and a
+        request waiting for the oldest would wait for them all. One a request took goes first."""
         ok = False
         try:
-            run.start(send_prompt=False)
-            ok = run.initialize(WARM_LOAD_SECONDS)
+            with self.lock:
+                self.lock.wait_for(lambda: self.loads < LOADS_AT_ONCE or self.closed
+                                   or getattr(self.kept.get(id(run)), "loading", None) is not load,
+                                   WARM_LOAD_SECONDS)
+                self.loads += 1
+            if not self.closed:
+                run.start(send_prompt=False)
+                ok = run.initialize(WARM_LOAD_SECONDS)
         except (ApiError, OSError, ValueError):
             pass  # ended below, or by whoever took it
         finally:
             with self.lock:
+                self.loads -= 1
+                self.lock.notify_all()
                 ok = ok and not self.closed  # started as the server stopped: never kept
                 entry = self.kept.get(id(run))
                 ours = entry is not None and entry.loading is load
@@ -2013,6 +2032,7 @@ class ProcessPool:
         (their loaders see `closed` and end what they started)."""
         with self.lock:
             self.closed = True
+            self.lock.notify_all()  # loads waiting for their turn give up
             loading = [e for e in self.kept.values() if e.loading is not None]
         while self.evict_oldest():
             pass
@@ -4629,9 +4649,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
 # Commands: serve (default)
 # ================================================================================================
 
-START_WARM = 2  # warm processes for default_first_turn at start-up (at most --warm)
-
-
 def default_first_turn(config: Config) -> CliCall:
     """The shape of a first turn that names nothing: the default model, no system prompt, no tools."""
     return cli_call_for({"model": config.default_model, "messages": [{"role": "user", "content": "."}]}, config)
@@ -4652,7 +4669,7 @@ def serve(config: Config) -> int:
 
     threading.Thread(target=expire_kept, daemon=True).start()
     # Ready before the first request: a burst of first turns that name nothing finds them loaded.
-    server.pool.prestart(default_first_turn(config), START_WARM)
+    server.pool.prestart(default_first_turn(config), config.warm)
     if server.ignored_api_keys:
         sys.stderr.write("note: %s set but ignored: the CLI uses your Claude subscription login "
                          "(--use-api-key would bill that API account instead).\n"
