@@ -3980,7 +3980,7 @@ class ProxyServer(ThreadingHTTPServer):
         """GET /metrics: the counters, the pool's processes and the limit state."""
         samples, counts = self.metrics.samples(), self.pool.counts()
         samples["claude_max_proxy_cli_processes"] = [({"state": state}, counts[state])
-                                                     for state in ("busy", "warm", "parked")]
+                                                     for state in ("busy", "loading", "warm", "parked")]
         samples["claude_max_proxy_requests_waiting"] = [({}, self.pool.waiting)]
         samples["claude_max_proxy_process_reuse_total"] = [({"result": "hit"}, counts["hits"]),
                                                            ({"result": "miss"}, counts["misses"])]
@@ -5198,6 +5198,24 @@ def uninstall_service_command(argv: List[str]) -> int:
 
 # -- doctor: pure findings ----------------------------------------------------------------------
 
+def processes_finding(config: Config, total: Optional[int], available: Optional[int]) -> Finding:
+    """How many CLI processes this configuration runs and keeps, and the memory they may take."""
+    gb = lambda size: "%.1f GB" % (size / 1e9)  # noqa: E731
+    if not total:
+        source = "the machine's memory is unknown: the fallback of %d" % FALLBACK_MAX_KEPT
+    else:
+        source = "%s RAM%s" % (gb(total), ", %s available" % gb(available) if available else "")
+    kept = "%d kept between turns (--max-parked; %s)" % (config.max_parked, (
+        "default from " + source) if config.max_parked == default_max_parked(total, available) else "as set")
+    summary = "up to %d CLI processes answering (--max-concurrency), %s, up to %d warm per kind of " \
+              "first turn (--warm)" % (config.max_concurrency, kept, config.warm)
+    worst = (config.max_concurrency + max(config.max_parked, 0)) * CLI_PROCESS_BYTES
+    if available and worst > available:
+        return Finding("WARN", "processes", "%s: up to %s, more than the %s available" % (
+            summary, gb(worst), gb(available)), "lower --max-parked (each kept CLI holds up to ~320 MB)")
+    return Finding("OK", "processes", summary)
+
+
 def python_finding(version_info: Tuple[int, ...], executable: str) -> Finding:
     version = ".".join(str(part) for part in version_info[:3])
     if tuple(version_info[:2]) < (3, 9):
@@ -5524,6 +5542,7 @@ def doctor_command(argv: List[str]) -> int:
     except ConfigError as exc:
         findings.append(Finding("FAIL", "config", str(exc), "fix the flag or environment variable"))
         config = Config()
+    findings.append(processes_finding(config, *machine_memory()))
     findings += claude_findings(config.claude, cli_base_env(config, environ))  # as a request's CLI sees it
     findings.append(api_key_finding(environ, config))
     findings.append(port_check(config.host, config.port))
