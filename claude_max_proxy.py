@@ -1762,7 +1762,7 @@ class WarmLoad:
 
 WARM_LOAD_SECONDS = 60.0  # a warm process that has not answered its initialize by then is ended
 DEMAND_WINDOW = 60.0      # seconds of first turns that decide how many warm processes a shape gets
-LOADS_AT_ONCE = max(1, (os.cpu_count() or 2) // 2)  # warm processes loading at the same time
+LOADS_AT_ONCE = max(1, os.cpu_count() or 1)  # warm processes loading at the same time: one per core
 WARM_SHAPES = 16          # first-turn shapes whose demand is remembered (least recently seen forgotten)
 
 
@@ -1997,7 +1997,7 @@ class ProcessPool:
     def _load_warm(self, run: CliRun, load: WarmLoad) -> None:
         """Start a warm process and have it finish loading; file it as ready, or end it.
 
-        Loads take turns (LOADS_AT_ONCE): sharing the CPU, several would all be ready late, and a
+        Loads take turns (LOADS_AT_ONCE): sharing a core, several would all be ready late, and a
         request waiting for the oldest would wait for them all. One a request took goes first."""
         ok = False
         try:

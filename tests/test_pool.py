@@ -520,6 +520,20 @@ def test_prestart_at_start_up_keeps_the_number_asked_for():
     assert all(run.warm for run in MADE)
 
 
+def test_warm_loads_take_turns(monkeypatch):
+    monkeypatch.setattr(cmp, "LOADS_AT_ONCE", 1)
+    gate = Gate()
+    monkeypatch.setattr(FakeRun, "initialize", lambda self, timeout: gate.initialize(self, timeout))
+    pool = pool_with(warm=2)
+    assert pool.prestart(chat([user(".")]), 2) == 2
+    wait_until(gate.entered.is_set, 5, "a load to begin")
+    assert sum(run.warm is True for run in MADE) == 1  # the other waits for its turn
+    assert pool.counts()["loading"] == 2
+    gate.event.set()
+    wait_until(lambda: pool.counts()["warm"] == 2, 5, "both loaded")
+    assert all(run.warm for run in MADE)
+
+
 def test_shapes_are_remembered_least_recently_seen_first_forgotten(monkeypatch):
     monkeypatch.setattr(cmp, "WARM_SHAPES", 2)
     SCRIPTS.extend([[text_answer(n)] for n in "abc"])
