@@ -836,33 +836,30 @@ AGENT_TOOLS = [{"type": "function", "function": {
 
 def ttft_agent_first_turns(procs, cli, env, budget, repeats, gap=1.5):
     """First turns of new conversations that carry AGENT_SYSTEM and AGENT_TOOLS, `gap` s apart."""
-    proxy = ProxyProcess(procs, ["--claude", cli], env, budget)
-    client = chat_client(proxy.url)
-    samples = []
-    try:
-        for _ in range(repeats):
-            time.sleep(gap)  # the traffic's pace (a shape being measured), not synchronisation
-            samples.append(client.stream([{"role": "system", "content": AGENT_SYSTEM}, {
-                "role": "user", "content": "Say hi (%s)" % uuid.uuid4().hex[:8]}], AGENT_TOOLS).ttft)
-        log = proxy.wait_for_log(repeats, 10)
-    finally:
-        client.close()
-        leftovers = proxy.stop()
-    return {"samples_s": samples, "reused": sum(1 for e in log if e["reused"]),
-            "requests": repeats, "leftover_processes": leftovers}
+    return first_turn_series(procs, cli, env, budget, repeats, gap=gap,
+                             system=[{"role": "system", "content": AGENT_SYSTEM}], tools=AGENT_TOOLS)
 
 
 def ttft_burst(procs, cli, env, budget, requests=9, up_for=3.0):
     """Independent first turns sent back to back (each after the previous answer) to a proxy with
     default flags that has been up for `up_for` seconds."""
+    return first_turn_series(procs, cli, env, budget, requests, up_for=up_for)
+
+
+def first_turn_series(procs, cli, env, budget, requests, gap=0.0, up_for=0.0, system=(), tools=None):
+    """`requests` first turns of new conversations through one proxy with default flags: TTFT of
+    each, and how many the access log shows reused. The pauses are the traffic's shape, not
+    synchronisation: `up_for` s after the proxy answers, `gap` s before each request."""
     proxy = ProxyProcess(procs, ["--claude", cli], env, budget)
     client = chat_client(proxy.url)
     samples = []
     try:
-        time.sleep(up_for)  # the traffic's shape (a proxy up for 3 s), not synchronisation
+        time.sleep(up_for)
         for _ in range(requests):
-            samples.append(client.stream([{"role": "user", "content": "Say hi (%s)" % uuid.uuid4().hex[:8]}]).ttft)
-        progress("burst of %d first turns: %s" % (requests, " ".join("%.3f" % x for x in samples)))
+            time.sleep(gap)
+            samples.append(client.stream(list(system) + [
+                {"role": "user", "content": "Say hi (%s)" % uuid.uuid4().hex[:8]}], tools).ttft)
+        progress("%d first turns: %s" % (requests, " ".join("%.3f" % x for x in samples)))
         log = proxy.wait_for_log(requests, 10)
     finally:
         client.close()
