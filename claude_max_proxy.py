@@ -1758,6 +1758,7 @@ class WarmLoad:
     def __init__(self):
         self.done = threading.Event()
         self.ok = False
+        self.cancelled = False  # no longer kept: the loader ends what it started
 
 
 WARM_LOAD_SECONDS = 60.0  # a warm process that has not answered its initialize by then is ended
@@ -1920,16 +1921,22 @@ class ProcessPool:
 
     def _end_oldest(self, due: Callable[[Dict[int, Kept]], bool], now: Optional[float] = None) -> bool:
         """End the oldest kept process (the oldest expired one, given `now`) if `due`: a warm one
-        before a parked conversation; never one still loading (its loader owns it until then)."""
+        before a parked conversation, a ready warm one before one still loading (its loader owns
+        that one: it is cancelled, and its loader ends it)."""
         with self.lock:
             if not due(self.kept):
                 return False
-            ready = [(i, e) for i, e in self.kept.items() if e.loading is None and (now is None or e.expiry <= now)]
-            if not ready:
+            entries = [(i, e) for i, e in self.kept.items() if now is None or (e.expiry <= now and e.loading is None)]
+            ranked = [i for i, e in entries if e.warm and e.loading is None] + \
+                [i for i, e in entries if e.loading is not None] + [i for i, e in entries if not e.warm]
+            if not ranked:
                 return False
-            run_id = next((i for i, e in ready if e.warm), ready[0][0])
-            run = self.kept.pop(run_id).run
-        self._end(run, slot=False)
+            entry = self.kept.pop(ranked[0])
+            if entry.loading is not None:
+                entry.loading.cancelled = True  # its loader ends it
+                self.lock.notify_all()
+                return True
+        self._end(entry.run, slot=False)
         return True
 
     def _end(self, run: Optional[CliRun], slot: bool = True) -> None:
@@ -2006,7 +2013,7 @@ class ProcessPool:
                                    or getattr(self.kept.get(id(run)), "loading", None) is not load,
                                    WARM_LOAD_SECONDS)
                 self.loads += 1
-            if not self.closed:
+            if not (self.closed or load.cancelled):
                 run.start(send_prompt=False)
                 ok = run.initialize(WARM_LOAD_SECONDS)
         except (ApiError, OSError, ValueError):
@@ -2024,7 +2031,7 @@ class ProcessPool:
                     del self.kept[id(run)]
                 load.ok = ok
                 load.done.set()
-            if ours and not ok:
+            if (ours and not ok) or load.cancelled:
                 self._end(run, slot=False)
 
     def close(self, timeout: float = 10.0) -> None:

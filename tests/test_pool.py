@@ -556,6 +556,21 @@ def test_a_full_pool_ends_a_warm_spare_before_a_parked_conversation():
     assert_no_slot_held(pool, kept=2)
 
 
+def test_past_the_cap_a_loading_spare_is_cancelled_before_a_parked_conversation_ends(monkeypatch):
+    SCRIPTS.extend([[text_answer("one")], [], [text_answer("two")]])
+    gate = Gate()
+    monkeypatch.setattr(FakeRun, "initialize", lambda self, timeout: gate.initialize(self, timeout))
+    pool = pool_with(warm=1, max_parked=2)
+    _, _, conversation = run_turn(pool, chat([user("hi")]))
+    wait_until(gate.entered.is_set, 5, "the warm process to start loading")
+    _, _, other = run_turn(pool, chat([{"role": "system", "content": "another shape"}, user("hi")]))
+    assert conversation.closed == 0 and other.closed == 0 and pool.counts()["parked"] == 2
+    gate.event.set()
+    wait_until(lambda: MADE[1].closed, 5, "the cancelled load to be ended by its loader")
+    assert len(MADE) == 3
+    assert_no_slot_held(pool, kept=2)
+
+
 def test_closing_the_pool_ends_kept_and_loading_processes(monkeypatch):
     SCRIPTS.append([text_answer("one")])
     gate = Gate()
