@@ -314,7 +314,8 @@ OPTIONS = [
                           "`doctor`; 0 turns process reuse off)"),
     ("--parked-ttl", float, "seconds a parked or warm process is kept before it is ended (default 300)"),
     ("--warm", int, "most processes pre-started per kind of first turn, as many as its recent "
-                    "demand asks for (default 3; 0 = none)"),
+                    "demand asks for; as many for a first turn naming nothing at start-up "
+                    "(default 4; 0 = none)"),
     ("--client-timeout", float, "seconds a client may stall sending or reading before it is dropped "
                                 "and its CLI ended (default 30)"),
     ("--allow-image-fetch", bool, "download http(s) image URLs in prompts (off: they get a 400)"),
