@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import functools
 import hashlib
 import hmac
 import http.client
@@ -272,9 +273,9 @@ class Config:
     log_prompts: bool = False
     shutdown_grace: float = 30.0
     include_reasoning: bool = False
-    max_parked: int = 4
+    max_parked: int = dataclasses.field(default_factory=lambda: default_max_parked(*machine_memory()))
     parked_ttl: float = 300.0
-    warm: int = 1
+    warm: int = 4
     allow_image_fetch: bool = False
     client_timeout: float = 30.0
     no_overage: bool = False
@@ -295,7 +296,7 @@ OPTIONS = [
     ("--idle-timeout", float, "seconds the CLI may stay silent (default 300) -> 504"),
     ("--max-body-bytes", int, "largest request body accepted (default 10 MiB) -> 413"),
     ("--max-messages", int, "most messages in one request (default 2000)"),
-    ("--max-concurrency", int, "CLI processes running at once (default 4)"),
+    ("--max-concurrency", int, "CLI processes answering at once (default 4); kept ones do not count"),
     ("--max-queue", int, "requests waiting for a free slot before 429 (default 32)"),
     ("--queue-timeout", float, "seconds a request may wait for a slot (default 120) -> 429"),
     ("--cli-max-retries", int, "CLAUDE_CODE_MAX_RETRIES given to the CLI (default 0: clients retry themselves)"),
@@ -307,10 +308,13 @@ OPTIONS = [
     ("--log-prompts", bool, "debug: log prompt text in the access log"),
     ("--shutdown-grace", float, "seconds in-flight requests get on SIGTERM (default 30)"),
     ("--include-reasoning", bool, "stream the model's thinking as `reasoning_content` by default"),
-    ("--max-parked", int, "CLI processes parked for the next turn of their conversation or for "
-                          "tool results (default 4; 0 turns process reuse off)"),
+    ("--max-parked", int, "CLI processes kept between turns, warm or parked for the next turn of "
+                          "their conversation or for tool results (default: from memory, see "
+                          "`doctor`; 0 turns process reuse off)"),
     ("--parked-ttl", float, "seconds a parked or warm process is kept before it is ended (default 300)"),
-    ("--warm", int, "processes pre-started per kind of first turn (default 1; 0 = none)"),
+    ("--warm", int, "most processes pre-started per kind of first turn, as many as its recent "
+                    "demand asks for; as many for a first turn naming nothing at start-up "
+                    "(default 4; 0 = none)"),
     ("--client-timeout", float, "seconds a client may stall sending or reading before it is dropped "
                                 "and its CLI ended (default 30)"),
     ("--allow-image-fetch", bool, "download http(s) image URLs in prompts (off: they get a 400)"),
@@ -338,6 +342,41 @@ def default_workdir(environ: Dict[str, str]) -> str:
     runtime = environ.get("XDG_RUNTIME_DIR") or ""
     base = runtime if os.path.isabs(runtime) else tempfile.gettempdir()
     return os.path.join(base, "claude-max-proxy-cwd-%d" % os.getuid())
+
+
+# A parked real CLI holds ~115 MB of private memory and 160-320 MB RSS: the kept cap's default
+# reserves the larger figure for each, in at most a quarter of RAM and half of what is available.
+CLI_PROCESS_BYTES = 320 * 10 ** 6
+MAX_KEPT_DEFAULT = 32       # however large the machine: each kept process is one more CLI to reap
+FALLBACK_MAX_KEPT = 4       # where the machine will not say how much memory it has
+
+
+@functools.lru_cache(maxsize=1)
+def machine_memory() -> Tuple[Optional[int], Optional[int]]:
+    """(total, available) bytes of RAM as the OS reports them; None for what it does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            fields = dict(line.split(":", 1) for line in handle if ":" in line)
+        kib = lambda name: int(fields[name].split()[0]) * 1024 if name in fields else None  # noqa: E731
+        return kib("MemTotal"), kib("MemAvailable")
+    except (OSError, ValueError):
+        pass
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(["/usr/sbin/sysctl", "-n", "hw.memsize"], capture_output=True,
+                                 stdin=subprocess.DEVNULL, timeout=5)
+            return int(out.stdout.strip()), None
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            pass
+    return None, None
+
+
+def default_max_parked(total: Optional[int], available: Optional[int]) -> int:
+    """How many CLI processes to keep between turns by default, from the machine's memory."""
+    if not total:
+        return FALLBACK_MAX_KEPT
+    budget = total // 4 if available is None else min(total // 4, available // 2)
+    return max(1, min(MAX_KEPT_DEFAULT, budget // CLI_PROCESS_BYTES))
 
 
 def is_loopback_host(host: str) -> bool:
@@ -1166,6 +1205,7 @@ RUN_DIR_PREFIX = "claude-max-proxy-"  # + our pid: a run's private dir, found ag
 SESSION_POINTER = "session-file"      # in a run's private dir: the path of its session transcript
 CLIENT_CHECK_INTERVAL = 0.25  # seconds between checks that the client is still there
 DELTA_LINE = b'{"type":"stream_event","event":{"type":"content_block_delta"'  # how the CLI prints a delta
+MCP_LIST_SECONDS = 5.0        # a warm process's wait for the CLI to list the client tools
 LIVE_RUNS = set()          # every CliRun not yet reaped, so shutdown can end them all
 LIVE_RUNS_LOCK = threading.Lock()
 
@@ -1271,6 +1311,7 @@ class CliRun:
         self.mcp_calls = {}     # tool_use_id -> (control request id, JSON-RPC id): asked, unanswered
         self.tool_results = {}  # tool_use_id -> result text the client sent, to hand to the CLI
         self.keeps_transcript = False  # writes its own transcript (to teach NATIVE_CONTEXT)
+        self.tools_listed = False      # the CLI has asked the client-tools MCP server for its tools
 
     # -- starting -------------------------------------------------------------------------------
 
@@ -1394,7 +1435,13 @@ class CliRun:
             if event.get("type") == "control_response" and response.get("request_id") == request_id:
                 return response.get("subtype") == "success"
             return None
-        return self._read_until(timeout, answered)
+        if not self._read_until(timeout, answered):
+            return False
+        if self.call.tools:
+            # The CLI lists the client tools (MCP) right after: answered now, not in the first
+            # turn. Should a CLI list them later instead, the turn answers them then.
+            self._read_until(MCP_LIST_SECONDS, lambda event: True if self.tools_listed else None)
+        return True
 
     def wait_for_result(self, timeout: float) -> bool:
         """After a turn's last message, read on to the CLI's `result`: True if it ended cleanly."""
@@ -1408,7 +1455,6 @@ class CliRun:
             for event in self.events(time.monotonic() + timeout, timeout):
                 if event.get("type") == "control_request":
                     self.on_control_request(event)
-                    continue
                 verdict = outcome(event)
                 if verdict is not None:
                     return verdict
@@ -1431,6 +1477,7 @@ class CliRun:
         subtype = request.get("subtype")
         if subtype == "mcp_message":
             message = request.get("message") or {}
+            self.tools_listed = self.tools_listed or message.get("method") == "tools/list"
             if message.get("method") == "tools/call":
                 meta = (message.get("params") or {}).get("_meta") or {}
                 self.mcp_calls[meta.get("claudecode/toolUseId")] = (request_id, message.get("id"))
@@ -1725,26 +1772,47 @@ class Kept(NamedTuple):
     expiry: float
     warm: bool
     at_tool_call: bool  # stopped at a client tool call, waiting for its results
+    loading: Optional["WarmLoad"] = None  # a warm process still loading (None once it is ready)
+
+
+class WarmLoad:
+    """A warm process's start-up in progress: `done` is set once its initialize is answered
+    (`ok`) or has failed, so a request that took it while loading knows when it can use it."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.ok = False
+        self.cancelled = False  # no longer kept: the loader ends what it started
+
+
+WARM_LOAD_SECONDS = 60.0  # a warm process that has not answered its initialize by then is ended
+DEMAND_WINDOW = 60.0      # seconds of first turns that decide how many warm processes a shape gets
+LOADS_AT_ONCE = max(1, os.cpu_count() or 1)  # warm processes loading at the same time: one per core
+WARM_SHAPES = 16          # first-turn shapes whose demand is remembered (least recently seen forgotten)
 
 
 class ProcessPool:
-    """Every CLI process the proxy runs: at most `max_concurrency` of them, answering (busy) or
-    kept (warm and parked); at most `max_queue` requests waiting for a slot.
+    """Every CLI process the proxy runs: at most `max_concurrency` answering (busy), at most
+    `max_parked` kept (warm and parked), at most `max_queue` requests waiting for a slot.
 
     A request whose earlier turns match a parked process's key continues in it: no cold start, no
-    replay. A kept process gives way (oldest first) to a request that needs a slot. A process is
-    either busy or kept; `_end` is the only place one ends and its slot is freed."""
+    replay; a first turn takes a warm process of its shape, ready or still loading. Past the kept
+    cap the oldest kept process ends (a warm one before a parked conversation). `_end` is the only
+    place a process ends and its slot is freed."""
 
     def __init__(self, config: Config, claude: Any, observe: Callable[[Dict[str, Any]], None],
                  run_class: Callable[..., CliRun] = CliRun):
         self.config, self.claude, self.observe, self.run_class = config, claude, observe, run_class
         self.size, self.queue = config.max_concurrency, config.max_queue
-        self.keep = min(config.max_parked, config.max_concurrency)  # kept processes at most
+        self.keep = max(config.max_parked, 0)  # kept processes at most
         self.lock = threading.Condition()
         self.busy = 0      # processes answering, starting or ending
         self.waiting = 0   # requests waiting for a slot
         self.kept = collections.OrderedDict()  # type: Dict[int, Kept]  # id(run) -> entry, oldest first
+        self.demand = collections.OrderedDict()  # type: Dict[str, List[float]]  # shape -> first turns' times
         self.hits = self.misses = 0
+        self.closed = False
+        self.loads = 0  # warm processes loading now (LOADS_AT_ONCE)
 
     # -- turns ----------------------------------------------------------------------------------
 
@@ -1754,8 +1822,13 @@ class ProcessPool:
         """A turn for this call, on a parked process of its conversation or a new one; on leaving,
         the process is ended unless the turn parked it."""
         claude_path = self.claude.resolve()
+        if not call.history:
+            self._note_demand(call)
         run = self._parked_run_for(call)
         reused = run is not None
+        if reused and not call.history:
+            # A warm one was taken: one successor loads while this turn runs (more would slow it).
+            self.prestart(call, most=1)
         if run is None:
             self.acquire(self.config.queue_timeout, client_gone)
             try:
@@ -1770,7 +1843,8 @@ class ProcessPool:
             if not turn.parked:
                 self._end(run)
             if not call.history:
-                # After the answer, so its start-up does not compete with this turn for the CPU.
+                # A shape seen for the first time gets its warm process after the answer, so its
+                # start-up does not compete with this turn's cold one for the CPU.
                 self.prestart(call)
 
     def _parked_run_for(self, call: CliCall) -> Optional[CliRun]:
@@ -1804,49 +1878,50 @@ class ProcessPool:
         with self.lock:
             self.busy -= 1
             self.kept[id(run)] = Kept(key, run, time.monotonic() + self.config.parked_ttl, warm, at_tool_call)
+            self.lock.notify()
         while self._end_oldest(lambda entries: len(entries) > self.keep):
             pass
         return True
 
     def _take(self, key: str) -> Optional[Kept]:
+        """The kept process filed under `key` (a ready one first, else one still loading, waited
+        for), now busy; None if there is none."""
         while True:
             with self.lock:
-                found = next((run_id for run_id, entry in self.kept.items() if entry.key == key), None)
-                if found is None:
+                matches = [run_id for run_id, entry in self.kept.items() if entry.key == key]
+                if not matches:
                     return None
+                found = next((i for i in matches if self.kept[i].loading is None), matches[0])
                 entry = self.kept.pop(found)
                 self.busy += 1
-            if entry.run.running():
-                return entry
+                self.lock.notify_all()  # a load waiting for its turn goes now
+            # The loader's own bound (WARM_LOAD_SECONDS) ends this wait: it always sets `done`.
+            if entry.loading is None or (entry.loading.done.wait() and entry.loading.ok):
+                if entry.run.running():
+                    return entry._replace(loading=None)
             self._end(entry.run)
 
     # -- slots ----------------------------------------------------------------------------------
 
     def try_acquire(self) -> bool:
         with self.lock:
-            if self.busy + len(self.kept) < self.size:
+            if self.busy < self.size:
                 self.busy += 1
                 return True
             return False
 
     def acquire(self, timeout: float, client_gone: Callable[[], bool]) -> None:
         deadline = time.monotonic() + timeout
-        # A kept process gives way to a request that needs a slot.
-        while not self.try_acquire():
-            if not self.evict_oldest():
-                break
-        else:
+        if self.try_acquire():
             return
         with self.lock:
             if self.waiting >= self.queue:
                 raise ApiError(429, "too many requests in flight (%d running, %d waiting); retry "
-                               "shortly" % (self.busy + len(self.kept), self.waiting), "rate_limit_error",
+                               "shortly" % (self.busy, self.waiting), "rate_limit_error",
                                "rate_limit_exceeded", headers={"Retry-After": "1"})
             self.waiting += 1
         try:
             while not self.try_acquire():
-                if self.evict_oldest():  # a process kept meanwhile gives way too
-                    continue
                 with self.lock:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -1860,7 +1935,7 @@ class ProcessPool:
                 self.waiting -= 1
 
     def evict_oldest(self) -> bool:
-        """End the longest-kept process to free its slot; False if none is kept."""
+        """End the longest-kept process (a warm one before a parked one); False if none is kept."""
         return self._end_oldest(lambda entries: bool(entries))
 
     def expire(self) -> None:
@@ -1869,60 +1944,144 @@ class ProcessPool:
             pass
 
     def _end_oldest(self, due: Callable[[Dict[int, Kept]], bool], now: Optional[float] = None) -> bool:
-        """End the oldest kept process (the oldest expired one, given `now`) if `due`."""
+        """End the oldest kept process (the oldest expired one, given `now`) if `due`: a warm one
+        before a parked conversation, a ready warm one before one still loading (its loader owns
+        that one: it is cancelled, and its loader ends it)."""
         with self.lock:
             if not due(self.kept):
                 return False
-            run_id = next(i for i, e in self.kept.items() if now is None or e.expiry <= now)
-            run = self.kept.pop(run_id).run
-            self.busy += 1
-        self._end(run)
+            entries = [(i, e) for i, e in self.kept.items() if now is None or (e.expiry <= now and e.loading is None)]
+            ranked = [i for i, e in entries if e.warm and e.loading is None] + \
+                [i for i, e in entries if e.loading is not None] + [i for i, e in entries if not e.warm]
+            if not ranked:
+                return False
+            entry = self.kept.pop(ranked[0])
+            if entry.loading is not None:
+                entry.loading.cancelled = True  # its loader ends it
+                self.lock.notify_all()
+                return True
+        self._end(entry.run, slot=False)
         return True
 
-    def _end(self, run: Optional[CliRun]) -> None:
-        """End a busy process (None: one that failed to start) and free its slot."""
+    def _end(self, run: Optional[CliRun], slot: bool = True) -> None:
+        """End a process (None: one that failed to start); a busy one (`slot`) frees its slot."""
         try:
             if run is not None:
                 run.close()
         finally:
             with self.lock:
-                self.busy -= 1
+                if slot:
+                    self.busy -= 1
                 self.lock.notify()
 
     # -- warm processes -------------------------------------------------------------------------
 
-    def prestart(self, call: CliCall) -> None:
-        """Keep `--warm` processes loaded for first turns like this one (in the background)."""
-        key = conversation_key(call, [])
+    def _note_demand(self, call: CliCall) -> None:
+        """Count a first turn of this shape; the least recently seen shape beyond WARM_SHAPES is
+        forgotten."""
+        key, now = conversation_key(call, []), time.monotonic()
         with self.lock:
-            warm = sum(1 for entry in self.kept.values() if entry.key == key)
-        if self.config.warm <= warm or self.config.max_parked <= 0 or call.tools:
-            return  # tool calls need the MCP handshake answered: those are not pre-started
-        # The least recently used kept process makes room, as it would for a request.
-        if not self.try_acquire() and not (self.evict_oldest() and self.try_acquire()):
-            return
-        threading.Thread(target=self._start_warm, args=(call, key), daemon=True).start()
+            times = [t for t in self.demand.pop(key, []) if t > now - DEMAND_WINDOW][-max(self.config.warm, 1):]
+            times.append(now)
+            self.demand[key] = times
+            while len(self.demand) > WARM_SHAPES:
+                self.demand.popitem(last=False)
 
-    def _start_warm(self, call: CliCall, key: str) -> None:
-        run = None
+    def warm_wanted(self, key: str) -> int:
+        """Warm processes for first turns of this shape: its first turns in the last DEMAND_WINDOW
+        seconds, at most `--warm`."""
+        now = time.monotonic()
+        with self.lock:
+            recent = sum(1 for t in self.demand.get(key, ()) if t > now - DEMAND_WINDOW)
+        return min(self.config.warm, recent)
+
+    def prestart(self, call: CliCall, wanted: Optional[int] = None, most: Optional[int] = None) -> int:
+        """Start warm processes (in the background, `most` of them now) until first turns like this
+        one have as many as their recent demand asks for (or `wanted`); returns how many started."""
+        key = conversation_key(call, [])
+        wanted = self.warm_wanted(key) if wanted is None else min(wanted, self.config.warm)
         try:
-            run = self.run_class(call, self.config, self.claude.resolve(), observe=self.observe)
-            run.start(send_prompt=False)
-            # Filed as warm only once it can answer at once.
-            if run.initialize(60.0) and self.park(key, run, warm=True):
-                return
-        except (ApiError, OSError):
+            claude_path = self.claude.resolve()
+        except ApiError:
+            return 0
+        started = 0
+        # At most `wanted` rounds: a load that fails at once is not retried here.
+        for _ in range(min(wanted, wanted if most is None else most) if self.keep > 0 else 0):
+            with self.lock:
+                have = sum(1 for entry in self.kept.values() if entry.key == key and entry.warm)
+                if self.closed or have >= wanted:
+                    break
+                # Room is made by ending another shape's warm spare, never a parked conversation.
+                spare = next((i for i, e in self.kept.items() if e.warm and e.loading is None and e.key != key),
+                             None) if len(self.kept) >= self.keep else None
+                if len(self.kept) >= self.keep and spare is None:
+                    break
+                ended = self.kept.pop(spare).run if spare is not None else None
+                run, load = self.run_class(call, self.config, claude_path, observe=self.observe), WarmLoad()
+                self.kept[id(run)] = Kept(key, run, time.monotonic() + self.config.parked_ttl, True, False, load)
+            if ended is not None:
+                self._end(ended, slot=False)
+            threading.Thread(target=self._load_warm, args=(run, load), daemon=True).start()
+            started += 1
+        return started
+
+    def _load_warm(self, run: CliRun, load: WarmLoad) -> None:
+        """Start a warm process and have it finish loading; file it as ready, or end it.
+
+        Loads take turns (LOADS_AT_ONCE): sharing a core, several would all be ready late, and a
+        request waiting for the oldest would wait for them all. One a request took goes first."""
+        ok = False
+        try:
+            with self.lock:
+                self.lock.wait_for(lambda: self.loads < LOADS_AT_ONCE or self.closed
+                                   or getattr(self.kept.get(id(run)), "loading", None) is not load,
+                                   WARM_LOAD_SECONDS)
+                self.loads += 1
+            if not (self.closed or load.cancelled):
+                run.start(send_prompt=False)
+                ok = run.initialize(WARM_LOAD_SECONDS)
+        except (ApiError, OSError, ValueError):
+            pass  # ended below, or by whoever took it
+        finally:
+            with self.lock:
+                self.loads -= 1
+                self.lock.notify_all()
+                ok = ok and not self.closed  # started as the server stopped: never kept
+                entry = self.kept.get(id(run))
+                ours = entry is not None and entry.loading is load
+                if ours and ok:
+                    self.kept[id(run)] = entry._replace(loading=None)
+                elif ours:
+                    del self.kept[id(run)]
+                load.ok = ok
+                load.done.set()
+            if (ours and not ok) or load.cancelled:
+                self._end(run, slot=False)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """At shutdown: start nothing more and end every kept process, those still loading too
+        (their loaders see `closed` and end what they started)."""
+        with self.lock:
+            self.closed = True
+            self.lock.notify_all()  # loads waiting for their turn give up
+            loading = [e for e in self.kept.values() if e.loading is not None]
+        while self.evict_oldest():
             pass
-        self._end(run)
+        deadline = time.monotonic() + timeout
+        for entry in loading:
+            entry.run.close()  # its initialize fails at once
+            entry.loading.done.wait(max(0.0, deadline - time.monotonic()))
 
     # -- numbers for /health and /metrics -------------------------------------------------------
 
     def counts(self) -> Dict[str, int]:
-        """CLI processes by state (busy: answering; warm, parked: kept), reuse hits and misses."""
+        """CLI processes by state (busy: answering; loading, warm, parked: kept), reuse hits and
+        misses."""
         with self.lock:
-            warm = sum(1 for entry in self.kept.values() if entry.warm)
-            return {"busy": self.busy, "warm": warm, "parked": len(self.kept) - warm,
-                    "hits": self.hits, "misses": self.misses}
+            loading = sum(1 for entry in self.kept.values() if entry.loading is not None)
+            warm = sum(1 for entry in self.kept.values() if entry.warm) - loading
+            return {"busy": self.busy, "loading": loading, "warm": warm,
+                    "parked": len(self.kept) - warm - loading, "hits": self.hits, "misses": self.misses}
 
 
 class Turn:
@@ -3843,6 +4002,7 @@ class ProxyServer(ThreadingHTTPServer):
                 "claude": {"path": claude.path, "version": claude.version,
                            "usable": bool(claude.path and claude.version), "error": claude.probe_error},
                 "slots": {"busy": counts["busy"], "waiting": self.pool.waiting, "max": self.pool.size},
+                "kept": {"max": self.pool.keep, "warm_per_shape": self.config.warm},
                 "processes": counts,
                 "limits": self.limits.current(time.time()),
                 "ignored_api_keys": self.ignored_api_keys}
@@ -3851,7 +4011,7 @@ class ProxyServer(ThreadingHTTPServer):
         """GET /metrics: the counters, the pool's processes and the limit state."""
         samples, counts = self.metrics.samples(), self.pool.counts()
         samples["claude_max_proxy_cli_processes"] = [({"state": state}, counts[state])
-                                                     for state in ("busy", "warm", "parked")]
+                                                     for state in ("busy", "loading", "warm", "parked")]
         samples["claude_max_proxy_requests_waiting"] = [({}, self.pool.waiting)]
         samples["claude_max_proxy_process_reuse_total"] = [({"result": "hit"}, counts["hits"]),
                                                            ({"result": "miss"}, counts["misses"])]
@@ -4547,6 +4707,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
 # Commands: serve (default)
 # ================================================================================================
 
+def default_first_turn(config: Config) -> CliCall:
+    """The shape of a first turn that names nothing: the default model, no system prompt, no tools."""
+    return cli_call_for({"model": config.default_model, "messages": [{"role": "user", "content": "."}]}, config)
+
+
 def serve(config: Config) -> int:
     claude = ClaudeInstall(config.claude)
     server = ProxyServer(config, claude)
@@ -4561,6 +4726,8 @@ def serve(config: Config) -> int:
             server.pool.expire()
 
     threading.Thread(target=expire_kept, daemon=True).start()
+    # Ready before the first request: a burst of first turns that name nothing finds them loaded.
+    server.pool.prestart(default_first_turn(config), config.warm)
     if server.ignored_api_keys:
         sys.stderr.write("note: %s set but ignored: the CLI uses your Claude subscription login "
                          "(--use-api-key would bill that API account instead).\n"
@@ -4599,6 +4766,7 @@ def serve(config: Config) -> int:
         with server.inflight_lock:
             while server.inflight and time.monotonic() < grace_end:
                 server.inflight_lock.wait(0.2)
+        server.pool.close()
         close_all_runs()
     return 0
 
@@ -5088,6 +5256,24 @@ def uninstall_service_command(argv: List[str]) -> int:
 
 # -- doctor: pure findings ----------------------------------------------------------------------
 
+def processes_finding(config: Config, total: Optional[int], available: Optional[int]) -> Finding:
+    """How many CLI processes this configuration runs and keeps, and the memory they may take."""
+    gb = lambda size: "%.1f GB" % (size / 1e9)  # noqa: E731
+    if not total:
+        source = "the machine's memory is unknown: the fallback of %d" % FALLBACK_MAX_KEPT
+    else:
+        source = "%s RAM%s" % (gb(total), ", %s available" % gb(available) if available else "")
+    kept = "%d kept between turns (--max-parked; %s)" % (config.max_parked, (
+        "default from " + source) if config.max_parked == default_max_parked(total, available) else "as set")
+    summary = "up to %d CLI processes answering (--max-concurrency), %s, up to %d warm per kind of " \
+              "first turn (--warm)" % (config.max_concurrency, kept, config.warm)
+    worst = (config.max_concurrency + max(config.max_parked, 0)) * CLI_PROCESS_BYTES
+    if available and worst > available:
+        return Finding("WARN", "processes", "%s: up to %s, more than the %s available" % (
+            summary, gb(worst), gb(available)), "lower --max-parked (each kept CLI holds up to ~320 MB)")
+    return Finding("OK", "processes", summary)
+
+
 def python_finding(version_info: Tuple[int, ...], executable: str) -> Finding:
     version = ".".join(str(part) for part in version_info[:3])
     if tuple(version_info[:2]) < (3, 9):
@@ -5415,6 +5601,7 @@ def doctor_command(argv: List[str]) -> int:
     except ConfigError as exc:
         findings.append(Finding("FAIL", "config", str(exc), "fix the flag or environment variable"))
         config = Config()
+    findings.append(processes_finding(config, *machine_memory()))
     findings += claude_findings(config.claude, cli_base_env(config, environ))  # as a request's CLI sees it
     findings.append(api_key_finding(environ, config))
     findings.append(port_check(config.host, config.port))

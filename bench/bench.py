@@ -72,6 +72,8 @@ BARS = {
     "ttft_ratio_first_turn_warm_loaded": ("<=", 0.25, "≤ 0.25"),
     "ttft_ratio_later_turns_warm": ("<=", 0.25, "≤ 0.25"),
     "cold_path_uncached_bytes_ratio": ("<=", 1.5, "≤ 1.5"),
+    "ttft_ratio_agent_first_turns": ("<=", 0.35, "≤ 0.35"),
+    "ttft_ratio_burst": ("<=", 0.35, "≤ 0.35"),
     "relay_chunks_per_s": (">=", 20000, "≥ 20,000 chunks/s"),
     "concurrent_successes": (">=", CONCURRENT_STREAMS, "%d/%d" % (CONCURRENT_STREAMS, CONCURRENT_STREAMS)),
     "proxy_peak_rss_mb": ("<=", 40.0, "≤ 40 MB"),
@@ -775,20 +777,36 @@ AGENT_TOOLS = [{"type": "function", "function": {
 
 def ttft_agent_first_turns(procs, cli, env, budget, repeats, gap=1.5):
     """First turns of new conversations that carry AGENT_SYSTEM and AGENT_TOOLS, `gap` s apart."""
+    return first_turn_series(procs, cli, env, budget, repeats, gap=gap,
+                             system=[{"role": "system", "content": AGENT_SYSTEM}], tools=AGENT_TOOLS)
+
+
+def ttft_burst(procs, cli, env, budget, requests=9, up_for=3.0):
+    """Independent first turns sent back to back (each after the previous answer) to a proxy with
+    default flags that has been up for `up_for` seconds."""
+    return first_turn_series(procs, cli, env, budget, requests, up_for=up_for)
+
+
+def first_turn_series(procs, cli, env, budget, requests, gap=0.0, up_for=0.0, system=(), tools=None):
+    """`requests` first turns of new conversations through one proxy with default flags: TTFT of
+    each, and how many the access log shows reused. The pauses are the traffic's shape, not
+    synchronisation: `up_for` s after the proxy answers, `gap` s before each request."""
     proxy = ProxyProcess(procs, ["--claude", cli], env, budget)
     client = chat_client(proxy.url)
     samples = []
     try:
-        for _ in range(repeats):
-            time.sleep(gap)  # the traffic's pace (a shape being measured), not synchronisation
-            samples.append(client.stream([{"role": "system", "content": AGENT_SYSTEM}, {
-                "role": "user", "content": "Say hi (%s)" % uuid.uuid4().hex[:8]}], AGENT_TOOLS).ttft)
-        log = proxy.wait_for_log(repeats, 10)
+        time.sleep(up_for)
+        for _ in range(requests):
+            time.sleep(gap)
+            samples.append(client.stream(list(system) + [
+                {"role": "user", "content": "Say hi (%s)" % uuid.uuid4().hex[:8]}], tools).ttft)
+        progress("%d first turns: %s" % (requests, " ".join("%.3f" % x for x in samples)))
+        log = proxy.wait_for_log(requests, 10)
     finally:
         client.close()
         leftovers = proxy.stop()
     return {"samples_s": samples, "reused": sum(1 for e in log if e["reused"]),
-            "requests": repeats, "leftover_processes": leftovers}
+            "requests": requests, "leftover_processes": leftovers}
 
 
 def ttft_history_rewriting(procs, cli, env, upstream, budget, turns=5, gap=2.0):
@@ -1143,6 +1161,8 @@ def summary_of(sections):
         "upstream_bytes_bare_cli": sections["upstream_bytes"]["bare_bytes"],
         "cold_path_uncached_bytes_ratio": sections["cold_path_bytes"]["ratio"],
         "ttft_ratio_agent_first_turns": ratio(sections["agent_first_turns"]["samples_s"]),
+        "ttft_ratio_burst": ratio(sections["burst"]["samples_s"]),
+        "burst_reused": sections["burst"]["reused"],
         "ttft_ratio_history_rewriting_turns_3_5": ratio(sections["history_rewriting"]["samples_s"][2:5]),
         "history_rewriting_faithful_upstream": sections["history_rewriting"]["faithful_upstream"],
         "cold_path_empty_messages": sections["cold_path_bytes"]["cold"]["empty_messages"],
@@ -1216,7 +1236,12 @@ def table(m, sections):
          yes_no("cold_path_uncached_bytes_ratio", m["cold_path_uncached_bytes_ratio"])),
         ("2b", "TTFT ratio, an agent's first turns (49,000-character system prompt, 12 tools, 1.5 s apart)",
          "%s (reused %d/%d)" % (r(m["ttft_ratio_agent_first_turns"]), sections["agent_first_turns"]["reused"],
-                                sections["agent_first_turns"]["requests"]), "—", "—"),
+                                sections["agent_first_turns"]["requests"]),
+         BARS["ttft_ratio_agent_first_turns"][2],
+         yes_no("ttft_ratio_agent_first_turns", m["ttft_ratio_agent_first_turns"])),
+        ("2b", "TTFT ratio, 9 first turns back to back to a proxy up for 3 s (default flags)",
+         "%s (reused %d/%d)" % (r(m["ttft_ratio_burst"]), m["burst_reused"], sections["burst"]["requests"]),
+         BARS["ttft_ratio_burst"][2], yes_no("ttft_ratio_burst", m["ttft_ratio_burst"])),
         ("2b", "TTFT ratio, turns 3–5 of a client that rewrites its history (fresh context message each time)",
          "%s (reused %s; upstream saw only the current context: %s)" % (
              r(m["ttft_ratio_history_rewriting_turns_3_5"]),
@@ -1330,6 +1355,7 @@ def measure_all(procs, budget, repeats, cli, home):
         sections["cold_path_bytes"] = cold_path_bytes(procs, cli, env, upstream, budget)
         progress("2b. traffic shapes: an agent's first turns, a history-rewriting client")
         sections["agent_first_turns"] = ttft_agent_first_turns(procs, cli, env, budget, repeats["ttft"])
+        sections["burst"] = ttft_burst(procs, cli, env, budget)
         sections["history_rewriting"] = ttft_history_rewriting(procs, cli, env, upstream, budget)
     finally:
         upstream.stop()

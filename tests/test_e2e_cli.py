@@ -345,7 +345,7 @@ def test_metrics_parse_as_prometheus_text(start_proxy, real_claude, e2e_env):
     assert requests[("/v1/chat/completions", "200")] == 2 and requests[("/v1/chat/completions", "429")] == 1
     assert requests[("/metrics", "401")] == 1
     states = {s.labels["state"] for s in families["claude_max_proxy_cli_processes"].samples}
-    assert states == {"busy", "warm", "parked"}
+    assert states == {"busy", "loading", "warm", "parked"}
     ttft = [s for s in families["claude_max_proxy_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
     assert [s.value for s in ttft] == [1.0]
     calls = {s.labels["status"]: s.value for s in families["claude_max_proxy_upstream_calls"].samples}
@@ -804,14 +804,64 @@ def test_no_cli_outlives_a_killed_proxy(start_proxy, real_claude, e2e_env):
 
 
 def test_health_counts_processes_by_state(start_proxy, real_claude, e2e_env):
-    proxy = start_proxy(["--claude", real_claude], e2e_env)
-    before = health(proxy)["processes"]
-    assert (before["busy"], before["warm"], before["parked"], before["hits"], before["misses"]) == (0, 0, 0, 0, 0)
+    proxy = start_proxy(["--claude", real_claude, "--warm", "1", "--max-parked", "5"], e2e_env)
+    before = health(proxy)
+    assert before["kept"] == {"max": 5, "warm_per_shape": 1}
+    counts = before["processes"]
+    # At start-up: one warm process for a first turn that names nothing (loading, then warm).
+    assert (counts["busy"], counts["warm"] + counts["loading"], counts["parked"], counts["hits"],
+            counts["misses"]) == (0, 1, 0, 0, 0)
     converse(proxy, "count me " + marker(), 2)
-    wait_for_warm(proxy)
+    wait_for_warm(proxy, 2)
     after = health(proxy)["processes"]
-    assert after["busy"] == 0 and after["warm"] == 1 and after["parked"] == 1
+    assert after["busy"] == 0 and after["loading"] == 0 and after["warm"] == 2 and after["parked"] == 1
     assert (after["hits"], after["misses"]) == (1, 1)
+
+
+AGENT_TOOLS = [{"type": "function", "function": {
+    "name": "tool_%d" % n, "description": "Tool %d does one thing." % n,
+    "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}} for n in range(3)]
+
+
+def test_an_agents_first_turn_with_tools_takes_a_warm_process_that_sends_what_a_cold_one_sends(
+        start_proxy, real_claude, e2e_env, upstream, tmp_path):
+    workdir = str(tmp_path / "cwd")  # one machine: the CLI names its working directory upstream
+    warm = start_proxy(["--claude", real_claude, "--workdir", workdir, "--warm", "1"], e2e_env)
+    cold = start_proxy(["--claude", real_claude, "--workdir", workdir, "--max-parked", "0", "--warm", "0"], e2e_env)
+    system = "You are an agent. " + uuid.uuid4().hex
+    marks = [marker(), marker(), marker()]
+
+    def first_turn(proxy, mark):
+        status, headers, raw = proxy.chat({"model": "claude-sonnet-4", "tools": AGENT_TOOLS, "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": "Say hi " + mark}]})
+        assert status == 200, raw
+        return headers["x-request-id"]
+
+    learned = first_turn(warm, marks[0])  # the shape is learned: a warm process with these tools starts
+    wait_for_warm(warm, 2)                # the start-up one for first turns naming nothing, and it
+    taken = first_turn(warm, marks[1])
+    first_turn(cold, marks[2])
+    assert " reused=1" not in warm.wait_for_line(learned)
+    assert " reused=1" in warm.wait_for_line(taken)
+    w, c = only_request(upstream, marks[1]), only_request(upstream, marks[2])
+    assert system_texts(w) == system_texts(c) and system in "".join(system_texts(w))
+    assert w["tools"] == c["tools"]
+    assert {cmp.MCP_PREFIX + t["function"]["name"] for t in AGENT_TOOLS} <= {t["name"] for t in w["tools"]}
+    assert json.loads(json.dumps(c["messages"]).replace(marks[2], marks[1])) == w["messages"]
+    assert {k: v for k, v in w.items() if k not in ("messages", "system", "metadata")} == \
+        {k: v for k, v in c.items() if k not in ("messages", "system", "metadata")}
+
+
+def test_warm_processes_started_with_the_server_serve_first_turns_and_are_ended_with_it(
+        start_proxy, real_claude, e2e_env, upstream):
+    proxy = start_proxy(["--claude", real_claude, "--warm", "2"], e2e_env)
+    wait_for_warm(proxy, 2)
+    assert len(proxy.tagged_pids()) >= 2
+    mark = marker()
+    status, headers, _ = chat(proxy, [{"role": "user", "content": "Say hi " + mark}])
+    assert status == 200 and " reused=1" in proxy.wait_for_line(headers["x-request-id"])
+    assert upstream_texts(only_request(upstream, mark)) == [("user", "Say hi " + mark)]
+    # Stopping the proxy ends them all: the start_proxy fixture fails the test on any leftover.
 
 
 # ---- /v1/completions ---------------------------------------------------------------------------

@@ -325,14 +325,42 @@ def test_a_client_that_stops_reading_after_the_first_event_ends_the_process():
     assert_no_slot_held(pool)
 
 
-def test_a_full_pool_evicts_the_oldest_parked_process_for_a_new_request():
+def test_a_kept_process_takes_no_answering_slot():
     SCRIPTS.extend([[text_answer("one")], [text_answer("two")]])
-    pool = pool_with(max_concurrency=1)
+    pool = pool_with(max_concurrency=1, max_parked=4)
     _, _, first = run_turn(pool, chat([user("hi")]))
     assert pool.counts()["parked"] == 1
+    assert pool.try_acquire()  # the one answering slot is free although a process is kept
+    pool._end(None)
     _, reused, second = run_turn(pool, chat([user("another")]))
-    assert not reused and first.closed == 1 and second.closed == 0
-    assert_no_slot_held(pool, kept=1)
+    assert not reused and first.closed == 0 and second.closed == 0
+    assert_no_slot_held(pool, kept=2)
+
+
+def test_the_kept_cap_is_its_own_and_ends_the_oldest_past_it():
+    SCRIPTS.extend([[text_answer("one")], [text_answer("two")], [text_answer("three")]])
+    pool = pool_with(max_concurrency=1, max_parked=2)
+    runs = [run_turn(pool, chat([user(text)]))[2] for text in ("a", "b", "c")]
+    assert [run.closed for run in runs] == [1, 0, 0]
+    assert_no_slot_held(pool, kept=2)
+
+
+@pytest.mark.parametrize("total, available, kept", [
+    (None, None, cmp.FALLBACK_MAX_KEPT),           # the machine does not say
+    (24683656 * 1024, 24137428 * 1024, 19),        # this 23.5 GB VM: a quarter of RAM / 320 MB
+    (24683656 * 1024, 2 * 10 ** 9, 3),             # most of it in use: half of what is available
+    (4 * 10 ** 9, None, 3),                        # a small machine (macOS gives no "available")
+    (1 * 10 ** 9, 10 ** 8, 1),                     # never below one
+    (1024 * 10 ** 9, 1000 * 10 ** 9, cmp.MAX_KEPT_DEFAULT),  # nor above the sane maximum
+])
+def test_the_kept_cap_defaults_from_memory(total, available, kept):
+    assert cmp.default_max_parked(total, available) == kept
+
+
+def test_the_machines_memory_is_read():
+    total, available = cmp.machine_memory()
+    assert total is None or total > 0 and (available is None or 0 < available <= total)
+    assert cmp.Config().max_parked == cmp.default_max_parked(total, available)
 
 
 def test_parking_past_the_limit_ends_the_oldest():
@@ -403,15 +431,161 @@ def test_a_first_turn_leaves_a_warm_process_for_the_next_first_turn():
     assert warm.turns[0][1] == {}  # its first prompt went in as the next turn
 
 
-def test_no_warm_process_for_calls_with_tools_or_when_parking_is_off():
-    SCRIPTS.append([tool_call_answer("toolu_1")])
+def test_a_first_turn_with_tools_leaves_a_warm_process_with_those_tools():
+    SCRIPTS.extend([[tool_call_answer("toolu_1")], [tool_call_answer("toolu_2")]])
     pool = pool_with(warm=1)
     run_turn(pool, chat([user("weather?")], tools=TOOLS))
-    SCRIPTS.append([text_answer("one")])
+    wait_until(lambda: pool.counts()["warm"] == 1, 5, "a warm process")
+    assert MADE[1].warm is True and MADE[1].call.tools == chat([user("x")], tools=TOOLS).tools
+    events, reused, run = run_turn(pool, chat([user("weather in Rome?")], tools=TOOLS))
+    assert reused and run is MADE[1] and events[0][0] == "tool_call"
+
+
+def test_no_warm_process_when_parking_or_warm_is_off():
+    SCRIPTS.extend([[text_answer("one")], [text_answer("two")]])
     off = pool_with(warm=1, max_parked=0)
     run_turn(off, chat([user("hi")]))
+    none = pool_with(warm=0)
+    run_turn(none, chat([user("hi")]))
     assert len(MADE) == 2  # no third run was started for either pool
     assert_no_slot_held(off)
+
+
+class Gate:
+    """FakeRun.initialize held until `open` is called: a warm process still loading."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.entered = threading.Event()
+
+    def initialize(self, run, timeout):
+        self.entered.set()
+        return self.event.wait(timeout)
+
+
+def test_a_first_turn_takes_a_warm_process_still_loading_instead_of_starting_another(monkeypatch):
+    SCRIPTS.extend([[text_answer("one")], [text_answer("from the loading one")]])
+    gate = Gate()
+    monkeypatch.setattr(FakeRun, "initialize", lambda self, timeout: gate.initialize(self, timeout))
+    pool = pool_with(warm=1)
+    run_turn(pool, chat([user("hi")]))
+    wait_until(gate.entered.is_set, 5, "the warm process to start loading")
+    assert pool.counts()["loading"] == 1 and pool.counts()["warm"] == 0
+    got = []
+    taker = threading.Thread(target=lambda: got.append(run_turn(pool, chat([user("a new conversation")]))))
+    taker.start()
+    wait_until(lambda: pool.counts()["busy"] == 1 and pool.counts()["loading"] == 0, 5, "the request to take it")
+    assert len(MADE) == 2  # it waits for the loading process rather than starting its own
+    gate.event.set()
+    taker.join(5)
+    events, reused, run = got[0]
+    assert reused and run is MADE[1] and events[0] == ("text", "from the loading one")
+
+
+def test_a_first_turn_whose_loading_process_fails_starts_cold(monkeypatch):
+    SCRIPTS.extend([[text_answer("one")], [], [text_answer("cold")]])
+    gate = Gate()
+    monkeypatch.setattr(FakeRun, "initialize", lambda self, timeout: gate.initialize(self, timeout) and False)
+    pool = pool_with(warm=1)
+    run_turn(pool, chat([user("hi")]))
+    wait_until(gate.entered.is_set, 5, "the warm process to start loading")
+    got = []
+    taker = threading.Thread(target=lambda: got.append(run_turn(pool, chat([user("a new conversation")]))))
+    taker.start()
+    wait_until(lambda: pool.counts()["loading"] == 0, 5, "the request to take it")
+    gate.event.set()
+    taker.join(5)
+    events, reused, run = got[0]
+    assert not reused and run is MADE[2] and events[0] == ("text", "cold") and MADE[1].closed == 1
+
+
+def test_warm_processes_follow_recent_demand_for_their_shape():
+    SCRIPTS.extend([[text_answer(n)] for n in ("one", "two", "three", "four")])
+    pool = pool_with(warm=3, max_parked=10)
+    for n in range(3):
+        _, reused, _ = run_turn(pool, chat([user("conversation %d" % n)]))
+        assert reused == (n > 0)
+        wait_until(lambda: pool.counts()["warm"] == n + 1, 5, "%d warm processes" % (n + 1))
+    run_turn(pool, chat([user("conversation 4")]))
+    wait_until(lambda: pool.counts()["warm"] == 3, 5, "3 warm processes")
+    assert len(MADE) == 7  # the first cold one, then 1, 2, 2 and 1 started as the demand grew: never past --warm
+    assert pool.counts()["parked"] == 4
+
+
+def test_prestart_at_start_up_keeps_the_number_asked_for():
+    pool = pool_with(warm=3)
+    assert pool.prestart(chat([user(".")]), 2) == 2
+    wait_until(lambda: pool.counts()["warm"] == 2, 5, "2 warm processes")
+    assert pool.prestart(chat([user(".")]), 2) == 0 and len(MADE) == 2
+    assert all(run.warm for run in MADE)
+
+
+def test_warm_loads_take_turns(monkeypatch):
+    monkeypatch.setattr(cmp, "LOADS_AT_ONCE", 1)
+    gate = Gate()
+    monkeypatch.setattr(FakeRun, "initialize", lambda self, timeout: gate.initialize(self, timeout))
+    pool = pool_with(warm=2)
+    assert pool.prestart(chat([user(".")]), 2) == 2
+    wait_until(gate.entered.is_set, 5, "a load to begin")
+    assert sum(run.warm is True for run in MADE) == 1  # the other waits for its turn
+    assert pool.counts()["loading"] == 2
+    gate.event.set()
+    wait_until(lambda: pool.counts()["warm"] == 2, 5, "both loaded")
+    assert all(run.warm for run in MADE)
+
+
+def test_shapes_are_remembered_least_recently_seen_first_forgotten(monkeypatch):
+    monkeypatch.setattr(cmp, "WARM_SHAPES", 2)
+    SCRIPTS.extend([[text_answer(n)] for n in "abc"])
+    pool = pool_with(warm=1, max_parked=0)
+    calls = [chat([{"role": "system", "content": name}, user("hi")]) for name in "abc"]
+    for call in calls:
+        run_turn(pool, call)
+    assert list(pool.demand) == [cmp.conversation_key(c, []) for c in calls[1:]]
+
+
+def test_a_full_pool_ends_a_warm_spare_before_a_parked_conversation():
+    SCRIPTS.extend([[text_answer("one")], [], [text_answer("two")]])
+    pool = pool_with(warm=1, max_parked=2)
+    _, _, conversation = run_turn(pool, chat([user("hi")]))
+    wait_until(lambda: pool.counts()["warm"] == 1, 5, "a warm process")
+    spare = MADE[1]
+    _, _, other = run_turn(pool, chat([{"role": "system", "content": "another shape"}, user("hi")]))
+    assert spare.closed == 1 and conversation.closed == 0 and other.closed == 0
+    assert len(MADE) == 3  # no warm process for the second shape: it would end a conversation
+    assert_no_slot_held(pool, kept=2)
+
+
+def test_past_the_cap_a_loading_spare_is_cancelled_before_a_parked_conversation_ends(monkeypatch):
+    SCRIPTS.extend([[text_answer("one")], [], [text_answer("two")]])
+    gate = Gate()
+    monkeypatch.setattr(FakeRun, "initialize", lambda self, timeout: gate.initialize(self, timeout))
+    pool = pool_with(warm=1, max_parked=2)
+    _, _, conversation = run_turn(pool, chat([user("hi")]))
+    wait_until(gate.entered.is_set, 5, "the warm process to start loading")
+    _, _, other = run_turn(pool, chat([{"role": "system", "content": "another shape"}, user("hi")]))
+    assert conversation.closed == 0 and other.closed == 0 and pool.counts()["parked"] == 2
+    gate.event.set()
+    wait_until(lambda: MADE[1].closed, 5, "the cancelled load to be ended by its loader")
+    assert len(MADE) == 3
+    assert_no_slot_held(pool, kept=2)
+
+
+def test_closing_the_pool_ends_kept_and_loading_processes(monkeypatch):
+    SCRIPTS.append([text_answer("one")])
+    gate = Gate()
+    monkeypatch.setattr(FakeRun, "initialize", lambda self, timeout: gate.initialize(self, timeout))
+    pool = pool_with(warm=1)
+    _, _, parked = run_turn(pool, chat([user("hi")]))
+    wait_until(gate.entered.is_set, 5, "the warm process to start loading")
+    closer = threading.Thread(target=pool.close)
+    closer.start()
+    wait_until(lambda: MADE[1].closed, 5, "the loading process to be ended")
+    gate.event.set()  # what a killed CLI does to its initialize: it ends
+    closer.join(5)
+    assert parked.closed == 1 and MADE[1].closed >= 1
+    assert pool.prestart(chat([user("hi")]), 1) == 0
+    assert_no_slot_held(pool)
 
 
 def test_a_warm_process_that_fails_to_load_frees_its_slot(monkeypatch):

@@ -690,6 +690,19 @@ def test_doctor_port_line_shows_the_running_proxys_limit_state(state, words):
     assert finding.status == "OK" and words in finding.summary
 
 
+def test_doctor_processes_line_says_the_caps_and_where_the_kept_one_comes_from():
+    total, available = 24683656 * 1024, 24137428 * 1024
+    config = cmp.Config(max_parked=cmp.default_max_parked(total, available))
+    finding = cmp.processes_finding(config, total, available)
+    assert finding.status == "OK"
+    assert "up to 4 CLI processes answering" in finding.summary
+    assert "19 kept between turns (--max-parked; default from 25.3 GB RAM, 24.7 GB available)" in finding.summary
+    assert "as set" in cmp.processes_finding(cmp.Config(max_parked=7), total, available).summary
+    assert "memory is unknown" in cmp.processes_finding(cmp.Config(max_parked=4), None, None).summary
+    tight = cmp.processes_finding(cmp.Config(max_parked=40), total, 4 * 10 ** 9)
+    assert tight.status == "WARN" and "--max-parked" in tight.fix
+
+
 def test_doctor_exit_code_is_one_only_when_something_fails():
     ok, warn, fail = (cmp.Finding(s, "x", "y", "z") for s in ("OK", "WARN", "FAIL"))
     assert cmp.doctor_report([ok, warn])[1] == 0
