@@ -1694,6 +1694,10 @@ class ClaudeInstall:
 # Process pool (I/O): the one owner of CLI processes across requests
 # ================================================================================================
 
+REWRITERS_KEPT = 64     # kinds of client remembered as rewriting their history
+REWRITE_BLOCKS_MAX = 3  # at most this many trailing prompt blocks looked for as a context message
+
+
 class Kept(NamedTuple):
     """A CLI process kept between turns: `warm` (started for a first turn, nothing seen yet) or
     parked (holding a conversation, filed under the `conversation_key` of what it has seen)."""
@@ -1702,6 +1706,11 @@ class Kept(NamedTuple):
     expiry: float
     warm: bool
     at_tool_call: bool  # stopped at a client tool call, waiting for its results
+    # Keys under which a client that rewrites its history comes back instead of `key`, each with
+    # how many trailing blocks of the prompt it then leaves out (0: none, it rewrites nothing).
+    rewrites: Tuple[Tuple[str, int], ...] = ()
+    predicted: bool = False  # resumed at the history its client is predicted to send next
+    conversation: str = ""   # predicted: its conversation (conversation_of), one such process each
 
 
 class ProcessPool:
@@ -1722,6 +1731,9 @@ class ProcessPool:
         self.waiting = 0   # requests waiting for a slot
         self.kept = collections.OrderedDict()  # type: Dict[int, Kept]  # id(run) -> entry, oldest first
         self.hits = self.misses = 0
+        # conversation_key(call, []) of a client seen rewriting its history -> the trailing prompt
+        # blocks (its fresh context message) it leaves out of the next request; most recent last.
+        self.rewriters = collections.OrderedDict()  # type: Dict[str, int]
 
     # -- turns ----------------------------------------------------------------------------------
 
@@ -1734,6 +1746,7 @@ class ProcessPool:
         run = self._parked_run_for(call)
         reused = run is not None
         if run is None:
+            self.notice_rewriting(call)
             self.acquire(self.config.queue_timeout, client_gone)
             try:
                 run = self.run_class(call, self.config, claude_path, observe=self.observe).start()
@@ -1746,6 +1759,8 @@ class ProcessPool:
         finally:
             if not turn.parked:
                 self._end(run)
+            if turn.prediction is not None:
+                self.predict(call, turn.prediction)
             if not call.history:
                 # After the answer, so its start-up does not compete with this turn for the CPU.
                 self.prestart(call)
@@ -1774,13 +1789,18 @@ class ProcessPool:
                 self.hits += 1
         return run
 
-    def park(self, key: str, run: CliRun, at_tool_call: bool = False, warm: bool = False) -> bool:
-        """Keep a busy process for the turn filed under `key`; the oldest kept one makes room."""
+    def park(self, key: str, run: CliRun, at_tool_call: bool = False, warm: bool = False,
+             rewrites: Tuple[Tuple[str, int], ...] = (), conversation: str = "") -> bool:
+        """Keep a busy process for the turn filed under `key`; the oldest kept one makes room.
+        A `conversation` marks a predicted process: it replaces that conversation's earlier one."""
         if self.keep <= 0:
             return False
+        if conversation:
+            self._end_predicted(conversation)
         with self.lock:
             self.busy -= 1
-            self.kept[id(run)] = Kept(key, run, time.monotonic() + self.config.parked_ttl, warm, at_tool_call)
+            self.kept[id(run)] = Kept(key, run, time.monotonic() + self.config.parked_ttl, warm, at_tool_call,
+                                      rewrites, bool(conversation), conversation)
         while self._end_oldest(lambda entries: len(entries) > self.keep):
             pass
         return True
@@ -1892,14 +1912,76 @@ class ProcessPool:
             pass
         self._end(run)
 
+    # -- clients that rewrite their history ----------------------------------------------------
+
+    def notice_rewriting(self, call: CliCall) -> None:
+        """On a miss: if a kept process holds this history but for its prompt's trailing blocks
+        (or holds it with them, where they were predicted gone), learn how many this kind of
+        client leaves out of its next request, and end that process, which no request will fit."""
+        if not call.history:
+            return
+        key, shape = conversation_key(call, call.history), conversation_key(call, [])
+        with self.lock:
+            found = next(((run_id, dict(e.rewrites)[key]) for run_id, e in self.kept.items()
+                          if key in dict(e.rewrites)), None)
+            if found is None:
+                return
+            run = self.kept.pop(found[0]).run
+            self.busy += 1
+            self.rewriters.pop(shape, None)
+            if found[1]:
+                self.rewriters[shape] = found[1]
+                while len(self.rewriters) > REWRITERS_KEPT:
+                    self.rewriters.popitem(last=False)
+        self._end(run)
+
+    def dropped_blocks(self, call: CliCall) -> int:
+        """How many trailing prompt blocks this kind of client leaves out of its next request."""
+        with self.lock:
+            return self.rewriters.get(conversation_key(call, []), 0)
+
+    def predict(self, call: CliCall, turns: List[Dict[str, Any]]) -> None:
+        """Resume a process in the background at `turns`, the history this call's client is
+        predicted to send next, filed under that history's key; nothing when no slot is free."""
+        if not self.try_acquire() and not (self.evict_oldest() and self.try_acquire()):
+            return
+        threading.Thread(target=self._start_predicted, args=(call, turns), daemon=True).start()
+
+    def _start_predicted(self, call: CliCall, turns: List[Dict[str, Any]]) -> None:
+        run = None
+        try:
+            resumed = dataclasses.replace(call, history=turns, prompt=[])
+            run = self.run_class(resumed, self.config, self.claude.resolve(), observe=self.observe)
+            run.start(send_prompt=False)
+            # Should the client send the prompt's blocks after all, this process is ended and the
+            # lesson forgotten (notice_rewriting).
+            undropped = turns[:-2] + [{"role": "user", "content": call.prompt}, turns[-1]]
+            if run.initialize(60.0) and self.park(conversation_key(call, turns), run,
+                                                  rewrites=((conversation_key(call, undropped), 0),),
+                                                  conversation=conversation_of(resumed)):
+                return
+        except (ApiError, OSError):
+            pass
+        self._end(run)
+
+    def _end_predicted(self, conversation: str) -> None:
+        with self.lock:
+            found = [run_id for run_id, e in self.kept.items() if e.conversation == conversation]
+            runs = [self.kept.pop(run_id).run for run_id in found]
+            self.busy += len(runs)
+        for run in runs:
+            self._end(run)
+
     # -- numbers for /health and /metrics -------------------------------------------------------
 
     def counts(self) -> Dict[str, int]:
-        """CLI processes by state (busy: answering; warm, parked: kept), reuse hits and misses."""
+        """CLI processes by state (busy: answering; warm, parked, predicted: kept), reuse hits and
+        misses."""
         with self.lock:
             warm = sum(1 for entry in self.kept.values() if entry.warm)
-            return {"busy": self.busy, "warm": warm, "parked": len(self.kept) - warm,
-                    "hits": self.hits, "misses": self.misses}
+            predicted = sum(1 for entry in self.kept.values() if entry.predicted)
+            return {"busy": self.busy, "warm": warm, "parked": len(self.kept) - warm - predicted,
+                    "predicted": predicted, "hits": self.hits, "misses": self.misses}
 
 
 class Turn:
@@ -1913,6 +1995,7 @@ class Turn:
         self.client_gone, self.translator = client_gone, translator
         self.events = []  # type: List["TurnEvent"]  # what the turn produced so far
         self.parked = False
+        self.prediction = None  # type: Optional[List[Dict[str, Any]]]  # history to resume at next
 
     @property
     def model(self) -> str:
@@ -1951,15 +2034,21 @@ class Turn:
         call, run, translator = self.call, self.run, self.translator
         if self.pool.keep <= 0 or not run.running():
             return False
+        turns = call.history + [{"role": "user", "content": call.prompt}, assistant_turn_from(self.events, call)]
+        ended = finish.reason == "stop" and translator.stop_reason == "end_turn" and not translator.cut \
+            and bool(turns[-1]["content"])
+        dropped = self.pool.dropped_blocks(call)
+        if ended and 0 < dropped < len(call.prompt):
+            # This client's next request leaves out part of this prompt, which this process has
+            # seen: a process resumed at that history serves it instead (ProcessPool.predict).
+            self.prediction = predicted_turns(turns, dropped)
+            return False
         if any(b["type"] == "tool_result" for b in call.prompt) and not self.reused:
             return False  # that process saw the replay's extra lines; later turns should not
-        turns = call.history + [{"role": "user", "content": call.prompt}, assistant_turn_from(self.events, call)]
         at_tool_call = finish.reason == "tool_calls" and call.parallel_tool_calls
-        if not at_tool_call and not (finish.reason == "stop" and translator.stop_reason == "end_turn"
-                                     and not translator.cut and turns[-1]["content"]
-                                     and run.wait_for_result(10.0)):
+        if not at_tool_call and not (ended and run.wait_for_result(10.0)):
             return False
-        return self.pool.park(conversation_key(call, turns), run, at_tool_call)
+        return self.pool.park(conversation_key(call, turns), run, at_tool_call, rewrites=rewrite_keys(call, turns))
 
 
 # ================================================================================================
@@ -2497,6 +2586,23 @@ def conversation_key(call: CliCall, turns: List[Dict[str, Any]]) -> str:
     fixed = [call.model, call.system_prompt, [dataclasses.astuple(t) for t in call.tools],
              call.json_schema, call.effort, call.max_output_tokens, call.include_reasoning, turns]
     return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def predicted_turns(turns: List[Dict[str, Any]], dropped: int) -> List[Dict[str, Any]]:
+    """The turns a client sends back when it leaves the last prompt's `dropped` trailing blocks out."""
+    prompt = turns[-2]
+    return turns[:-2] + [dict(prompt, content=prompt["content"][:-dropped]), turns[-1]]
+
+
+def rewrite_keys(call: CliCall, turns: List[Dict[str, Any]]) -> Tuple[Tuple[str, int], ...]:
+    """The keys of `turns` without one, two... trailing prompt blocks (a client's context message)."""
+    most = min(REWRITE_BLOCKS_MAX, len(turns[-2]["content"]) - 1)
+    return tuple((conversation_key(call, predicted_turns(turns, n)), n) for n in range(1, most + 1))
+
+
+def conversation_of(call: CliCall) -> str:
+    """A conversation's lasting name: what its processes have fixed, its first turn and answer."""
+    return conversation_key(call, call.history[:2])
 
 
 def model_object(model_id: str) -> Dict[str, Any]:
@@ -3828,7 +3934,7 @@ class ProxyServer(ThreadingHTTPServer):
         """GET /metrics: the counters, the pool's processes and the limit state."""
         samples, counts = self.metrics.samples(), self.pool.counts()
         samples["claude_max_proxy_cli_processes"] = [({"state": state}, counts[state])
-                                                     for state in ("busy", "warm", "parked")]
+                                                     for state in ("busy", "warm", "parked", "predicted")]
         samples["claude_max_proxy_requests_waiting"] = [({}, self.pool.waiting)]
         samples["claude_max_proxy_process_reuse_total"] = [({"result": "hit"}, counts["hits"]),
                                                            ({"result": "miss"}, counts["misses"])]
