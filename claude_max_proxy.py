@@ -1696,6 +1696,7 @@ class ClaudeInstall:
 
 REWRITERS_KEPT = 64     # kinds of client remembered as rewriting their history
 REWRITE_BLOCKS_MAX = 3  # at most this many trailing prompt blocks looked for as a context message
+PREDICTED_WAIT_SECONDS = 30.0  # the longest a request waits for its predicted process to load
 
 
 class Kept(NamedTuple):
@@ -1734,6 +1735,7 @@ class ProcessPool:
         # conversation_key(call, []) of a client seen rewriting its history -> the trailing prompt
         # blocks (its fresh context message) it leaves out of the next request; most recent last.
         self.rewriters = collections.OrderedDict()  # type: Dict[str, int]
+        self.loading = {}  # type: Dict[str, threading.Event]  # key -> predicted process still loading
 
     # -- turns ----------------------------------------------------------------------------------
 
@@ -1743,6 +1745,7 @@ class ProcessPool:
         """A turn for this call, on a parked process of its conversation or a new one; on leaving,
         the process is ended unless the turn parked it."""
         claude_path = self.claude.resolve()
+        self.await_predicted(call, client_gone)
         run = self._parked_run_for(call)
         reused = run is not None
         if run is None:
@@ -1945,9 +1948,34 @@ class ProcessPool:
         predicted to send next, filed under that history's key; nothing when no slot is free."""
         if not self.try_acquire() and not (self.evict_oldest() and self.try_acquire()):
             return
-        threading.Thread(target=self._start_predicted, args=(call, turns), daemon=True).start()
+        key, loaded = conversation_key(call, turns), threading.Event()
+        with self.lock:
+            self.loading[key] = loaded
+        threading.Thread(target=self._start_predicted, args=(call, turns, key, loaded), daemon=True).start()
 
-    def _start_predicted(self, call: CliCall, turns: List[Dict[str, Any]]) -> None:
+    def await_predicted(self, call: CliCall, client_gone: Callable[[], bool]) -> None:
+        """Wait for the predicted process of this request's history if it is still loading: it
+        is further on than a process started now would be, and one more start slows both."""
+        with self.lock:
+            loaded = self.loading.get(conversation_key(call, call.history))
+        deadline = time.monotonic() + PREDICTED_WAIT_SECONDS
+        while loaded is not None and not loaded.wait(CLIENT_CHECK_INTERVAL):
+            if client_gone():
+                raise ClientGone()
+            if time.monotonic() > deadline:
+                return
+
+    def _start_predicted(self, call: CliCall, turns: List[Dict[str, Any]], key: str,
+                         loaded: threading.Event) -> None:
+        try:
+            self._load_predicted(call, turns, key)
+        finally:
+            with self.lock:
+                if self.loading.get(key) is loaded:
+                    del self.loading[key]
+            loaded.set()
+
+    def _load_predicted(self, call: CliCall, turns: List[Dict[str, Any]], key: str) -> None:
         run = None
         try:
             resumed = dataclasses.replace(call, history=turns, prompt=[])
@@ -1956,7 +1984,7 @@ class ProcessPool:
             # Should the client send the prompt's blocks after all, this process is ended and the
             # lesson forgotten (notice_rewriting).
             undropped = turns[:-2] + [{"role": "user", "content": call.prompt}, turns[-1]]
-            if run.initialize(60.0) and self.park(conversation_key(call, turns), run,
+            if run.initialize(60.0) and self.park(key, run,
                                                   rewrites=((conversation_key(call, undropped), 0),),
                                                   conversation=conversation_of(resumed)):
                 return

@@ -879,6 +879,44 @@ def ttft_history_rewriting(procs, cli, env, upstream, budget, turns=5, gap=2.0):
             "leftover_processes": leftovers}
 
 
+def ttft_rewriting_sessions(procs, cli, env, upstream, budget, args=(), sessions=6, rounds=3):
+    """`sessions` history-rewriting clients (as ttft_history_rewriting) taking turns round-robin
+    on one proxy started with `args`; TTFT per round, and whether the upstream stayed faithful."""
+    proxy = ProxyProcess(procs, ["--claude", cli] + list(args), env, budget)
+    client = chat_client(proxy.url)
+    marks = [uuid.uuid4().hex for _ in range(sessions)]
+    histories = [[{"role": "system", "content": "You are a careful assistant."}] for _ in marks]
+    contexts = [[] for _ in marks]
+    per_round = {n: [] for n in range(1, rounds + 1)}
+    try:
+        for turn in range(1, rounds + 1):
+            for history, mark, context in zip(histories, marks, contexts):
+                budget.cap(1)
+                history.append({"role": "user", "content": "Question %d (%s)" % (turn, mark)})
+                context.append("[context %s]" % uuid.uuid4().hex)
+                answer = client.stream(history + [{"role": "user", "content": context[-1]}])
+                per_round[turn].append(answer.ttft)
+                history.append({"role": "assistant", "content": answer.text})
+            progress("%d rewriting sessions %s, round %d: %s" % (
+                sessions, " ".join(args) or "(defaults)", turn, " ".join("%.3f" % x for x in per_round[turn])))
+        log = proxy.wait_for_log(sessions * rounds, 10)
+        processes = proxy.health()["processes"]
+    finally:
+        client.close()
+        leftovers = proxy.stop()
+    with upstream.lock:
+        bodies = [json.dumps(r["body"]) for r in upstream.requests if r["path"].startswith("/v1/messages")
+                  and "count_tokens" not in r["path"]]
+    faithful = all(
+        sum(1 for body in bodies if mark in body) == rounds and all(
+            sum(1 for body in bodies if c in body and mark in body) == 1 for c in context)
+        for mark, context in zip(marks, contexts))
+    return {"args": list(args), "samples_by_round_s": {str(n): v for n, v in per_round.items()},
+            "reused_by_round": {str(n): sum(1 for e in log[(n - 1) * sessions:n * sessions] if e["reused"])
+                                for n in per_round},
+            "faithful_upstream": faithful, "processes": processes, "leftover_processes": leftovers}
+
+
 # ================================================================================================
 # 3. Relay throughput
 # ================================================================================================
