@@ -1699,6 +1699,13 @@ REWRITE_BLOCKS_MAX = 3  # at most this many trailing prompt blocks looked for as
 PREDICTED_WAIT_SECONDS = 30.0  # the longest a request waits for its predicted process to load
 
 
+class Rewrite(NamedTuple):
+    """A history a client that rewrites its history may come back with instead of a kept key."""
+    key: str
+    dropped: int  # the trailing prompt blocks it leaves out (0: none, it rewrites nothing)
+    turns: List[Dict[str, Any]]
+
+
 class Kept(NamedTuple):
     """A CLI process kept between turns: `warm` (started for a first turn, nothing seen yet) or
     parked (holding a conversation, filed under the `conversation_key` of what it has seen)."""
@@ -1707,9 +1714,7 @@ class Kept(NamedTuple):
     expiry: float
     warm: bool
     at_tool_call: bool  # stopped at a client tool call, waiting for its results
-    # Keys under which a client that rewrites its history comes back instead of `key`, each with
-    # how many trailing blocks of the prompt it then leaves out (0: none, it rewrites nothing).
-    rewrites: Tuple[Tuple[str, int], ...] = ()
+    rewrites: Tuple[Rewrite, ...] = ()  # what a client that rewrites its history sends instead
     predicted: bool = False  # resumed at the history its client is predicted to send next
     conversation: str = ""   # predicted: its conversation (conversation_of), one such process each
 
@@ -1793,7 +1798,7 @@ class ProcessPool:
         return run
 
     def park(self, key: str, run: CliRun, at_tool_call: bool = False, warm: bool = False,
-             rewrites: Tuple[Tuple[str, int], ...] = (), conversation: str = "") -> bool:
+             rewrites: Tuple[Rewrite, ...] = (), conversation: str = "") -> bool:
         """Keep a busy process for the turn filed under `key`; the oldest kept one makes room.
         A `conversation` marks a predicted process: it replaces that conversation's earlier one."""
         if self.keep <= 0:
@@ -1920,23 +1925,31 @@ class ProcessPool:
     def notice_rewriting(self, call: CliCall) -> None:
         """On a miss: if a kept process holds this history but for its prompt's trailing blocks
         (or holds it with them, where they were predicted gone), learn how many this kind of
-        client leaves out of its next request, and end that process, which no request will fit."""
+        client leaves out of its next request, and end that process, which no request will fit.
+        The same client's other parked conversations are resumed at their predicted histories."""
         if not call.history:
             return
         key, shape = conversation_key(call, call.history), conversation_key(call, [])
         with self.lock:
-            found = next(((run_id, dict(e.rewrites)[key]) for run_id, e in self.kept.items()
-                          if key in dict(e.rewrites)), None)
+            found = next(((run_id, r) for run_id, e in self.kept.items() for r in e.rewrites if r.key == key), None)
             if found is None:
                 return
-            run = self.kept.pop(found[0]).run
-            self.busy += 1
+            ended, dropped = [self.kept.pop(found[0]).run], found[1].dropped
             self.rewriters.pop(shape, None)
-            if found[1]:
-                self.rewriters[shape] = found[1]
+            if dropped:
+                self.rewriters[shape] = dropped
                 while len(self.rewriters) > REWRITERS_KEPT:
                     self.rewriters.popitem(last=False)
-        self._end(run)
+            predictions = [] if not dropped else [
+                (run_id, e.run.call, r.turns) for run_id, e in self.kept.items() for r in e.rewrites
+                if r.dropped == dropped and not (e.at_tool_call or e.predicted)
+                and conversation_key(e.run.call, []) == shape]
+            ended += [self.kept.pop(run_id).run for run_id, _, _ in predictions]
+            self.busy += len(ended)
+        for run in ended:
+            self._end(run)
+        for _, other, turns in predictions:
+            self.predict(other, turns)
 
     def dropped_blocks(self, call: CliCall) -> int:
         """How many trailing prompt blocks this kind of client leaves out of its next request."""
@@ -1985,7 +1998,7 @@ class ProcessPool:
             # lesson forgotten (notice_rewriting).
             undropped = turns[:-2] + [{"role": "user", "content": call.prompt}, turns[-1]]
             if run.initialize(60.0) and self.park(key, run,
-                                                  rewrites=((conversation_key(call, undropped), 0),),
+                                                  rewrites=(Rewrite(conversation_key(call, undropped), 0, undropped),),
                                                   conversation=conversation_of(resumed)):
                 return
         except (ApiError, OSError):
@@ -2076,7 +2089,7 @@ class Turn:
         at_tool_call = finish.reason == "tool_calls" and call.parallel_tool_calls
         if not at_tool_call and not (ended and run.wait_for_result(10.0)):
             return False
-        return self.pool.park(conversation_key(call, turns), run, at_tool_call, rewrites=rewrite_keys(call, turns))
+        return self.pool.park(conversation_key(call, turns), run, at_tool_call, rewrites=rewrites_of(call, turns))
 
 
 # ================================================================================================
@@ -2622,10 +2635,11 @@ def predicted_turns(turns: List[Dict[str, Any]], dropped: int) -> List[Dict[str,
     return turns[:-2] + [dict(prompt, content=prompt["content"][:-dropped]), turns[-1]]
 
 
-def rewrite_keys(call: CliCall, turns: List[Dict[str, Any]]) -> Tuple[Tuple[str, int], ...]:
-    """The keys of `turns` without one, two... trailing prompt blocks (a client's context message)."""
+def rewrites_of(call: CliCall, turns: List[Dict[str, Any]]) -> Tuple["Rewrite", ...]:
+    """`turns` without one, two... trailing prompt blocks (a client's context message)."""
     most = min(REWRITE_BLOCKS_MAX, len(turns[-2]["content"]) - 1)
-    return tuple((conversation_key(call, predicted_turns(turns, n)), n) for n in range(1, most + 1))
+    return tuple(Rewrite(conversation_key(call, predicted_turns(turns, n)), n, predicted_turns(turns, n))
+                 for n in range(1, most + 1))
 
 
 def conversation_of(call: CliCall) -> str:

@@ -474,6 +474,26 @@ def test_a_new_conversation_of_a_known_rewriting_client_is_predicted_from_its_fi
     assert reused and run is MADE[4] and events[0] == ("text", "b2")
 
 
+def test_once_learned_the_same_clients_other_parked_conversations_are_predicted_too():
+    # Sessions taking turns: the first one's second turn shows the pattern; the others' parked
+    # processes, which have seen their first context message, are resumed without it.
+    SCRIPTS.extend([[text_answer("a1")], [text_answer("b1")], [text_answer("c1")],
+                    [text_answer("second")], [text_answer("second")], []])  # the last two in either order
+    pool = pool_with()
+    _, _, a = run_turn(pool, chat(rewriting(1, [])))
+    _, _, b = run_turn(pool, chat(rewriting(1, [], context="b")))
+    _, _, c = run_turn(pool, chat([{"role": "system", "content": "another client"}] + rewriting(1, [], context="c")))
+    _, reused, _ = run_turn(pool, chat(rewriting(2, ["a1"])))
+    assert not reused and a.closed == 1 and b.closed == 1 and c.closed == 0
+    wait_until(lambda: pool.counts()["predicted"] == 2, 5, "a's and b's predictions")
+    call = chat(rewriting(2, ["b1"], context="b"))
+    events, reused, run = run_turn(pool, call)
+    assert reused and run.warm and run.turns == [(call, {})] and events[0] == ("text", "second")
+    wait_until(lambda: pool.counts()["busy"] == 0, 5, "no busy slot")
+    assert pool.counts()["parked"] == 1  # another kind of client's process: untouched
+    assert_no_slot_held(pool, kept=3)  # a's and b's predictions, c parked
+
+
 def test_one_predicted_process_per_conversation():
     SCRIPTS.extend([[text_answer("a1")], [text_answer("a2")], [], [text_answer("a3")], []])
     pool = pool_with()
@@ -533,11 +553,12 @@ def test_a_prediction_needs_a_whole_answer_and_a_prompt_left_after_the_drop():
     assert single.closed == 0 and pool.counts()["parked"] == 1 and len(MADE) == 3
 
 
-def test_rewrite_keys_are_the_keys_of_the_history_without_trailing_prompt_blocks():
+def test_rewrites_are_the_history_without_trailing_prompt_blocks():
     call = chat(rewriting(2, ["a1"]))
     turns = call.history + [{"role": "user", "content": call.prompt}, {"role": "assistant", "content": [
         {"type": "text", "text": "a2"}]}]
-    assert cmp.rewrite_keys(call, turns) == ((cmp.conversation_key(call, chat(rewriting(3, ["a1", "a2"])).history), 1),)
-    assert cmp.predicted_turns(turns, 1) == chat(rewriting(3, ["a1", "a2"])).history
+    next_history = chat(rewriting(3, ["a1", "a2"])).history
+    assert cmp.rewrites_of(call, turns) == (cmp.Rewrite(cmp.conversation_key(call, next_history), 1, next_history),)
+    assert cmp.predicted_turns(turns, 1) == next_history
     assert cmp.conversation_of(call) == cmp.conversation_of(chat(rewriting(3, ["a1", "a2"])))
     assert cmp.conversation_of(call) != cmp.conversation_of(chat(rewriting(2, ["b1"])))
