@@ -1956,14 +1956,22 @@ class ProcessPool:
         with self.lock:
             return self.rewriters.get(conversation_key(call, []), 0)
 
+    def expect(self, call: CliCall, turns: List[Dict[str, Any]]) -> None:
+        """Note, before the answer's last bytes go out, that a process resumed at `turns` is
+        coming: the client's next request waits for it (await_predicted) rather than start one."""
+        with self.lock:
+            self.loading.setdefault(conversation_key(call, turns), threading.Event())
+
     def predict(self, call: CliCall, turns: List[Dict[str, Any]]) -> None:
         """Resume a process in the background at `turns`, the history this call's client is
         predicted to send next, filed under that history's key; nothing when no slot is free."""
-        if not self.try_acquire() and not (self.evict_oldest() and self.try_acquire()):
-            return
-        key, loaded = conversation_key(call, turns), threading.Event()
+        self.expect(call, turns)
+        key = conversation_key(call, turns)
         with self.lock:
-            self.loading[key] = loaded
+            loaded = self.loading[key]
+        if not self.try_acquire() and not (self.evict_oldest() and self.try_acquire()):
+            self._loaded(key, loaded)
+            return
         threading.Thread(target=self._start_predicted, args=(call, turns, key, loaded), daemon=True).start()
 
     def await_predicted(self, call: CliCall, client_gone: Callable[[], bool]) -> None:
@@ -1983,10 +1991,13 @@ class ProcessPool:
         try:
             self._load_predicted(call, turns, key)
         finally:
-            with self.lock:
-                if self.loading.get(key) is loaded:
-                    del self.loading[key]
-            loaded.set()
+            self._loaded(key, loaded)
+
+    def _loaded(self, key: str, loaded: threading.Event) -> None:
+        with self.lock:
+            if self.loading.get(key) is loaded:
+                del self.loading[key]
+        loaded.set()
 
     def _load_predicted(self, call: CliCall, turns: List[Dict[str, Any]], key: str) -> None:
         run = None
@@ -2083,6 +2094,7 @@ class Turn:
             # This client's next request leaves out part of this prompt, which this process has
             # seen: a process resumed at that history serves it instead (ProcessPool.predict).
             self.prediction = predicted_turns(turns, dropped)
+            self.pool.expect(call, self.prediction)
             return False
         if any(b["type"] == "tool_result" for b in call.prompt) and not self.reused:
             return False  # that process saw the replay's extra lines; later turns should not
