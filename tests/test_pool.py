@@ -494,6 +494,26 @@ def test_once_learned_the_same_clients_other_parked_conversations_are_predicted_
     assert_no_slot_held(pool, kept=3)  # a's and b's predictions, c parked
 
 
+def test_a_request_waits_for_its_predicted_process_still_loading(monkeypatch):
+    SCRIPTS.extend([[text_answer("a1")], [text_answer("a2")], [text_answer("a3")]])
+    gate, waiting = threading.Event(), threading.Event()
+    monkeypatch.setattr(FakeRun, "initialize", lambda self, timeout: gate.wait(timeout))
+    pool = pool_with()
+    run_turn(pool, chat(rewriting(1, [])))
+    run_turn(pool, chat(rewriting(2, ["a1"])))
+    await_predicted = pool.await_predicted
+    monkeypatch.setattr(pool, "await_predicted", lambda *args: waiting.set() or await_predicted(*args))
+    done = []
+    request = threading.Thread(target=lambda: done.append(run_turn(pool, chat(rewriting(3, ["a1", "a2"])))))
+    request.start()
+    wait_until(waiting.is_set, 5, "the request to reach the pool")
+    gate.set()
+    request.join(10)
+    events, reused, run = done[0]
+    assert reused and run is MADE[2] and events[0] == ("text", "a3")
+    assert len(MADE) == 4  # no cold start besides: the fourth is turn 4's prediction
+
+
 def test_one_predicted_process_per_conversation():
     SCRIPTS.extend([[text_answer("a1")], [text_answer("a2")], [], [text_answer("a3")], []])
     pool = pool_with()
