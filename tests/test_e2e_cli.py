@@ -345,7 +345,7 @@ def test_metrics_parse_as_prometheus_text(start_proxy, real_claude, e2e_env):
     assert requests[("/v1/chat/completions", "200")] == 2 and requests[("/v1/chat/completions", "429")] == 1
     assert requests[("/metrics", "401")] == 1
     states = {s.labels["state"] for s in families["claude_max_proxy_cli_processes"].samples}
-    assert states == {"busy", "warm", "parked"}
+    assert states == {"busy", "warm", "parked", "predicted"}
     ttft = [s for s in families["claude_max_proxy_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
     assert [s.value for s in ttft] == [1.0]
     calls = {s.labels["status"]: s.value for s in families["claude_max_proxy_upstream_calls"].samples}
