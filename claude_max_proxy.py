@@ -1696,7 +1696,7 @@ class ClaudeInstall:
 
 REWRITERS_KEPT = 64     # kinds of client remembered as rewriting their history
 REWRITE_BLOCKS_MAX = 3  # at most this many trailing prompt blocks looked for as a context message
-PREDICTED_WAIT_SECONDS = 30.0  # the longest a request waits for its predicted process to load
+PREDICTED_WAIT_SECONDS = 10.0  # the longest a request waits for its predicted process to load
 
 
 class Rewrite(NamedTuple):
