@@ -573,6 +573,23 @@ def test_a_prediction_needs_a_whole_answer_and_a_prompt_left_after_the_drop():
     assert single.closed == 0 and pool.counts()["parked"] == 1 and len(MADE) == 3
 
 
+def test_a_tool_call_of_a_rewriting_client_is_not_predicted():
+    # A CLI resumed at an unanswered tool call records it as interrupted and drops tool results
+    # sent on stdin: the client's results (with its next context message) take the replay path.
+    SCRIPTS.extend([[text_answer("a1")], [tool_call_answer("toolu_1")], [text_answer("after")]])
+    pool = pool_with()
+    run_turn(pool, chat(rewriting(1, []), tools=TOOLS))
+    _, _, asked = run_turn(pool, chat(rewriting(2, ["a1"]), tools=TOOLS))
+    assert len(MADE) == 2 and asked.closed == 0 and pool.counts()["parked"] == 1  # kept, at its tool call
+    calls = [{"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
+    results = [user("Q1"), assistant("a1"), user("Q2"), {"role": "assistant", "content": None, "tool_calls": calls},
+               {"role": "tool", "tool_call_id": "toolu_1", "content": "12 C"}, user("[ctx 3]")]
+    events, reused, replay = run_turn(pool, chat(results, tools=TOOLS))
+    assert not reused and asked.closed == 1 and asked.turns == [] and events[0] == ("text", "after")
+    wait_until(lambda: pool.counts()["predicted"] == 1, 5, "the prediction after the replayed turn")
+    assert MADE[3].call.history == chat(results[:-1] + [assistant("after"), user("Q4")], tools=TOOLS).history
+
+
 def test_rewrites_are_the_history_without_trailing_prompt_blocks():
     call = chat(rewriting(2, ["a1"]))
     turns = call.history + [{"role": "user", "content": call.prompt}, {"role": "assistant", "content": [
