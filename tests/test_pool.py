@@ -581,8 +581,8 @@ def test_a_tool_call_of_a_rewriting_client_is_not_predicted():
     run_turn(pool, chat(rewriting(1, []), tools=TOOLS))
     _, _, asked = run_turn(pool, chat(rewriting(2, ["a1"]), tools=TOOLS))
     assert len(MADE) == 2 and asked.closed == 0 and pool.counts()["parked"] == 1  # kept, at its tool call
-    calls = [{"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
-    results = [user("Q1"), assistant("a1"), user("Q2"), {"role": "assistant", "content": None, "tool_calls": calls},
+    asking = tool_history()[1]  # the assistant's call of get_weather, as the client resends it
+    results = [user("Q1"), assistant("a1"), user("Q2"), asking,
                {"role": "tool", "tool_call_id": "toolu_1", "content": "12 C"}, user("[ctx 3]")]
     events, reused, replay = run_turn(pool, chat(results, tools=TOOLS))
     assert not reused and asked.closed == 1 and asked.turns == [] and events[0] == ("text", "after")
