@@ -884,9 +884,10 @@ def ttft_history_rewriting(procs, cli, env, upstream, budget, turns=5, gap=2.0):
             "leftover_processes": leftovers}
 
 
-def ttft_rewriting_sessions(procs, cli, env, upstream, budget, args=(), sessions=6, rounds=3):
+def ttft_rewriting_sessions(procs, cli, env, upstream, budget, args=(), sessions=6, rounds=3, gap=0.0):
     """`sessions` history-rewriting clients (as ttft_history_rewriting) taking turns round-robin
-    on one proxy started with `args`; TTFT per round, and whether the upstream stayed faithful."""
+    on one proxy started with `args`, `gap` s between requests; TTFT per round, and whether the
+    upstream stayed faithful."""
     proxy = ProxyProcess(procs, ["--claude", cli] + list(args), env, budget)
     client = chat_client(proxy.url)
     marks = [uuid.uuid4().hex for _ in range(sessions)]
@@ -897,6 +898,7 @@ def ttft_rewriting_sessions(procs, cli, env, upstream, budget, args=(), sessions
         for turn in range(1, rounds + 1):
             for history, mark, context in zip(histories, marks, contexts):
                 budget.cap(1)
+                time.sleep(gap)  # the traffic's pace, not synchronisation
                 history.append({"role": "user", "content": "Question %d (%s)" % (turn, mark)})
                 context.append("[context %s]" % uuid.uuid4().hex)
                 answer = client.stream(history + [{"role": "user", "content": context[-1]}])
