@@ -1764,19 +1764,23 @@ class ClaudeInstall:
 # Process pool (I/O): the one owner of CLI processes across requests
 # ================================================================================================
 
-class Kept(NamedTuple):
-    """A CLI process kept between turns: `warm` (started for a first turn, nothing seen yet) or
-    parked (holding a conversation, filed under the `conversation_key` of what it has seen)."""
+REWRITERS_KEPT = 64     # kinds of client remembered as rewriting their history
+REWRITE_BLOCKS_MAX = 3  # at most this many trailing prompt blocks looked for as a context message
+LOAD_SECONDS = 60.0     # a kept process that has not answered its initialize by then is ended
+DEMAND_WINDOW = 60.0    # seconds of first turns that decide how many warm processes a shape gets
+LOADS_AT_ONCE = max(1, os.cpu_count() or 1)  # kept processes loading at the same time: one per core
+WARM_SHAPES = 16        # first-turn shapes whose demand is remembered (least recently seen forgotten)
+
+
+class Rewrite(NamedTuple):
+    """A history a client that rewrites its history may come back with instead of a kept key."""
     key: str
-    run: CliRun
-    expiry: float
-    warm: bool
-    at_tool_call: bool  # stopped at a client tool call, waiting for its results
-    loading: Optional["WarmLoad"] = None  # a warm process still loading (None once it is ready)
+    dropped: int  # the trailing prompt blocks it leaves out (0: none, it rewrites nothing)
+    turns: List[Dict[str, Any]]
 
 
-class WarmLoad:
-    """A warm process's start-up in progress: `done` is set once its initialize is answered
+class Load:
+    """A kept process's start-up in progress: `done` is set once its initialize is answered
     (`ok`) or has failed, so a request that took it while loading knows when it can use it."""
 
     def __init__(self):
@@ -1785,19 +1789,28 @@ class WarmLoad:
         self.cancelled = False  # no longer kept: the loader ends what it started
 
 
-WARM_LOAD_SECONDS = 60.0  # a warm process that has not answered its initialize by then is ended
-DEMAND_WINDOW = 60.0      # seconds of first turns that decide how many warm processes a shape gets
-LOADS_AT_ONCE = max(1, os.cpu_count() or 1)  # warm processes loading at the same time: one per core
-WARM_SHAPES = 16          # first-turn shapes whose demand is remembered (least recently seen forgotten)
+class Kept(NamedTuple):
+    """A CLI process kept between turns: `warm` (started for a first turn, nothing seen yet),
+    parked (holding a conversation, filed under the `conversation_key` of what it has seen) or
+    predicted (resumed at the history its client is predicted to send next)."""
+    key: str
+    run: CliRun
+    expiry: float
+    warm: bool
+    at_tool_call: bool  # stopped at a client tool call, waiting for its results
+    loading: Optional[Load] = None  # still loading (None once it is ready)
+    rewrites: Tuple[Rewrite, ...] = ()  # what a client that rewrites its history sends instead
+    predicted: bool = False
+    conversation: str = ""   # predicted: its conversation (conversation_of), one such process each
 
 
 class ProcessPool:
     """Every CLI process the proxy runs: at most `max_concurrency` answering (busy), at most
-    `max_parked` kept (warm and parked), at most `max_queue` requests waiting for a slot.
+    `max_parked` kept (warm, parked and predicted), at most `max_queue` requests waiting for a slot.
 
-    A request whose earlier turns match a parked process's key continues in it: no cold start, no
+    A request whose earlier turns match a kept process's key continues in it: no cold start, no
     replay; a first turn takes a warm process of its shape, ready or still loading. Past the kept
-    cap the oldest kept process ends (a warm one before a parked conversation). `_end` is the only
+    cap the oldest kept process ends (a warm one before a conversation's). `_end` is the only
     place a process ends and its slot is freed."""
 
     def __init__(self, config: Config, claude: Any, observe: Callable[[Dict[str, Any]], None],
@@ -1810,16 +1823,19 @@ class ProcessPool:
         self.waiting = 0   # requests waiting for a slot
         self.kept = collections.OrderedDict()  # type: Dict[int, Kept]  # id(run) -> entry, oldest first
         self.demand = collections.OrderedDict()  # type: Dict[str, List[float]]  # shape -> first turns' times
+        # conversation_key(call, []) of a client seen rewriting its history -> the trailing prompt
+        # blocks (its fresh context message) it leaves out of the next request; most recent last.
+        self.rewriters = collections.OrderedDict()  # type: Dict[str, int]
         self.hits = self.misses = 0
         self.closed = False
-        self.loads = 0  # warm processes loading now (LOADS_AT_ONCE)
+        self.loads = 0  # kept processes loading now (LOADS_AT_ONCE)
 
     # -- turns ----------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def turn(self, call: CliCall, client_gone: Callable[[], bool],
              translator: Optional["TurnTranslator"] = None) -> Iterator["Turn"]:
-        """A turn for this call, on a parked process of its conversation or a new one; on leaving,
+        """A turn for this call, on a kept process of its conversation or a new one; on leaving,
         the process is ended unless the turn parked it."""
         claude_path = self.claude.resolve()
         if not call.history:
@@ -1830,6 +1846,7 @@ class ProcessPool:
             # A warm one was taken: one successor loads while this turn runs (more would slow it).
             self.prestart(call, most=1)
         if run is None:
+            self.notice_rewriting(call)
             self.acquire(self.config.queue_timeout, client_gone)
             try:
                 run = self.run_class(call, self.config, claude_path, observe=self.observe).start()
@@ -1871,13 +1888,15 @@ class ProcessPool:
                 self.hits += 1
         return run
 
-    def park(self, key: str, run: CliRun, at_tool_call: bool = False, warm: bool = False) -> bool:
+    def park(self, key: str, run: CliRun, at_tool_call: bool = False,
+             rewrites: Tuple[Rewrite, ...] = ()) -> bool:
         """Keep a busy process for the turn filed under `key`; the oldest kept one makes room."""
         if self.keep <= 0:
             return False
         with self.lock:
             self.busy -= 1
-            self.kept[id(run)] = Kept(key, run, time.monotonic() + self.config.parked_ttl, warm, at_tool_call)
+            self.kept[id(run)] = Kept(key, run, time.monotonic() + self.config.parked_ttl, False, at_tool_call,
+                                      rewrites=rewrites)
             self.lock.notify()
         while self._end_oldest(lambda entries: len(entries) > self.keep):
             pass
@@ -1895,11 +1914,21 @@ class ProcessPool:
                 entry = self.kept.pop(found)
                 self.busy += 1
                 self.lock.notify_all()  # a load waiting for its turn goes now
-            # The loader's own bound (WARM_LOAD_SECONDS) ends this wait: it always sets `done`.
+            # The loader's own bound (LOAD_SECONDS) ends this wait: it always sets `done`.
             if entry.loading is None or (entry.loading.done.wait() and entry.loading.ok):
                 if entry.run.running():
                     return entry._replace(loading=None)
             self._end(entry.run)
+
+    def _unkeep(self, run_id: int) -> Optional[CliRun]:
+        """(Under the lock.) Drop a kept entry: its process for the caller to end, or None for one
+        still loading, which its loader ends once cancelled."""
+        entry = self.kept.pop(run_id)
+        if entry.loading is None:
+            return entry.run
+        entry.loading.cancelled = True
+        self.lock.notify_all()
+        return None
 
     # -- slots ----------------------------------------------------------------------------------
 
@@ -1935,7 +1964,7 @@ class ProcessPool:
                 self.waiting -= 1
 
     def evict_oldest(self) -> bool:
-        """End the longest-kept process (a warm one before a parked one); False if none is kept."""
+        """End the longest-kept process (a warm one before a conversation's); False if none is kept."""
         return self._end_oldest(lambda entries: bool(entries))
 
     def expire(self) -> None:
@@ -1944,23 +1973,19 @@ class ProcessPool:
             pass
 
     def _end_oldest(self, due: Callable[[Dict[int, Kept]], bool], now: Optional[float] = None) -> bool:
-        """End the oldest kept process (the oldest expired one, given `now`) if `due`: a warm one
-        before a parked conversation, a ready warm one before one still loading (its loader owns
-        that one: it is cancelled, and its loader ends it)."""
+        """End the oldest kept process (the oldest expired one, given `now`) if `due`: a ready warm
+        one first, then a loading warm one, then a conversation's."""
         with self.lock:
             if not due(self.kept):
                 return False
             entries = [(i, e) for i, e in self.kept.items() if now is None or (e.expiry <= now and e.loading is None)]
             ranked = [i for i, e in entries if e.warm and e.loading is None] + \
-                [i for i, e in entries if e.loading is not None] + [i for i, e in entries if not e.warm]
+                [i for i, e in entries if e.warm and e.loading is not None] + [i for i, e in entries if not e.warm]
             if not ranked:
                 return False
-            entry = self.kept.pop(ranked[0])
-            if entry.loading is not None:
-                entry.loading.cancelled = True  # its loader ends it
-                self.lock.notify_all()
-                return True
-        self._end(entry.run, slot=False)
+            run = self._unkeep(ranked[0])
+        if run is not None:
+            self._end(run, slot=False)
         return True
 
     def _end(self, run: Optional[CliRun], slot: bool = True) -> None:
@@ -1974,7 +1999,7 @@ class ProcessPool:
                     self.busy -= 1
                 self.lock.notify()
 
-    # -- warm processes -------------------------------------------------------------------------
+    # -- loading kept processes ahead of their requests -----------------------------------------
 
     def _note_demand(self, call: CliCall) -> None:
         """Count a first turn of this shape; the least recently seen shape beyond WARM_SHAPES is
@@ -2011,22 +2036,55 @@ class ProcessPool:
                 have = sum(1 for entry in self.kept.values() if entry.key == key and entry.warm)
                 if self.closed or have >= wanted:
                     break
-                # Room is made by ending another shape's warm spare, never a parked conversation.
+                # Room is made by ending another shape's warm spare, never a conversation's process.
                 spare = next((i for i, e in self.kept.items() if e.warm and e.loading is None and e.key != key),
                              None) if len(self.kept) >= self.keep else None
                 if len(self.kept) >= self.keep and spare is None:
                     break
                 ended = self.kept.pop(spare).run if spare is not None else None
-                run, load = self.run_class(call, self.config, claude_path, observe=self.observe), WarmLoad()
-                self.kept[id(run)] = Kept(key, run, time.monotonic() + self.config.parked_ttl, True, False, load)
+                run = self._loading(call, claude_path, key, warm=True)
             if ended is not None:
                 self._end(ended, slot=False)
-            threading.Thread(target=self._load_warm, args=(run, load), daemon=True).start()
             started += 1
         return started
 
-    def _load_warm(self, run: CliRun, load: WarmLoad) -> None:
-        """Start a warm process and have it finish loading; file it as ready, or end it.
+    def predict(self, call: CliCall, turns: List[Dict[str, Any]]) -> None:
+        """Resume a process in the background at `turns`, the history this call's client is
+        predicted to send next, filed under that history's key; it replaces the conversation's
+        earlier predicted process."""
+        resumed = dataclasses.replace(call, history=turns, prompt=[])
+        conversation = conversation_of(resumed)
+        # Should the client send the prompt's blocks after all, this process is ended and the
+        # lesson forgotten (notice_rewriting).
+        undropped = turns[:-2] + [{"role": "user", "content": call.prompt}, turns[-1]]
+        rewrite = Rewrite(conversation_key(call, undropped), 0, undropped)
+        try:
+            claude_path = self.claude.resolve()
+        except ApiError:
+            return
+        with self.lock:
+            if self.closed or self.keep <= 0:
+                return
+            ended = [self._unkeep(i) for i, e in list(self.kept.items()) if e.conversation == conversation]
+            self._loading(resumed, claude_path, conversation_key(call, turns), rewrites=(rewrite,),
+                          predicted=True, conversation=conversation)
+        for run in ended:
+            if run is not None:
+                self._end(run, slot=False)
+        while self._end_oldest(lambda entries: len(entries) > self.keep):
+            pass
+
+    def _loading(self, call: CliCall, claude_path: str, key: str, **fields: Any) -> CliRun:
+        """(Under the lock.) File a new process for `call` under `key` as loading, and load it in
+        the background."""
+        run, load = self.run_class(call, self.config, claude_path, observe=self.observe), Load()
+        self.kept[id(run)] = Kept(key, run, time.monotonic() + self.config.parked_ttl,
+                                  fields.pop("warm", False), False, load, **fields)
+        threading.Thread(target=self._load, args=(run, load), daemon=True).start()
+        return run
+
+    def _load(self, run: CliRun, load: Load) -> None:
+        """Start a kept process and have it finish loading; file it as ready, or end it.
 
         Loads take turns (LOADS_AT_ONCE): sharing a core, several would all be ready late, and a
         request waiting for the oldest would wait for them all. One a request took goes first."""
@@ -2035,11 +2093,11 @@ class ProcessPool:
             with self.lock:
                 self.lock.wait_for(lambda: self.loads < LOADS_AT_ONCE or self.closed
                                    or getattr(self.kept.get(id(run)), "loading", None) is not load,
-                                   WARM_LOAD_SECONDS)
+                                   LOAD_SECONDS)
                 self.loads += 1
             if not (self.closed or load.cancelled):
                 run.start(send_prompt=False)
-                ok = run.initialize(WARM_LOAD_SECONDS)
+                ok = run.initialize(LOAD_SECONDS)
         except (ApiError, OSError, ValueError):
             pass  # ended below, or by whoever took it
         finally:
@@ -2072,16 +2130,54 @@ class ProcessPool:
             entry.run.close()  # its initialize fails at once
             entry.loading.done.wait(max(0.0, deadline - time.monotonic()))
 
+    # -- clients that rewrite their history ----------------------------------------------------
+
+    def notice_rewriting(self, call: CliCall) -> None:
+        """On a miss: if a kept process holds this history but for its prompt's trailing blocks
+        (or holds it with them, where they were predicted gone), learn how many this kind of
+        client leaves out of its next request, and end that process, which no request will fit.
+        The same client's other parked conversations are resumed at their predicted histories."""
+        if not call.history:
+            return
+        key, shape = conversation_key(call, call.history), conversation_key(call, [])
+        with self.lock:
+            found = next(((run_id, r) for run_id, e in self.kept.items() for r in e.rewrites if r.key == key), None)
+            if found is None:
+                return
+            ended, dropped = [self._unkeep(found[0])], found[1].dropped
+            self.rewriters.pop(shape, None)
+            if dropped:
+                self.rewriters[shape] = dropped
+                while len(self.rewriters) > REWRITERS_KEPT:
+                    self.rewriters.popitem(last=False)
+            predictions = [] if not dropped else [
+                (run_id, e.run.call, r.turns) for run_id, e in self.kept.items() for r in e.rewrites
+                if r.dropped == dropped and not (e.at_tool_call or e.predicted)
+                and conversation_key(e.run.call, []) == shape]
+            ended += [self._unkeep(run_id) for run_id, _, _ in predictions]
+        for run in ended:
+            if run is not None:
+                self._end(run, slot=False)
+        for _, other, turns in predictions:
+            self.predict(other, turns)
+
+    def dropped_blocks(self, call: CliCall) -> int:
+        """How many trailing prompt blocks this kind of client leaves out of its next request."""
+        with self.lock:
+            return self.rewriters.get(conversation_key(call, []), 0)
+
     # -- numbers for /health and /metrics -------------------------------------------------------
 
     def counts(self) -> Dict[str, int]:
-        """CLI processes by state (busy: answering; loading, warm, parked: kept), reuse hits and
-        misses."""
+        """CLI processes by state (busy: answering; loading, warm, parked, predicted: kept), reuse
+        hits and misses."""
         with self.lock:
-            loading = sum(1 for entry in self.kept.values() if entry.loading is not None)
-            warm = sum(1 for entry in self.kept.values() if entry.warm) - loading
-            return {"busy": self.busy, "loading": loading, "warm": warm,
-                    "parked": len(self.kept) - warm - loading, "hits": self.hits, "misses": self.misses}
+            ready = [entry for entry in self.kept.values() if entry.loading is None]
+            warm = sum(1 for entry in ready if entry.warm)
+            predicted = sum(1 for entry in ready if entry.predicted)
+            return {"busy": self.busy, "loading": len(self.kept) - len(ready), "warm": warm,
+                    "parked": len(ready) - warm - predicted, "predicted": predicted,
+                    "hits": self.hits, "misses": self.misses}
 
 
 class Turn:
@@ -2133,15 +2229,21 @@ class Turn:
         call, run, translator = self.call, self.run, self.translator
         if self.pool.keep <= 0 or not run.running():
             return False
+        turns = call.history + [{"role": "user", "content": call.prompt}, assistant_turn_from(self.events, call)]
+        ended = finish.reason == "stop" and translator.stop_reason == "end_turn" and not translator.cut \
+            and bool(turns[-1]["content"])
+        dropped = self.pool.dropped_blocks(call)
+        if ended and 0 < dropped < len(call.prompt):
+            # This client's next request leaves out part of this prompt, which this process has
+            # seen: a process resumed at that history serves it instead, loading from now on.
+            self.pool.predict(call, predicted_turns(turns, dropped))
+            return False
         if any(b["type"] == "tool_result" for b in call.prompt) and not self.reused:
             return False  # that process saw the replay's extra lines; later turns should not
-        turns = call.history + [{"role": "user", "content": call.prompt}, assistant_turn_from(self.events, call)]
         at_tool_call = finish.reason == "tool_calls" and call.parallel_tool_calls
-        if not at_tool_call and not (finish.reason == "stop" and translator.stop_reason == "end_turn"
-                                     and not translator.cut and turns[-1]["content"]
-                                     and run.wait_for_result(10.0)):
+        if not at_tool_call and not (ended and run.wait_for_result(10.0)):
             return False
-        return self.pool.park(conversation_key(call, turns), run, at_tool_call)
+        return self.pool.park(conversation_key(call, turns), run, at_tool_call, rewrites=rewrites_of(call, turns))
 
 
 # ================================================================================================
@@ -2679,6 +2781,24 @@ def conversation_key(call: CliCall, turns: List[Dict[str, Any]]) -> str:
     fixed = [call.model, call.system_prompt, [dataclasses.astuple(t) for t in call.tools],
              call.json_schema, call.effort, call.max_output_tokens, call.include_reasoning, turns]
     return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def predicted_turns(turns: List[Dict[str, Any]], dropped: int) -> List[Dict[str, Any]]:
+    """The turns a client sends back when it leaves the last prompt's `dropped` trailing blocks out."""
+    prompt = turns[-2]
+    return turns[:-2] + [dict(prompt, content=prompt["content"][:-dropped]), turns[-1]]
+
+
+def rewrites_of(call: CliCall, turns: List[Dict[str, Any]]) -> Tuple["Rewrite", ...]:
+    """`turns` without one, two... trailing prompt blocks (a client's context message)."""
+    most = min(REWRITE_BLOCKS_MAX, len(turns[-2]["content"]) - 1)
+    return tuple(Rewrite(conversation_key(call, predicted_turns(turns, n)), n, predicted_turns(turns, n))
+                 for n in range(1, most + 1))
+
+
+def conversation_of(call: CliCall) -> str:
+    """A conversation's lasting name: what its processes have fixed, its first turn and answer."""
+    return conversation_key(call, call.history[:2])
 
 
 def model_object(model_id: str) -> Dict[str, Any]:
@@ -4011,7 +4131,7 @@ class ProxyServer(ThreadingHTTPServer):
         """GET /metrics: the counters, the pool's processes and the limit state."""
         samples, counts = self.metrics.samples(), self.pool.counts()
         samples["claude_max_proxy_cli_processes"] = [({"state": state}, counts[state])
-                                                     for state in ("busy", "loading", "warm", "parked")]
+                                                     for state in ("busy", "loading", "warm", "parked", "predicted")]
         samples["claude_max_proxy_requests_waiting"] = [({}, self.pool.waiting)]
         samples["claude_max_proxy_process_reuse_total"] = [({"result": "hit"}, counts["hits"]),
                                                            ({"result": "miss"}, counts["misses"])]

@@ -345,7 +345,7 @@ def test_metrics_parse_as_prometheus_text(start_proxy, real_claude, e2e_env):
     assert requests[("/v1/chat/completions", "200")] == 2 and requests[("/v1/chat/completions", "429")] == 1
     assert requests[("/metrics", "401")] == 1
     states = {s.labels["state"] for s in families["claude_max_proxy_cli_processes"].samples}
-    assert states == {"busy", "loading", "warm", "parked"}
+    assert states == {"busy", "loading", "warm", "parked", "predicted"}
     ttft = [s for s in families["claude_max_proxy_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
     assert [s.value for s in ttft] == [1.0]
     calls = {s.labels["status"]: s.value for s in families["claude_max_proxy_upstream_calls"].samples}
@@ -734,6 +734,50 @@ def test_later_turns_continue_in_the_waiting_process_and_the_model_sees_the_same
         # same `messages` byte for byte (so the prompt cache reads the history), none empty.
         assert json.loads(json.dumps(c["messages"]).replace(cold_mark, warm_mark)) == w["messages"]
         assert all(m["content"] for m in c["messages"]), c["messages"]
+
+
+def rewriting_client_turn(proxy, mark, answers, contexts):
+    """A client like OpenClaw: history + a fresh context message, which the next request drops."""
+    messages = [{"role": "system", "content": "Be brief."}]
+    for n, answer in enumerate(answers):
+        messages += [{"role": "user", "content": "question %d %s" % (n + 1, mark)},
+                     {"role": "assistant", "content": answer}]
+    messages += [{"role": "user", "content": "question %d %s" % (len(answers) + 1, mark)},
+                 {"role": "user", "content": contexts[len(answers)]}]
+    status, headers, raw = proxy.chat({"model": "claude-sonnet-4", "messages": messages, "stream": True})
+    assert status == 200, raw
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in streamed(raw) if c["choices"])
+    return text, headers["x-request-id"]
+
+
+def test_a_client_that_drops_its_context_message_gets_turn_3_from_a_process_that_never_saw_it(
+        start_proxy, real_claude, e2e_env, upstream, tmp_path):
+    workdir = str(tmp_path / "cwd")  # one machine: the CLI names its working directory upstream
+    proxy = start_proxy(["--claude", real_claude, "--workdir", workdir], e2e_env)
+    cold = start_proxy(["--claude", real_claude, "--workdir", workdir, "--max-parked", "0", "--warm", "0"], e2e_env)
+    mark, contexts, answers, ids = marker(), ["[context %s]" % uuid.uuid4().hex for _ in range(3)], [], []
+    for _ in range(3):
+        text, request_id = rewriting_client_turn(proxy, mark, answers, contexts)
+        answers.append(text)
+        ids.append(request_id)
+    reused = [" reused=1" in proxy.wait_for_line(i) for i in ids]
+    assert reused == [False, False, True], reused  # turn 2 shows the pattern; turn 3 is predicted
+    bodies = upstream.messages_requests(mark)
+    assert len(bodies) == 3
+    for n, body in enumerate(bodies):  # the model never sees a context message the client dropped
+        sent = json.dumps(body["messages"])
+        assert contexts[n] in sent and not any(c in sent for c in contexts[:n]), n
+    # The same turn 3 answered by a CLI started cold (once that proxy has met a first turn, from
+    # whose transcript it learns the CLI's context rows): the very same request upstream.
+    assert chat(cold, [{"role": "user", "content": "hello " + marker()}])[0] == 200
+    rewriting_client_turn(cold, mark, answers[:2], contexts)
+    from_cold = upstream.messages_requests(mark)[3]
+    assert from_cold["messages"] == bodies[2]["messages"]
+    assert system_texts(from_cold) == system_texts(bodies[2]) and from_cold.get("tools") == bodies[2].get("tools")
+    deadline = time.monotonic() + 30  # and turn 4's process is on its way, counted in /health
+    while health(proxy)["processes"]["predicted"] != 1:
+        assert time.monotonic() < deadline, health(proxy)
+        time.sleep(0.05)
 
 
 def test_a_first_turn_takes_a_warm_process_that_behaves_like_a_cold_one(start_proxy, real_claude, e2e_env, upstream):

@@ -146,7 +146,7 @@ def run_turn(pool, call, client_gone=lambda: False):
 def assert_no_slot_held(pool, kept=0):
     counts = pool.counts()
     assert counts["busy"] == 0, counts
-    assert counts["warm"] + counts["parked"] == kept, counts
+    assert counts["loading"] + counts["warm"] + counts["parked"] + counts["predicted"] == kept, counts
     assert pool.waiting == 0
 
 
@@ -596,3 +596,180 @@ def test_a_warm_process_that_fails_to_load_frees_its_slot(monkeypatch):
     wait_until(lambda: len(MADE) == 2 and MADE[1].closed == 1, 5, "the warm start to fail")
     wait_until(lambda: pool.counts()["busy"] == 0, 5, "its slot back")
     assert_no_slot_held(pool, kept=1)
+
+
+# ---- clients that rewrite their history -----------------------------------------------------------
+# Such a client (OpenClaw) sends history + [a fresh context message] and leaves that message out of
+# the history it sends next: the process that answered has seen a message the client no longer sends.
+
+def rewriting(n, answers, context="ctx"):
+    """Request n of a rewriting client: questions and answers so far, the question, a context."""
+    messages = []
+    for i, answer in enumerate(answers[:n - 1]):
+        messages += [user("Q%d" % (i + 1)), assistant(answer)]
+    return messages + [user("Q%d" % n), user("[%s %d]" % (context, n))]
+
+
+def test_a_client_that_drops_its_context_message_gets_its_next_turn_from_a_predicted_process():
+    SCRIPTS.extend([[text_answer("a1")], [text_answer("a2")], [text_answer("a3")]])
+    pool = pool_with()
+    _, _, first = run_turn(pool, chat(rewriting(1, [])))
+    assert pool.counts()["parked"] == 1 and pool.dropped_blocks(chat(rewriting(1, []))) == 0
+
+    # Turn 2 misses the parked process, which is ended: it has seen "[ctx 1]", which the client dropped.
+    _, reused, second = run_turn(pool, chat(rewriting(2, ["a1"])))
+    assert not reused and first.closed == 1 and first.turns == []
+    assert pool.dropped_blocks(chat(rewriting(2, ["a1"]))) == 1
+    wait_until(lambda: pool.counts()["predicted"] == 1, 5, "a predicted process")
+    predicted = MADE[2]
+    assert second.closed == 1  # it has seen "[ctx 2]": not kept
+    third_call = chat(rewriting(3, ["a1", "a2"]))
+    assert predicted.warm is True and predicted.call.prompt == []
+    assert predicted.call.history == third_call.history  # no context message in it
+
+    events, reused, run = run_turn(pool, third_call)
+    assert reused and run is predicted and events[0] == ("text", "a3")
+    assert predicted.turns == [(third_call, {})]  # only the new prompt goes in, on stdin
+    assert pool.counts()["hits"] == 1
+    wait_until(lambda: pool.counts()["predicted"] == 1 and pool.counts()["busy"] == 0, 5, "the next one")
+    assert predicted.closed == 1 and MADE[3].call.history == chat(rewriting(4, ["a1", "a2", "a3"])).history
+    assert_no_slot_held(pool, kept=1)
+
+
+def test_a_new_conversation_of_a_known_rewriting_client_is_predicted_from_its_first_turn():
+    SCRIPTS.extend([[text_answer("a1")], [text_answer("a2")], [], [text_answer("b1")], [text_answer("b2")]])
+    pool = pool_with()
+    run_turn(pool, chat(rewriting(1, [])))
+    run_turn(pool, chat(rewriting(2, ["a1"])))
+    wait_until(lambda: pool.counts()["predicted"] == 1, 5, "a predicted process")
+    run_turn(pool, chat(rewriting(1, [], context="other")))
+    wait_until(lambda: pool.counts()["predicted"] == 2, 5, "a second conversation's prediction")
+    events, reused, run = run_turn(pool, chat(rewriting(2, ["b1"], context="other")))
+    assert reused and run is MADE[4] and events[0] == ("text", "b2")
+
+
+def test_once_learned_the_same_clients_other_parked_conversations_are_predicted_too():
+    # Sessions taking turns: the first one's second turn shows the pattern; the others' parked
+    # processes, which have seen their first context message, are resumed without it.
+    SCRIPTS.extend([[text_answer("a1")], [text_answer("b1")], [text_answer("c1")],
+                    [text_answer("second")], [text_answer("second")], []])  # the last two in either order
+    pool = pool_with()
+    _, _, a = run_turn(pool, chat(rewriting(1, [])))
+    _, _, b = run_turn(pool, chat(rewriting(1, [], context="b")))
+    _, _, c = run_turn(pool, chat([{"role": "system", "content": "another client"}] + rewriting(1, [], context="c")))
+    _, reused, _ = run_turn(pool, chat(rewriting(2, ["a1"])))
+    assert not reused and a.closed == 1 and b.closed == 1 and c.closed == 0
+    wait_until(lambda: pool.counts()["predicted"] == 2, 5, "a's and b's predictions")
+    call = chat(rewriting(2, ["b1"], context="b"))
+    events, reused, run = run_turn(pool, call)
+    assert reused and run.warm and run.turns == [(call, {})] and events[0] == ("text", "second")
+    wait_until(lambda: pool.counts()["busy"] == 0, 5, "no busy slot")
+    assert pool.counts()["parked"] == 1  # another kind of client's process: untouched
+    assert_no_slot_held(pool, kept=3)  # a's and b's predictions, c parked
+
+
+def test_a_request_waits_for_its_predicted_process_still_loading(monkeypatch):
+    SCRIPTS.extend([[text_answer("a1")], [text_answer("a2")], [text_answer("a3")]])
+    gate, waiting = threading.Event(), threading.Event()
+    monkeypatch.setattr(FakeRun, "initialize", lambda self, timeout: gate.wait(timeout))
+    pool = pool_with()
+    run_turn(pool, chat(rewriting(1, [])))
+    run_turn(pool, chat(rewriting(2, ["a1"])))
+    take = pool._take
+    monkeypatch.setattr(pool, "_take", lambda key: waiting.set() or take(key))
+    done = []
+    request = threading.Thread(target=lambda: done.append(run_turn(pool, chat(rewriting(3, ["a1", "a2"])))))
+    request.start()
+    wait_until(waiting.is_set, 5, "the request to reach the pool")
+    gate.set()
+    request.join(10)
+    events, reused, run = done[0]
+    assert reused and run is MADE[2] and events[0] == ("text", "a3")
+    assert len(MADE) == 4  # no cold start besides: the fourth is turn 4's prediction
+
+
+def test_one_predicted_process_per_conversation():
+    SCRIPTS.extend([[text_answer("a1")], [text_answer("a2")], [], [text_answer("a3")], []])
+    pool = pool_with()
+    run_turn(pool, chat(rewriting(1, [])))
+    run_turn(pool, chat(rewriting(2, ["a1"])))
+    wait_until(lambda: pool.counts()["predicted"] == 1, 5, "a predicted process")
+    # The client edits the last answer: the prediction misses, and the next one replaces it.
+    _, reused, _ = run_turn(pool, chat(rewriting(3, ["a1", "a2 edited"])))
+    assert not reused
+    wait_until(lambda: MADE[2].closed == 1 and len(MADE) == 5, 5, "the old prediction ended")
+    wait_until(lambda: pool.counts()["busy"] == 0 and pool.counts()["predicted"] == 1, 5, "the new one loaded")
+    assert_no_slot_held(pool, kept=1)
+
+
+def test_a_client_that_keeps_its_context_after_all_is_no_longer_predicted():
+    SCRIPTS.extend([[text_answer("a1")], [text_answer("a2")], [], [text_answer("a3")]])
+    pool = pool_with()
+    run_turn(pool, chat(rewriting(1, [])))
+    run_turn(pool, chat(rewriting(2, ["a1"])))
+    wait_until(lambda: pool.counts()["predicted"] == 1, 5, "a predicted process")
+    kept_context = [user("Q1"), assistant("a1"), user("Q2"), user("[ctx 2]"), assistant("a2"),
+                    user("Q3"), user("[ctx 3]")]
+    _, reused, third = run_turn(pool, chat(kept_context))
+    assert not reused and MADE[2].closed == 1  # the prediction was wrong: ended
+    assert pool.dropped_blocks(chat(kept_context)) == 0
+    assert third.closed == 0 and pool.counts()["parked"] == 1  # parked as for any client
+    assert_no_slot_held(pool, kept=1)
+
+
+def test_predicted_processes_expire_and_give_way_like_any_kept_process():
+    SCRIPTS.extend([[text_answer("a1")], [text_answer("a2")], [], [text_answer("other")]])
+    pool = pool_with(max_parked=1, warm=0)
+    run_turn(pool, chat(rewriting(1, [])))
+    run_turn(pool, chat(rewriting(2, ["a1"])))
+    wait_until(lambda: pool.counts()["predicted"] == 1, 5, "a predicted process")
+    _, reused, _ = run_turn(pool, chat([user("unrelated")]))
+    # Past the kept cap the oldest kept process gives way to the newly parked one.
+    assert not reused and MADE[2].closed == 1 and pool.counts()["parked"] == 1
+    expiring = pool_with(parked_ttl=0.0)
+    SCRIPTS.extend([[text_answer("a1")], [text_answer("a2")], []])
+    run_turn(expiring, chat(rewriting(1, [])))
+    run_turn(expiring, chat(rewriting(2, ["a1"])))
+    wait_until(lambda: expiring.counts()["predicted"] == 1, 5, "a predicted process")
+    expiring.expire()
+    assert MADE[-1].closed == 1
+    assert_no_slot_held(expiring)
+
+
+def test_a_prediction_needs_a_whole_answer_and_a_prompt_left_after_the_drop():
+    SCRIPTS.extend([[text_answer("a1")], [text_answer("a2 STOP more")], [text_answer("a2")]])
+    pool = pool_with()
+    run_turn(pool, chat(rewriting(1, [])))
+    _, _, cut = run_turn(pool, chat(rewriting(2, ["a1"]), stop=["STOP"]))
+    assert cut.closed == 1 and len(MADE) == 2  # an answer cut by a stop string: nothing predicted
+    # A prompt of one block: nothing to drop; the process is parked as for any client.
+    _, _, single = run_turn(pool, chat(rewriting(2, ["a1"])[:-1]))
+    assert single.closed == 0 and pool.counts()["parked"] == 1 and len(MADE) == 3
+
+
+def test_a_tool_call_of_a_rewriting_client_is_not_predicted():
+    # A CLI resumed at an unanswered tool call records it as interrupted and drops tool results
+    # sent on stdin: the client's results (with its next context message) take the replay path.
+    SCRIPTS.extend([[text_answer("a1")], [tool_call_answer("toolu_1")], [text_answer("after")]])
+    pool = pool_with()
+    run_turn(pool, chat(rewriting(1, []), tools=TOOLS))
+    _, _, asked = run_turn(pool, chat(rewriting(2, ["a1"]), tools=TOOLS))
+    assert len(MADE) == 2 and asked.closed == 0 and pool.counts()["parked"] == 1  # kept, at its tool call
+    asking = tool_history()[1]  # the assistant's call of get_weather, as the client resends it
+    results = [user("Q1"), assistant("a1"), user("Q2"), asking,
+               {"role": "tool", "tool_call_id": "toolu_1", "content": "12 C"}, user("[ctx 3]")]
+    events, reused, replay = run_turn(pool, chat(results, tools=TOOLS))
+    assert not reused and asked.closed == 1 and asked.turns == [] and events[0] == ("text", "after")
+    wait_until(lambda: pool.counts()["predicted"] == 1, 5, "the prediction after the replayed turn")
+    assert MADE[3].call.history == chat(results[:-1] + [assistant("after"), user("Q4")], tools=TOOLS).history
+
+
+def test_rewrites_are_the_history_without_trailing_prompt_blocks():
+    call = chat(rewriting(2, ["a1"]))
+    turns = call.history + [{"role": "user", "content": call.prompt}, {"role": "assistant", "content": [
+        {"type": "text", "text": "a2"}]}]
+    next_history = chat(rewriting(3, ["a1", "a2"])).history
+    assert cmp.rewrites_of(call, turns) == (cmp.Rewrite(cmp.conversation_key(call, next_history), 1, next_history),)
+    assert cmp.predicted_turns(turns, 1) == next_history
+    assert cmp.conversation_of(call) == cmp.conversation_of(chat(rewriting(3, ["a1", "a2"])))
+    assert cmp.conversation_of(call) != cmp.conversation_of(chat(rewriting(2, ["b1"])))
