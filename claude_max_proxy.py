@@ -4417,6 +4417,36 @@ SSE_HOLD_BYTES = 32768  # most bytes of frames held back for one write while mor
 SSE_JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps(..., ensure_ascii=False), built once
 
 
+class SseWriter:
+    """A started SSE answer's body in HTTP/1.1 chunks (so the connection can be reused): a frame
+    is written at once, or held (up to SSE_HOLD_BYTES) to go out with the next write."""
+
+    def __init__(self, wfile: Any):
+        self.wfile = wfile
+        self.held, self.held_bytes, self.sent_bytes = [], 0, 0  # type: List[bytes], int, int
+        self.last_frame_at = time.monotonic()
+
+    def send(self, payload: Any, event: Optional[str] = None, hold: bool = False) -> None:
+        text = payload if isinstance(payload, str) else SSE_JSON.encode(payload)
+        data = ("%sdata: %s\n\n" % ("event: %s\n" % event if event else "", text)).encode("utf-8")
+        self.held.append(b"%x\r\n%s\r\n" % (len(data), data))
+        self.held_bytes += len(data)
+        self.last_frame_at = time.monotonic()
+        if not hold or self.held_bytes >= SSE_HOLD_BYTES:
+            self.write_held()
+
+    def write_held(self) -> None:
+        if self.held:
+            self.wfile.write(b"".join(self.held))
+            self.sent_bytes += self.held_bytes
+            self.held, self.held_bytes = [], 0
+
+    def end(self) -> None:
+        self.write_held()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
 class ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "claude-max-proxy/" + __version__
@@ -4425,7 +4455,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- entry points ---------------------------------------------------------------------------
 
     unread_body = False
-    sse_held, sse_held_bytes = (), 0  # SSE frames held back for one write (from _start_sse: a list)
+    sse = None  # type: Optional[SseWriter]  # a started stream's body
 
     def finish(self):
         super().finish()
@@ -4490,6 +4520,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.started = time.monotonic()
         self.status = 0
         self.sent_bytes = 0
+        self.sse = None
         self.first_token_at = None
         self.log_model = "-"
         self.headers_sent = False
@@ -4589,7 +4620,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _common_headers(self) -> None:
         headers = {"x-request-id": self.request_id}
-        if getattr(self, "path", "").startswith("/v1/messages"):
+        if self._is_messages_api():
             headers["request-id"] = self.request_id  # Anthropic's name, read by its SDKs
         if getattr(self, "dropped_tools", ""):
             headers["x-claude-max-proxy-dropped-tools"] = self.dropped_tools
@@ -4694,7 +4725,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _start_sse(self) -> None:
         self.status = 200
-        self.sse_held, self.sse_held_bytes = [], 0  # frames written together with the next one
         self.send_response(200)
         self._common_headers()
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -4703,36 +4733,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         self.headers_sent = True
-        self.last_frame_at = time.monotonic()
-
-    def _send_sse(self, payload: Any, event: Optional[str] = None, hold: bool = False) -> None:
-        """Write one frame; with `hold`, keep it (up to SSE_HOLD_BYTES) for the next write."""
-        text = payload if isinstance(payload, str) else SSE_JSON.encode(payload)
-        data = ("%sdata: %s\n\n" % ("event: %s\n" % event if event else "", text)).encode("utf-8")
-        self.sse_held.append(b"%x\r\n%s\r\n" % (len(data), data))
-        self.sse_held_bytes += len(data)
-        self.last_frame_at = time.monotonic()
-        if not hold or self.sse_held_bytes >= SSE_HOLD_BYTES:
-            self._write_held()
-
-    def _write_held(self) -> None:
-        if self.sse_held:
-            self.wfile.write(b"".join(self.sse_held))
-            self.sent_bytes += self.sse_held_bytes
-            self.sse_held, self.sse_held_bytes = [], 0
+        self.sse = SseWriter(self.wfile)
 
     def _keep_alive(self, renderer: Any) -> None:
         """Send the renderer's keep-alive frames (if it has any) on a stream silent for too long."""
         frames = getattr(renderer, "keep_alive", None)
-        if frames is not None and self.headers_sent and \
-                time.monotonic() - self.last_frame_at >= KEEP_ALIVE_SECONDS:
+        if frames is not None and self.sse is not None and \
+                time.monotonic() - self.sse.last_frame_at >= KEEP_ALIVE_SECONDS:
             for name, payload in frames():
-                self._send_sse(payload, name)
-
-    def _end_sse(self) -> None:
-        self._write_held()
-        self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
+                self.sse.send(payload, name)
 
     # -- endpoints ------------------------------------------------------------------------------
 
@@ -4794,13 +4803,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 if not self.headers_sent:
                     self.first_token_at = time.monotonic()
                     self._start_sse()
-                self._send_sse(payload, name, hold=more_at_hand())
+                self.sse.send(payload, name, hold=more_at_hand())
         except OSError:
             raise ClientGone()
         finally:
-            with contextlib.suppress(OSError):
-                self._write_held()  # what was held still goes out before an error propagates
-        self._end_sse()
+            if self.sse is not None:
+                with contextlib.suppress(OSError):
+                    self.sse.write_held()  # what was held still goes out before an error propagates
+        self.sse.end()
 
     # -- access log and metrics -----------------------------------------------------------------
 
@@ -4818,7 +4828,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         sys.stderr.write("%s %s %s %s %d model=%s dur=%.3f ttft=%s bytes=%d%s" % (
             time.strftime("%Y-%m-%dT%H:%M:%S"), self.request_id, method,
             json.dumps(self.path.split("?", 1)[0][:200])[1:-1], self.status, self.log_model, elapsed, ttft,
-            self.sent_bytes, " reused=1" if self.reused_process else "")
+            self.sent_bytes + (self.sse.sent_bytes if self.sse else 0), " reused=1" if self.reused_process else "")
             + (" dropped_tools=%s" % self.dropped_tools if getattr(self, "dropped_tools", "") else "")
             + (" prompt=%s" % self.log_prompt if self.log_prompt else "") + "\n")
 

@@ -28,7 +28,7 @@ SIGNED_SECONDS = ("added_latency_p50_s", "added_latency_p99_s", "added_latency_v
 RATIOS = ("ttft_ratio_first_turn_warm", "ttft_ratio_first_turn_warm_loaded", "ttft_ratio_first_turn_cold",
           "ttft_ratio_later_turns_warm", "ttft_ratio_later_turns_cold", "cold_path_uncached_bytes_ratio",
           "ttft_ratio_agent_first_turns", "ttft_ratio_history_rewriting_turns_3_5", "ttft_ratio_burst",
-          "ttft_ratio_rewriting_sessions_rounds_2_3", "ttft_ratio_rewriting_sessions_rounds_2_3_cap_8")
+          "ttft_ratio_rewriting_sessions_rounds_2_3")
 RATES = ("relay_chunks_per_s", "fake_cli_alone_lines_per_s")
 SIZES = ("upstream_bytes_proxy", "upstream_bytes_bare_cli", "proxy_peak_rss_mb", "proxy_peak_vmrss_sampled_mb",
          "proxy_idle_rss_mb")
