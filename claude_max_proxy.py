@@ -275,7 +275,7 @@ class Config:
     include_reasoning: bool = False
     max_parked: int = dataclasses.field(default_factory=lambda: default_max_parked(*machine_memory()))
     parked_ttl: float = 300.0
-    warm: int = 4
+    warm: int = 6
     allow_image_fetch: bool = False
     client_timeout: float = 30.0
     no_overage: bool = False
@@ -314,7 +314,7 @@ OPTIONS = [
     ("--parked-ttl", float, "seconds a parked or warm process is kept before it is ended (default 300)"),
     ("--warm", int, "most processes pre-started per kind of first turn, as many as its recent "
                     "demand asks for; as many for a first turn naming nothing at start-up "
-                    "(default 4; 0 = none)"),
+                    "(default 6; 0 = none)"),
     ("--client-timeout", float, "seconds a client may stall sending or reading before it is dropped "
                                 "and its CLI ended (default 30)"),
     ("--allow-image-fetch", bool, "download http(s) image URLs in prompts (off: they get a 400)"),
@@ -1768,7 +1768,7 @@ REWRITERS_KEPT = 64     # kinds of client remembered as rewriting their history
 REWRITE_BLOCKS_MAX = 3  # at most this many trailing prompt blocks looked for as a context message
 LOAD_SECONDS = 60.0     # a kept process that has not answered its initialize by then is ended
 DEMAND_WINDOW = 60.0    # seconds of first turns that decide how many warm processes a shape gets
-LOADS_AT_ONCE = max(1, os.cpu_count() or 1)  # kept processes loading at the same time: one per core
+LOADS_AT_ONCE = max(1, os.cpu_count() or 1)  # kept processes loading at once when none is answering
 WARM_SHAPES = 16        # first-turn shapes whose demand is remembered (least recently seen forgotten)
 
 
@@ -1897,7 +1897,7 @@ class ProcessPool:
             self.busy -= 1
             self.kept[id(run)] = Kept(key, run, time.monotonic() + self.config.parked_ttl, False, at_tool_call,
                                       rewrites=rewrites)
-            self.lock.notify()
+            self.lock.notify_all()
         while self._end_oldest(lambda entries: len(entries) > self.keep):
             pass
         return True
@@ -1997,7 +1997,7 @@ class ProcessPool:
             with self.lock:
                 if slot:
                     self.busy -= 1
-                self.lock.notify()
+                self.lock.notify_all()  # a request waiting for a slot, a load waiting for a core
 
     # -- loading kept processes ahead of their requests -----------------------------------------
 
@@ -2086,12 +2086,13 @@ class ProcessPool:
     def _load(self, run: CliRun, load: Load) -> None:
         """Start a kept process and have it finish loading; file it as ready, or end it.
 
-        Loads take turns (LOADS_AT_ONCE): sharing a core, several would all be ready late, and a
-        request waiting for the oldest would wait for them all. One a request took goes first."""
+        Loads take turns, one per core left by the processes answering (at least one): sharing a
+        core, several would all be ready late, a request waiting for the oldest would wait for them
+        all, and answers would slow down. One a request took goes first."""
         ok = False
         try:
             with self.lock:
-                self.lock.wait_for(lambda: self.loads < LOADS_AT_ONCE or self.closed
+                self.lock.wait_for(lambda: self.loads < max(1, LOADS_AT_ONCE - self.busy) or self.closed
                                    or getattr(self.kept.get(id(run)), "loading", None) is not load,
                                    LOAD_SECONDS)
                 self.loads += 1

@@ -534,6 +534,21 @@ def test_warm_loads_take_turns(monkeypatch):
     assert all(run.warm for run in MADE)
 
 
+def test_loads_leave_the_cores_of_answering_processes_to_them(monkeypatch):
+    monkeypatch.setattr(cmp, "LOADS_AT_ONCE", 2)
+    gate = Gate()
+    monkeypatch.setattr(FakeRun, "initialize", lambda self, timeout: gate.initialize(self, timeout))
+    pool = pool_with(warm=2)
+    assert pool.try_acquire()  # one process answering: one core left for loads
+    assert pool.prestart(chat([user(".")]), 2) == 2
+    wait_until(gate.entered.is_set, 5, "a load to begin")
+    assert sum(run.warm is True for run in MADE) == 1  # the other waits for a core
+    pool._end(None)  # the answer is over: its core goes to the waiting load
+    wait_until(lambda: sum(run.warm is True for run in MADE) == 2, 5, "the second load to begin")
+    gate.event.set()
+    wait_until(lambda: pool.counts()["warm"] == 2, 5, "both loaded")
+
+
 def test_shapes_are_remembered_least_recently_seen_first_forgotten(monkeypatch):
     monkeypatch.setattr(cmp, "WARM_SHAPES", 2)
     SCRIPTS.extend([[text_answer(n)] for n in "abc"])
