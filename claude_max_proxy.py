@@ -1768,8 +1768,7 @@ REWRITERS_KEPT = 64     # kinds of client remembered as rewriting their history
 REWRITE_BLOCKS_MAX = 3  # at most this many trailing prompt blocks looked for as a context message
 LOAD_SECONDS = 60.0     # a kept process that has not answered its initialize by then is ended
 DEMAND_WINDOW = 60.0    # seconds of first turns that decide how many warm processes a shape gets
-# Kept processes loading at once when none is answering: one core stays free for answers.
-LOADS_AT_ONCE = max(1, (os.cpu_count() or 1) - 1)
+LOADS_AT_ONCE = max(1, os.cpu_count() or 1)  # kept processes loading at once when none is answering
 WARM_SHAPES = 16        # first-turn shapes whose demand is remembered (least recently seen forgotten)
 
 
