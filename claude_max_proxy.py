@@ -11,15 +11,17 @@ The path of a request:
      its own process group and a private empty directory, with an allow-listed environment
      (``cli_env_for``); the client's text goes in verbatim, never as a CLI command or file mention
      (``stdin_line_for``); JSON events read line by line.
-  4. Process pool (I/O): ``ProcessPool.turn`` gives the call a process (a parked or warm one, or a
-     new one in a free slot) as a ``Turn``, which iterates the turn's ``TurnEvent``s.
+  4. Process pool (I/O): ``ProcessPool.turn`` gives the call a process (a kept one, ready or still
+     loading, or a new one in a free slot) as a ``Turn``, which iterates the turn's ``TurnEvent``s.
   5. Event translation (pure): CLI events -> ``TurnEvent``s -> a renderer's SSE frames or object;
      the HTTP layer writes them: headers wait for the first frame; errors in the client's envelope.
 
 Client functions are offered to the model through an MCP server the proxy answers itself over the
 CLI's control channel; a tool call is caught at the CLI's permission question. Processes are
-kept between turns (``ProcessPool``): a warm one waits for a first turn, and the one that answered
-is parked for the conversation's next turn, so later turns neither start a CLI nor replay history.
+kept between turns (``ProcessPool``): warm ones wait for first turns of the shapes recently asked
+for, the one that answered is parked for the conversation's next turn, and for a client that
+drops its context message from the history it sends back, a process is resumed in the background
+at the history it will send (predicted); so later turns neither start a CLI nor replay history.
 
 Every ``rate_limit_event`` and ``result`` a CLI prints is observed by the server: ``Limits`` keeps
 the plan's latest limit state (headers on every answer, /health, ``--no-overage``), ``Metrics``
