@@ -452,7 +452,7 @@ def test_no_warm_process_when_parking_or_warm_is_off():
 
 
 class Gate:
-    """FakeRun.initialize held until `open` is called: a warm process still loading."""
+    """FakeRun.initialize held until `event` is set: a kept process still loading."""
 
     def __init__(self):
         self.event = threading.Event()
@@ -463,10 +463,16 @@ class Gate:
         return self.event.wait(timeout)
 
 
-def test_a_first_turn_takes_a_warm_process_still_loading_instead_of_starting_another(monkeypatch):
+@pytest.fixture
+def gate(monkeypatch):
+    """Every FakeRun's initialize held by one Gate."""
+    held = Gate()
+    monkeypatch.setattr(FakeRun, "initialize", lambda self, timeout: held.initialize(self, timeout))
+    return held
+
+
+def test_a_first_turn_takes_a_warm_process_still_loading_instead_of_starting_another(gate):
     SCRIPTS.extend([[text_answer("one")], [text_answer("from the loading one")]])
-    gate = Gate()
-    monkeypatch.setattr(FakeRun, "initialize", lambda self, timeout: gate.initialize(self, timeout))
     pool = pool_with(warm=1)
     run_turn(pool, chat([user("hi")]))
     wait_until(gate.entered.is_set, 5, "the warm process to start loading")
@@ -520,10 +526,8 @@ def test_prestart_at_start_up_keeps_the_number_asked_for():
     assert all(run.warm for run in MADE)
 
 
-def test_warm_loads_take_turns(monkeypatch):
+def test_warm_loads_take_turns(monkeypatch, gate):
     monkeypatch.setattr(cmp, "LOADS_AT_ONCE", 1)
-    gate = Gate()
-    monkeypatch.setattr(FakeRun, "initialize", lambda self, timeout: gate.initialize(self, timeout))
     pool = pool_with(warm=2)
     assert pool.prestart(chat([user(".")]), 2) == 2
     wait_until(gate.entered.is_set, 5, "a load to begin")
@@ -534,10 +538,8 @@ def test_warm_loads_take_turns(monkeypatch):
     assert all(run.warm for run in MADE)
 
 
-def test_loads_leave_the_cores_of_answering_processes_to_them(monkeypatch):
+def test_loads_leave_the_cores_of_answering_processes_to_them(monkeypatch, gate):
     monkeypatch.setattr(cmp, "LOADS_AT_ONCE", 2)
-    gate = Gate()
-    monkeypatch.setattr(FakeRun, "initialize", lambda self, timeout: gate.initialize(self, timeout))
     pool = pool_with(warm=2)
     assert pool.try_acquire()  # one process answering: one core left for loads
     assert pool.prestart(chat([user(".")]), 2) == 2
@@ -571,10 +573,8 @@ def test_a_full_pool_ends_a_warm_spare_before_a_parked_conversation():
     assert_no_slot_held(pool, kept=2)
 
 
-def test_past_the_cap_a_loading_spare_is_cancelled_before_a_parked_conversation_ends(monkeypatch):
+def test_past_the_cap_a_loading_spare_is_cancelled_before_a_parked_conversation_ends(gate):
     SCRIPTS.extend([[text_answer("one")], [], [text_answer("two")]])
-    gate = Gate()
-    monkeypatch.setattr(FakeRun, "initialize", lambda self, timeout: gate.initialize(self, timeout))
     pool = pool_with(warm=1, max_parked=2)
     _, _, conversation = run_turn(pool, chat([user("hi")]))
     wait_until(gate.entered.is_set, 5, "the warm process to start loading")
@@ -586,10 +586,8 @@ def test_past_the_cap_a_loading_spare_is_cancelled_before_a_parked_conversation_
     assert_no_slot_held(pool, kept=2)
 
 
-def test_closing_the_pool_ends_kept_and_loading_processes(monkeypatch):
+def test_closing_the_pool_ends_kept_and_loading_processes(gate):
     SCRIPTS.append([text_answer("one")])
-    gate = Gate()
-    monkeypatch.setattr(FakeRun, "initialize", lambda self, timeout: gate.initialize(self, timeout))
     pool = pool_with(warm=1)
     _, _, parked = run_turn(pool, chat([user("hi")]))
     wait_until(gate.entered.is_set, 5, "the warm process to start loading")
