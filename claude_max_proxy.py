@@ -1923,14 +1923,20 @@ class ProcessPool:
             self._end(entry.run)
 
     def _unkeep(self, run_id: int) -> Optional[CliRun]:
-        """(Under the lock.) Drop a kept entry: its process for the caller to end, or None for one
-        still loading, which its loader ends once cancelled."""
+        """(Under the lock.) Drop a kept entry: its process for the caller to end (`_end_unkept`),
+        or None for one still loading, which its loader ends once cancelled."""
         entry = self.kept.pop(run_id)
         if entry.loading is None:
             return entry.run
         entry.loading.cancelled = True
         self.lock.notify_all()
         return None
+
+    def _end_unkept(self, runs: List[Optional[CliRun]]) -> None:
+        """End what `_unkeep` handed over (outside the lock); they held no slot."""
+        for run in runs:
+            if run is not None:
+                self._end(run, slot=False)
 
     # -- slots ----------------------------------------------------------------------------------
 
@@ -1985,9 +1991,8 @@ class ProcessPool:
                 [i for i, e in entries if e.warm and e.loading is not None] + [i for i, e in entries if not e.warm]
             if not ranked:
                 return False
-            run = self._unkeep(ranked[0])
-        if run is not None:
-            self._end(run, slot=False)
+            runs = [self._unkeep(ranked[0])]
+        self._end_unkept(runs)
         return True
 
     def _end(self, run: Optional[CliRun], slot: bool = True) -> None:
@@ -2043,10 +2048,9 @@ class ProcessPool:
                              None) if len(self.kept) >= self.keep else None
                 if len(self.kept) >= self.keep and spare is None:
                     break
-                ended = self.kept.pop(spare).run if spare is not None else None
-                run = self._loading(call, claude_path, key, warm=True)
-            if ended is not None:
-                self._end(ended, slot=False)
+                ended = [self._unkeep(spare)] if spare is not None else []
+                self._loading(call, claude_path, key, warm=True)
+            self._end_unkept(ended)
             started += 1
         return started
 
@@ -2070,20 +2074,16 @@ class ProcessPool:
             ended = [self._unkeep(i) for i, e in list(self.kept.items()) if e.conversation == conversation]
             self._loading(resumed, claude_path, conversation_key(call, turns), rewrites=(rewrite,),
                           predicted=True, conversation=conversation)
-        for run in ended:
-            if run is not None:
-                self._end(run, slot=False)
+        self._end_unkept(ended)
         while self._end_oldest(lambda entries: len(entries) > self.keep):
             pass
 
-    def _loading(self, call: CliCall, claude_path: str, key: str, **fields: Any) -> CliRun:
-        """(Under the lock.) File a new process for `call` under `key` as loading, and load it in
-        the background."""
+    def _loading(self, call: CliCall, claude_path: str, key: str, warm: bool = False, **fields: Any) -> None:
+        """(Under the lock.) File a new process for `call` under `key` as loading (`fields`: the
+        rest of its Kept entry), and load it in the background."""
         run, load = self.run_class(call, self.config, claude_path, observe=self.observe), Load()
-        self.kept[id(run)] = Kept(key, run, time.monotonic() + self.config.parked_ttl,
-                                  fields.pop("warm", False), False, load, **fields)
+        self.kept[id(run)] = Kept(key, run, time.monotonic() + self.config.parked_ttl, warm, False, load, **fields)
         threading.Thread(target=self._load, args=(run, load), daemon=True).start()
-        return run
 
     def _load(self, run: CliRun, load: Load) -> None:
         """Start a kept process and have it finish loading; file it as ready, or end it.
@@ -2158,9 +2158,7 @@ class ProcessPool:
                 if r.dropped == dropped and not (e.at_tool_call or e.predicted)
                 and conversation_key(e.run.call, []) == shape]
             ended += [self._unkeep(run_id) for run_id, _, _ in predictions]
-        for run in ended:
-            if run is not None:
-                self._end(run, slot=False)
+        self._end_unkept(ended)
         for _, other, turns in predictions:
             self.predict(other, turns)
 
@@ -2795,8 +2793,8 @@ def predicted_turns(turns: List[Dict[str, Any]], dropped: int) -> List[Dict[str,
 def rewrites_of(call: CliCall, turns: List[Dict[str, Any]]) -> Tuple["Rewrite", ...]:
     """`turns` without one, two... trailing prompt blocks (a client's context message)."""
     most = min(REWRITE_BLOCKS_MAX, len(turns[-2]["content"]) - 1)
-    return tuple(Rewrite(conversation_key(call, predicted_turns(turns, n)), n, predicted_turns(turns, n))
-                 for n in range(1, most + 1))
+    shorter = [predicted_turns(turns, n) for n in range(1, most + 1)]
+    return tuple(Rewrite(conversation_key(call, t), n, t) for n, t in enumerate(shorter, 1))
 
 
 def conversation_of(call: CliCall) -> str:
