@@ -1736,12 +1736,14 @@ class ClaudeInstall:
         self.version = None  # type: Optional[str]
         self.probe_error = None  # type: Optional[str]
 
-    def probe(self) -> None:
+    def probe(self, env: Dict[str, str]) -> None:
+        """Ask the CLI its version, with the environment a request's CLI gets (`env`), so no API
+        key or proxy setting reaches this process either."""
         try:
             if not self.path:
                 self.probe_error = "`%s` not found on PATH" % self.name
                 return
-            out = subprocess.run([self.path, "--version"], stdin=subprocess.DEVNULL,
+            out = subprocess.run([self.path, "--version"], stdin=subprocess.DEVNULL, env=env,
                                  capture_output=True, timeout=30, start_new_session=True)
             text = out.stdout.decode("utf-8", "replace").strip()
             if out.returncode == 0 and text:
@@ -4849,7 +4851,8 @@ def serve(config: Config) -> int:
     remove_leftovers(config.workdir, dict(os.environ))
     host, port = server.server_address[:2]
     # Probing `claude --version` takes ~0.3 s: do it beside serving, not before.
-    threading.Thread(target=claude.probe, daemon=True).start()
+    threading.Thread(target=claude.probe, args=(cli_base_env(config, dict(os.environ)),),
+                     daemon=True).start()
 
     def expire_kept():
         while True:

@@ -1101,6 +1101,14 @@ def test_tool_results_are_verbatim_too(e2e_proxy, upstream, planted, waiting):
 
 # ---- host safety: the CLI's environment -----------------------------------------------------------
 
+def executable_of(pid):
+    """The program a live process runs, or None once it has gone."""
+    try:
+        return os.readlink("/proc/%d/exe" % pid)
+    except OSError:
+        return None
+
+
 def test_no_api_key_or_proxy_setting_reaches_any_cli_process(start_proxy, real_claude, e2e_env, upstream):
     hostile = {"ANTHROPIC_API_KEY": "sk-ant-api03-" + uuid.uuid4().hex,
                "ANTHROPIC_AUTH_TOKEN": "auth-" + uuid.uuid4().hex,
@@ -1116,7 +1124,9 @@ def test_no_api_key_or_proxy_setting_reaches_any_cli_process(start_proxy, real_c
     while json.loads(proxy.request("GET", "/health", headers=auth)[2])["processes"]["warm"] < 1:
         assert time.monotonic() < deadline, "no warm process became ready"
         time.sleep(0.05)
-    pids = proxy.tagged_pids()
+    # A child between fork and exec is still a copy of the proxy, with the proxy's environment.
+    proxy_exe = os.readlink("/proc/%d/exe" % proxy.proc.pid)
+    pids = [pid for pid in proxy.tagged_pids() if executable_of(pid) not in (proxy_exe, None)]
     assert pids
     for pid in pids:
         with open("/proc/%d/environ" % pid, "rb") as handle:

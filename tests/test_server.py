@@ -520,6 +520,15 @@ def test_health_reports_version_and_the_probed_cli(fake_proxy):
     assert report["claude"]["usable"] is True
 
 
+def test_the_version_probe_gets_the_cli_environment_not_ours(fake_proxy, trace):
+    proxy = fake_proxy(**dict(trace.env, ANTHROPIC_API_KEY="sk-ant-api03-stray"))
+    wait_until(trace.probed, 10, "the startup probe's log record")
+    [probe] = [record for record in trace.records() if record["argv"] == ["--version"]]
+    assert "ANTHROPIC_API_KEY" not in probe["env"], probe
+    ok_json(proxy.chat(chat_body()))
+    assert all("ANTHROPIC_API_KEY" not in run["env"] for run in trace.runs())
+
+
 def test_missing_cli_is_503_and_health_says_not_usable(fake_proxy):
     proxy = fake_proxy(["--claude", "/nonexistent/claude"])
     error = error_of(proxy.chat(chat_body()), 503)
