@@ -1108,14 +1108,20 @@ def cli_env_for(call: CliCall, config: Config, environ: Dict[str, str]) -> Dict[
     return env
 
 
-def stdin_line_for(blocks: List[Dict[str, Any]]) -> bytes:
+def stdin_line_for(blocks: List[Dict[str, Any]], line_id: str = "", query: bool = True) -> bytes:
     """The stream-json line that starts the new user turn, delivered to the model verbatim.
 
     `text_not_typed` (read by CLI 2.1.x, not documented) marks the text as not typed at the CLI's
     prompt, so `@path` is not read from disk, `/command` is not run and `!`/`#` mean nothing;
     tests/test_e2e_cli.py pins it. `--disable-slash-commands` and `--restricted` are the second
-    line of defence (cli_args_for), and a local command's output is refused (TurnTranslator)."""
+    line of defence (cli_args_for), and a local command's output is refused (TurnTranslator).
+    `line_id` becomes the message's uuid, which the CLI can be rewound to (CliRun.reseat); without
+    `query` (`shouldQuery: false`, in the CLI's SDK schema) the turn is appended, not answered."""
     message = {"type": "user", "text_not_typed": True, "message": {"role": "user", "content": blocks}}
+    if line_id:
+        message["uuid"] = line_id
+    if not query:
+        message["shouldQuery"] = False
     return (json.dumps(message) + "\n").encode("ascii")
 
 
@@ -1314,6 +1320,8 @@ class CliRun:
         self.tool_results = {}  # tool_use_id -> result text the client sent, to hand to the CLI
         self.keeps_transcript = False  # writes its own transcript (to teach NATIVE_CONTEXT)
         self.tools_listed = False      # the CLI has asked the client-tools MCP server for its tools
+        self.prompt_id = ""  # the uuid of the user line that started the current turn
+        self.replies = []    # type: List[Dict[str, Any]]  # the CLI's assistant messages since then
 
     # -- starting -------------------------------------------------------------------------------
 
@@ -1325,7 +1333,7 @@ class CliRun:
             session_turns, stdin_blocks = cold_turns_for(self.call)
             self._spawn(session_turns, learn=send_prompt)
             if send_prompt:
-                self.proc.stdin.write(stdin_line_for(stdin_blocks))
+                self.proc.stdin.write(self._prompt_line(stdin_blocks))
             if self.call.tools or self.config.max_parked > 0:
                 self.proc.stdin.flush()  # stays open: for tool questions and the next turn
             else:
@@ -1417,12 +1425,53 @@ class CliRun:
         if not results:
             self.result_seen = False
             with self.stdin_lock:
-                self.proc.stdin.write(stdin_line_for(call.prompt))
+                self.proc.stdin.write(self._prompt_line(call.prompt))
                 self.proc.stdin.flush()
         self.call = call
         if results:
             self.tool_results.update(results)
             self.hand_over_results()
+
+    def _prompt_line(self, blocks: List[Dict[str, Any]], query: bool = True) -> bytes:
+        """The stdin line of a new user turn, which starts the turn's record (prompt_id, replies)."""
+        self.prompt_id, self.replies = str(uuid.uuid4()), []
+        return stdin_line_for(blocks, self.prompt_id, query)
+
+    def reseat(self, blocks: List[Dict[str, Any]], replies: List[Dict[str, Any]], timeout: float) -> bool:
+        """Make the turn just answered the one its client will send back: rewind the conversation
+        to before that turn's user line, append `blocks` in its place without a model call, then
+        the CLI's own answer (`replies`) as it was. Measured on CLI 2.1.332: the next turn's
+        request upstream is then the one a process that saw only that history sends, byte for
+        byte (tests/test_e2e_cli.py). False if the CLI refused or failed a step."""
+        if not (self.result_seen or self.wait_for_result(timeout)):
+            return False
+        request_id = "rewind-" + uuid.uuid4().hex
+        self.send({"type": "control_request", "request_id": request_id, "request": {
+            "subtype": "rewind_conversation", "target_message_uuid": self.prompt_id}})
+
+        def rewound(event):
+            response = event.get("response") or {}
+            if event.get("type") == "control_response" and response.get("request_id") == request_id:
+                return response.get("subtype") == "success" and (response.get("response") or {}).get("rewound") is True
+            return None
+        if not self._read_until(timeout, rewound):
+            return False
+        self.result_seen = False
+        with self.stdin_lock:
+            try:
+                self.proc.stdin.write(self._prompt_line(blocks, query=False))
+                self.proc.stdin.flush()
+            except (OSError, ValueError):
+                return False
+        # The CLI acknowledges an appended turn with a result of no model call; one that made a
+        # call after all (a CLI without `shouldQuery`) is not kept.
+        if not self._read_until(timeout, lambda event: not event.get("is_error") and event.get("num_turns") == 0
+                                if event.get("type") == "result" else None):
+            return False
+        for message in replies:  # appended as they are read, before any later user line
+            self.send({"type": "assistant", "message": message})
+        self.replies = list(replies)
+        return True
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -1589,8 +1638,11 @@ class CliRun:
         if not isinstance(event, dict):
             self.garbage_lines += 1
             return None
-        if event.get("type") in ("rate_limit_event", "result"):
-            self.result_seen = self.result_seen or event["type"] == "result"
+        kind = event.get("type")
+        if kind == "assistant" and isinstance(event.get("message"), dict) and not event.get("parent_tool_use_id"):
+            self.replies.append(event["message"])
+        elif kind in ("rate_limit_event", "result"):
+            self.result_seen = self.result_seen or kind == "result"
             self.observe(event)
         return event
 
@@ -2060,25 +2112,41 @@ class ProcessPool:
         """Resume a process in the background at `turns`, the history this call's client is
         predicted to send next, filed under that history's key; it replaces the conversation's
         earlier predicted process."""
-        resumed = dataclasses.replace(call, history=turns, prompt=[])
-        conversation = conversation_of(resumed)
-        # Should the client send the prompt's blocks after all, this process is ended and the
-        # lesson forgotten (notice_rewriting).
-        undropped = turns[:-2] + [{"role": "user", "content": call.prompt}, turns[-1]]
-        rewrite = Rewrite(conversation_key(call, undropped), 0, undropped)
         try:
             claude_path = self.claude.resolve()
         except ApiError:
             return
+        resumed, fields = predicted_entry(call, turns)
         with self.lock:
             if self.closed or self.keep <= 0:
                 return
-            ended = [self._unkeep(i) for i, e in list(self.kept.items()) if e.conversation == conversation]
-            self._loading(resumed, claude_path, conversation_key(call, turns), rewrites=(rewrite,),
-                          predicted=True, conversation=conversation)
+            ended = [self._unkeep(i) for i, e in list(self.kept.items()) if e.conversation == fields["conversation"]]
+            self._loading(resumed, claude_path, conversation_key(call, turns), **fields)
         self._end_unkept(ended)
         while self._end_oldest(lambda entries: len(entries) > self.keep):
             pass
+
+    def reseat(self, call: CliCall, run: CliRun, turns: List[Dict[str, Any]]) -> bool:
+        """Keep this call's busy process as the one predicted for `turns`, the history its client
+        will send next: reseated there in the background (CliRun.reseat, some milliseconds), where
+        `predict` would load a new process. Should that fail, `predict` does. False if not kept."""
+        resumed, fields = predicted_entry(call, turns)
+        replies, load = list(run.replies), Load()
+        with self.lock:
+            if self.closed or self.keep <= 0:
+                return False
+            ended = [self._unkeep(i) for i, e in list(self.kept.items()) if e.conversation == fields["conversation"]]
+            self.busy -= 1
+            run.call = resumed
+            self.kept[id(run)] = Kept(conversation_key(call, turns), run, time.monotonic() + self.config.parked_ttl,
+                                      False, False, load, **fields)
+            self.lock.notify_all()
+        self._end_unkept(ended)
+        threading.Thread(target=self._load, args=(run, load, lambda: run.reseat(turns[-2]["content"], replies, LOAD_SECONDS),
+                                                  lambda: self.predict(call, turns)), daemon=True).start()
+        while self._end_oldest(lambda entries: len(entries) > self.keep):
+            pass
+        return True
 
     def _loading(self, call: CliCall, claude_path: str, key: str, warm: bool = False, **fields: Any) -> None:
         """(Under the lock.) File a new process for `call` under `key` as loading (`fields`: the
@@ -2087,27 +2155,31 @@ class ProcessPool:
         self.kept[id(run)] = Kept(key, run, time.monotonic() + self.config.parked_ttl, warm, False, load, **fields)
         threading.Thread(target=self._load, args=(run, load), daemon=True).start()
 
-    def _load(self, run: CliRun, load: Load) -> None:
-        """Start a kept process and have it finish loading; file it as ready, or end it.
+    def _load(self, run: CliRun, load: Load, prepare: Optional[Callable[[], bool]] = None,
+              failed: Callable[[], None] = lambda: None) -> None:
+        """Start a kept process and have it finish loading (or `prepare` a started one); file it
+        as ready, or end it and call `failed`.
 
         Loads take turns, one per core left by the processes answering (at least one): sharing a
         core, several would all be ready late, a request waiting for the oldest would wait for them
-        all, and answers would slow down. One a request took goes first."""
-        ok = False
+        all, and answers would slow down. One a request took goes first. A `prepare` costs the CPU
+        little and does not wait."""
+        ok, counted = False, prepare is None
         try:
             with self.lock:
-                self.lock.wait_for(lambda: self.loads < max(1, LOADS_AT_ONCE - self.busy) or self.closed
-                                   or getattr(self.kept.get(id(run)), "loading", None) is not load,
+                self.lock.wait_for(lambda: not counted or self.loads < max(1, LOADS_AT_ONCE - self.busy)
+                                   or self.closed or getattr(self.kept.get(id(run)), "loading", None) is not load,
                                    LOAD_SECONDS)
-                self.loads += 1
+                self.loads += counted
             if not (self.closed or load.cancelled):
-                run.start(send_prompt=False)
-                ok = run.initialize(LOAD_SECONDS)
+                if prepare is None:
+                    run.start(send_prompt=False)
+                ok = run.initialize(LOAD_SECONDS) if prepare is None else prepare()
         except (ApiError, OSError, ValueError):
             pass  # ended below, or by whoever took it
         finally:
             with self.lock:
-                self.loads -= 1
+                self.loads -= counted
                 self.lock.notify_all()
                 ok = ok and not self.closed  # started as the server stopped: never kept
                 entry = self.kept.get(id(run))
@@ -2120,6 +2192,8 @@ class ProcessPool:
                 load.done.set()
             if (ours and not ok) or load.cancelled:
                 self._end(run, slot=False)
+            if not ok and not load.cancelled:
+                failed()
 
     def close(self, timeout: float = 10.0) -> None:
         """At shutdown: start nothing more and end every kept process, those still loading too
@@ -2238,8 +2312,14 @@ class Turn:
         dropped = self.pool.dropped_blocks(call)
         if ended and 0 < dropped < len(call.prompt):
             # This client's next request leaves out part of this prompt, which this process has
-            # seen: a process resumed at that history serves it instead, loading from now on.
-            self.pool.predict(call, predicted_turns(turns, dropped))
+            # seen: it is reseated at that history, or a process is resumed there. Not after a
+            # first turn: the CLI dates the conversation at its first asked turn, which would
+            # then be the next one.
+            predicted = predicted_turns(turns, dropped)
+            if call.history and all(b["type"] == "text" for b in call.prompt) and run.replies \
+                    and not any(b.get("type") == "tool_use" for m in run.replies for b in m.get("content") or ()):
+                return self.pool.reseat(call, run, predicted)
+            self.pool.predict(call, predicted)
             return False
         if any(b["type"] == "tool_result" for b in call.prompt) and not self.reused:
             return False  # that process saw the replay's extra lines; later turns should not
@@ -2784,6 +2864,17 @@ def conversation_key(call: CliCall, turns: List[Dict[str, Any]]) -> str:
     fixed = [call.model, call.system_prompt, [dataclasses.astuple(t) for t in call.tools],
              call.json_schema, call.effort, call.max_output_tokens, call.include_reasoning, turns]
     return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def predicted_entry(call: CliCall, turns: List[Dict[str, Any]]) -> Tuple[CliCall, Dict[str, Any]]:
+    """For a process predicted at `turns`, the history `call`'s client is predicted to send next:
+    its call, and the rest of its Kept entry (its conversation, and the history that client would
+    send instead should it keep the prompt's trailing blocks after all: notice_rewriting then
+    ends the process and forgets the lesson)."""
+    resumed = dataclasses.replace(call, history=turns, prompt=[])
+    undropped = turns[:-2] + [{"role": "user", "content": call.prompt}, turns[-1]]
+    return resumed, {"rewrites": (Rewrite(conversation_key(call, undropped), 0, undropped),),
+                     "predicted": True, "conversation": conversation_of(resumed)}
 
 
 def predicted_turns(turns: List[Dict[str, Any]], dropped: int) -> List[Dict[str, Any]]:
@@ -4187,6 +4278,8 @@ class ProxyServer(ThreadingHTTPServer):
         if event["type"] == "rate_limit_event":
             self.limits.record(event.get("rate_limit_info"), time.time())
             return
+        if event.get("num_turns") == 0 and not event.get("is_error"):
+            return  # a turn appended without a model call (CliRun.reseat), or a local command
         status = event.get("api_error_status") or ("error" if event.get("is_error") else 200)
         self.metrics.count("claude_max_proxy_upstream_calls_total", {"status": str(status)})
 

@@ -750,31 +750,37 @@ def rewriting_client_turn(proxy, mark, answers, contexts):
     return text, headers["x-request-id"]
 
 
-def test_a_client_that_drops_its_context_message_gets_turn_3_from_a_process_that_never_saw_it(
+def test_a_client_that_drops_its_context_message_gets_turns_3_and_4_from_a_process_that_never_saw_it(
         start_proxy, real_claude, e2e_env, upstream, tmp_path):
     workdir = str(tmp_path / "cwd")  # one machine: the CLI names its working directory upstream
     proxy = start_proxy(["--claude", real_claude, "--workdir", workdir], e2e_env)
     cold = start_proxy(["--claude", real_claude, "--workdir", workdir, "--max-parked", "0", "--warm", "0"], e2e_env)
-    mark, contexts, answers, ids = marker(), ["[context %s]" % uuid.uuid4().hex for _ in range(3)], [], []
-    for _ in range(3):
+    mark, contexts, answers, ids = marker(), ["[context %s]" % uuid.uuid4().hex for _ in range(4)], [], []
+    for _ in range(4):
         text, request_id = rewriting_client_turn(proxy, mark, answers, contexts)
         answers.append(text)
         ids.append(request_id)
     reused = [" reused=1" in proxy.wait_for_line(i) for i in ids]
-    assert reused == [False, False, True], reused  # turn 2 shows the pattern; turn 3 is predicted
+    assert reused == [False, False, True, True], reused  # turn 2 shows the pattern; 3 and 4 are predicted
     bodies = upstream.messages_requests(mark)
-    assert len(bodies) == 3
+    assert len(bodies) == 4
     for n, body in enumerate(bodies):  # the model never sees a context message the client dropped
         sent = json.dumps(body["messages"])
         assert contexts[n] in sent and not any(c in sent for c in contexts[:n]), n
-    # The same turn 3 answered by a CLI started cold (once that proxy has met a first turn, from
-    # whose transcript it learns the CLI's context rows): the very same request upstream.
+    # Turn 2's process answered turns 3 and 4: rewound to before each context message it saw and
+    # given the turn as the client sends it back, not loaded anew.
+    sessions = [json.loads(body["metadata"]["user_id"])["session_id"] for body in bodies]
+    assert sessions[1] == sessions[2] == sessions[3] != sessions[0], sessions
+    # The same turns answered by a CLI started cold (once that proxy has met a first turn, from
+    # whose transcript it learns the CLI's context rows): the very same requests upstream.
     assert chat(cold, [{"role": "user", "content": "hello " + marker()}])[0] == 200
-    rewriting_client_turn(cold, mark, answers[:2], contexts)
-    from_cold = upstream.messages_requests(mark)[3]
-    assert from_cold["messages"] == bodies[2]["messages"]
-    assert system_texts(from_cold) == system_texts(bodies[2]) and from_cold.get("tools") == bodies[2].get("tools")
-    deadline = time.monotonic() + 30  # and turn 4's process is on its way, counted in /health
+    for turn in (3, 4):
+        rewriting_client_turn(cold, mark, answers[:turn - 1], contexts)
+        from_cold = upstream.messages_requests(mark)[-1]
+        assert from_cold["messages"] == bodies[turn - 1]["messages"], turn
+        assert system_texts(from_cold) == system_texts(bodies[turn - 1])
+        assert from_cold.get("tools") == bodies[turn - 1].get("tools")
+    deadline = time.monotonic() + 30  # and turn 5's process is ready, counted in /health
     while health(proxy)["processes"]["predicted"] != 1:
         assert time.monotonic() < deadline, health(proxy)
         time.sleep(0.05)

@@ -57,6 +57,8 @@ class FakeRun:
         self.result_seen = False
         self.keeps_transcript = False
         self.control_requests = []
+        self.replies = list(REPLIES)  # the CLI's answer to the turn: reseat needs one
+        self.reseated = []   # (blocks, replies) of each reseat
         MADE.append(self)
 
     def start(self, send_prompt=True):
@@ -81,6 +83,10 @@ class FakeRun:
     def on_control_request(self, event):
         self.control_requests.append(event)
 
+    def reseat(self, blocks, replies, timeout):
+        self.reseated.append((blocks, replies))
+        return RESEAT_WORKS
+
     def wait_for_result(self, timeout):
         self.result_seen = True
         return True
@@ -98,6 +104,8 @@ class FakeRun:
 SCRIPTS = []    # per FakeRun made, in order: its turns' CLI events
 MADE = []       # every FakeRun made, in order
 FAIL_START = False
+REPLIES = []    # what each FakeRun holds as its CLI's answer (none: it cannot be reseated)
+RESEAT_WORKS = True
 
 
 class FakeClaude:
@@ -107,10 +115,11 @@ class FakeClaude:
 
 @pytest.fixture(autouse=True)
 def fresh_script():
-    global FAIL_START
+    global FAIL_START, RESEAT_WORKS
     SCRIPTS.clear()
     MADE.clear()
-    FAIL_START = False
+    REPLIES.clear()
+    FAIL_START, RESEAT_WORKS = False, True
     yield
     SCRIPTS.clear()
     MADE.clear()
@@ -647,6 +656,55 @@ def test_a_client_that_drops_its_context_message_gets_its_next_turn_from_a_predi
     wait_until(lambda: pool.counts()["predicted"] == 1 and pool.counts()["busy"] == 0, 5, "the next one")
     assert predicted.closed == 1 and MADE[3].call.history == chat(rewriting(4, ["a1", "a2", "a3"])).history
     assert_no_slot_held(pool, kept=1)
+
+
+ANSWER = {"role": "assistant", "content": [{"type": "text", "text": "as the CLI gave it"}]}
+
+
+def test_a_rewriting_clients_process_is_reseated_at_the_history_it_will_send_next():
+    REPLIES.append(ANSWER)
+    SCRIPTS.extend([[text_answer("a1")], [text_answer("a2")]])
+    pool = pool_with()
+    run_turn(pool, chat(rewriting(1, [])))
+    _, reused, second = run_turn(pool, chat(rewriting(2, ["a1"])))
+    assert not reused
+    wait_until(lambda: pool.counts()["predicted"] == 1, 5, "the reseated process")
+    # Its turn again, less the context message; the answer as its CLI wrote it.
+    assert second.reseated == [([{"type": "text", "text": "Q2"}], [ANSWER])] and second.closed == 0
+    second.script.append(text_answer("a3"))
+    third_call = chat(rewriting(3, ["a1", "a2"]))
+    events, reused, run = run_turn(pool, third_call)
+    assert reused and run is second and events[0] == ("text", "a3") and second.turns == [(third_call, {})]
+    assert len(MADE) == 2  # no process loaded for it
+    wait_until(lambda: len(second.reseated) == 2, 5, "turn 4's reseat")
+    assert_no_slot_held(pool, kept=1)
+
+
+def test_a_process_that_cannot_be_reseated_is_replaced_by_a_loaded_one():
+    global RESEAT_WORKS
+    REPLIES.append(ANSWER)
+    RESEAT_WORKS = False
+    SCRIPTS.extend([[text_answer("a1")], [text_answer("a2")], [text_answer("a3")]])
+    pool = pool_with()
+    run_turn(pool, chat(rewriting(1, [])))
+    _, _, second = run_turn(pool, chat(rewriting(2, ["a1"])))
+    wait_until(lambda: pool.counts()["predicted"] == 1 and second.closed == 1, 5, "a loaded prediction")
+    assert len(second.reseated) == 1 and MADE[2].warm and MADE[2].call.history == chat(rewriting(3, ["a1", "a2"])).history
+    events, reused, run = run_turn(pool, chat(rewriting(3, ["a1", "a2"])))
+    assert reused and run is MADE[2] and events[0] == ("text", "a3")
+
+
+def test_a_first_turn_is_never_reseated():
+    # The CLI dates a conversation at its first asked turn: after a rewind to nothing, that
+    # would be the next turn, so a first turn's prediction is loaded.
+    REPLIES.append(ANSWER)
+    SCRIPTS.extend([[text_answer("a1")], [text_answer("a2")], [text_answer("b1")], []])
+    pool = pool_with()
+    run_turn(pool, chat(rewriting(1, [])))
+    run_turn(pool, chat(rewriting(2, ["a1"])))
+    _, _, first = run_turn(pool, chat(rewriting(1, [], context="other")))
+    wait_until(lambda: pool.counts()["predicted"] == 2 and first.closed == 1, 5, "a loaded prediction")
+    assert first.reseated == [] and MADE[3].warm
 
 
 def test_a_new_conversation_of_a_known_rewriting_client_is_predicted_from_its_first_turn():
