@@ -1321,6 +1321,8 @@ class CliRun:
         self.keeps_transcript = False  # writes its own transcript (to teach NATIVE_CONTEXT)
         self.tools_listed = False      # the CLI has asked the client-tools MCP server for its tools
         self.prompt_id = ""  # the uuid of the user line that started the current turn
+        self.first_prompt_id = ""  # that of the conversation's first turn, when it began on stdin here
+        self.resumed = False       # started at a history (a session file), not at a first turn
         self.replies = []    # type: List[Dict[str, Any]]  # the CLI's assistant messages since then
 
     # -- starting -------------------------------------------------------------------------------
@@ -1352,7 +1354,7 @@ class CliRun:
             raise ApiError(503, "cannot write the files the Claude CLI needs for this request (%s): %s"
                            % (exc.filename or tempfile.gettempdir(), exc.strerror or exc),
                            "server_error", "storage_unavailable")
-        transcript_id = None
+        self.resumed, transcript_id = session_id is not None, None
         # Only for a prompt known now and without images: a CLI that keeps its transcript also
         # saves images and names the file to the model (so never a warm process, whose prompt
         # comes later).
@@ -1435,6 +1437,8 @@ class CliRun:
     def _prompt_line(self, blocks: List[Dict[str, Any]], query: bool = True) -> bytes:
         """The stdin line of a new user turn, which starts the turn's record (prompt_id, replies)."""
         self.prompt_id, self.replies = str(uuid.uuid4()), []
+        if not (self.first_prompt_id or self.resumed or self.keeps_transcript):
+            self.first_prompt_id = self.prompt_id
         return stdin_line_for(blocks, self.prompt_id, query)
 
     def reseat(self, blocks: List[Dict[str, Any]], replies: List[Dict[str, Any]], timeout: float) -> bool:
@@ -1443,20 +1447,8 @@ class CliRun:
         the CLI's own answer (`replies`) as it was. Measured on CLI 2.1.332: the next turn's
         request upstream is then the one a process that saw only that history sends, byte for
         byte (tests/test_e2e_cli.py). False if the CLI refused or failed a step."""
-        if not (self.result_seen or self.wait_for_result(timeout)):
+        if not self.rewind(self.prompt_id, timeout):
             return False
-        request_id = "rewind-" + uuid.uuid4().hex
-        self.send({"type": "control_request", "request_id": request_id, "request": {
-            "subtype": "rewind_conversation", "target_message_uuid": self.prompt_id}})
-
-        def rewound(event):
-            response = event.get("response") or {}
-            if event.get("type") == "control_response" and response.get("request_id") == request_id:
-                return response.get("subtype") == "success" and (response.get("response") or {}).get("rewound") is True
-            return None
-        if not self._read_until(timeout, rewound):
-            return False
-        self.result_seen = False
         with self.stdin_lock:
             try:
                 self.proc.stdin.write(self._prompt_line(blocks, query=False))
@@ -1472,6 +1464,25 @@ class CliRun:
             self.send({"type": "assistant", "message": message})
         self.replies = list(replies)
         return True
+
+    def rewind(self, line_id: str, timeout: float) -> bool:
+        """Cut the conversation back to just before the user line `line_id`, once the turn in
+        progress has ended (the CLI's `rewind_conversation`). Measured on CLI 2.1.332: rewound to
+        its first line, a process's next first turn is a fresh process's, byte for byte
+        upstream, only that it keeps its session id (as a person's rewind in the CLI does)."""
+        if not (self.result_seen or self.wait_for_result(timeout)):
+            return False
+        request_id = "rewind-" + uuid.uuid4().hex
+        self.send({"type": "control_request", "request_id": request_id, "request": {
+            "subtype": "rewind_conversation", "target_message_uuid": line_id}})
+
+        def rewound(event):
+            response = event.get("response") or {}
+            if event.get("type") == "control_response" and response.get("request_id") == request_id:
+                return response.get("subtype") == "success" and (response.get("response") or {}).get("rewound") is True
+            return None
+        self.result_seen = False
+        return self._read_until(timeout, rewound)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -1822,6 +1833,7 @@ class ClaudeInstall:
 
 REWRITERS_KEPT = 64     # kinds of client remembered as rewriting their history
 REWRITE_BLOCKS_MAX = 3  # at most this many trailing prompt blocks looked for as a context message
+REWIND_SECONDS = 5.0    # a CLI rewinds its conversation in ~15 ms; one that takes longer is ended
 LOAD_SECONDS = 60.0     # a kept process that has not answered its initialize by then is ended
 DEMAND_WINDOW = 60.0    # seconds of first turns that decide how many warm processes a shape gets
 LOADS_AT_ONCE = max(1, os.cpu_count() or 1)  # kept processes loading at once when none is answering
@@ -1923,7 +1935,7 @@ class ProcessPool:
     def _parked_run_for(self, call: CliCall) -> Optional[CliRun]:
         """A process already holding this conversation, given the new turn; None for a cold start."""
         results = tool_results_in(call.prompt)
-        entry = self._take(conversation_key(call, call.history))
+        entry = self._take(conversation_key(call, call.history), first_turn=not call.history)
         run = entry.run if entry is not None else None
         if entry is not None and entry.at_tool_call != bool(results):
             self._end(run)  # a tool call answered with text, or results for no call: start afresh
@@ -1958,23 +1970,37 @@ class ProcessPool:
             pass
         return True
 
-    def _take(self, key: str) -> Optional[Kept]:
-        """The kept process filed under `key` (a ready one first, else one still loading, waited
-        for), now busy; None if there is none."""
+    def _take(self, key: str, first_turn: bool = False) -> Optional[Kept]:
+        """The kept process filed under `key` (a ready one first; for a first turn, else the
+        oldest parked conversation of its shape, rewound to nothing; else one still loading,
+        waited for), now busy; None if there is none."""
         while True:
             with self.lock:
                 matches = [run_id for run_id, entry in self.kept.items() if entry.key == key]
-                if not matches:
+                found = next((i for i in matches if self.kept[i].loading is None), None)
+                recycled = found is None and first_turn and self._recyclable(key)
+                found = recycled or (matches[0] if matches and found is None else found)
+                if found is None:
                     return None
-                found = next((i for i in matches if self.kept[i].loading is None), matches[0])
                 entry = self.kept.pop(found)
                 self.busy += 1
                 self.lock.notify_all()  # a load waiting for its turn goes now
+            if recycled:
+                # Rather than wait for a load: a burst of first turns finds its processes loading.
+                if entry.run.rewind(entry.run.first_prompt_id, REWIND_SECONDS):
+                    return entry._replace(key=key)
             # The loader's own bound (LOAD_SECONDS) ends this wait: it always sets `done`.
-            if entry.loading is None or (entry.loading.done.wait() and entry.loading.ok):
+            elif entry.loading is None or (entry.loading.done.wait() and entry.loading.ok):
                 if entry.run.running():
                     return entry._replace(loading=None)
             self._end(entry.run)
+
+    def _recyclable(self, shape: str) -> Optional[int]:
+        """(Under the lock.) The oldest ready parked conversation of this first-turn shape that
+        began in its process, so that it can be rewound to nothing; None if there is none."""
+        return next((i for i, e in self.kept.items() if e.loading is None and e.run.first_prompt_id
+                     and not (e.warm or e.predicted or e.at_tool_call) and conversation_key(e.run.call, []) == shape),
+                    None)
 
     def _unkeep(self, run_id: int) -> Optional[CliRun]:
         """(Under the lock.) Drop a kept entry: its process for the caller to end (`_end_unkept`),
@@ -2142,7 +2168,7 @@ class ProcessPool:
                                       False, False, load, **fields)
             self.lock.notify_all()
         self._end_unkept(ended)
-        threading.Thread(target=self._load, args=(run, load, lambda: run.reseat(turns[-2]["content"], replies, LOAD_SECONDS),
+        threading.Thread(target=self._load, args=(run, load, lambda: run.reseat(turns[-2]["content"], replies, REWIND_SECONDS),
                                                   lambda: self.predict(call, turns)), daemon=True).start()
         while self._end_oldest(lambda entries: len(entries) > self.keep):
             pass

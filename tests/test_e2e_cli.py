@@ -786,6 +786,41 @@ def test_a_client_that_drops_its_context_message_gets_turns_3_and_4_from_a_proce
         time.sleep(0.05)
 
 
+def test_a_first_turn_with_no_warm_process_takes_a_parked_conversation_rewound_to_nothing(
+        start_proxy, real_claude, e2e_env, upstream, tmp_path):
+    workdir = str(tmp_path / "cwd")  # one machine: the CLI names its working directory upstream
+    proxy = start_proxy(["--claude", real_claude, "--workdir", workdir, "--warm", "0"], e2e_env)
+    cold = start_proxy(["--claude", real_claude, "--workdir", workdir, "--max-parked", "0", "--warm", "0"], e2e_env)
+    system = "You are terse. " + uuid.uuid4().hex
+    marks, ids, answers = [marker(), marker(), marker()], [], []
+    for mark in marks:  # the first process keeps its transcript (the CLI's context rows are learnt)
+        status, headers, raw = proxy.chat({"model": "claude-sonnet-4", "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": "Say hi " + mark}]})
+        assert status == 200
+        ids.append(headers["x-request-id"])
+        answers.append(json.loads(raw)["choices"][0]["message"]["content"])
+    assert [" reused=1" in proxy.wait_for_line(i) for i in ids] == [False, False, True]
+    second, third = only_request(upstream, marks[1]), only_request(upstream, marks[2])
+    sessions = [json.loads(body["metadata"]["user_id"])["session_id"] for body in (second, third)]
+    assert sessions[0] == sessions[1], sessions  # the second conversation's process, rewound
+    # What a process started for it would have sent: the same request, byte for byte.
+    cold_mark = marker()
+    assert cold.chat({"model": "claude-sonnet-4", "messages": [
+        {"role": "system", "content": system}, {"role": "user", "content": "Say hi " + cold_mark}]})[0] == 200
+    fresh = only_request(upstream, cold_mark)
+    assert json.loads(json.dumps(fresh["messages"]).replace(cold_mark, marks[2])) == third["messages"]
+    assert system_texts(fresh) == system_texts(third) and fresh.get("tools") == third.get("tools")
+    # The rewound conversation goes on in a new process, from its own history only.
+    again = marker()
+    status, headers, raw = proxy.chat({"model": "claude-sonnet-4", "messages": [
+        {"role": "system", "content": system}, {"role": "user", "content": "Say hi " + marks[1]},
+        {"role": "assistant", "content": answers[1]}, {"role": "user", "content": "again " + again}]})
+    assert status == 200, raw
+    assert " reused=1" not in proxy.wait_for_line(headers["x-request-id"])
+    sent = json.dumps(only_request(upstream, again)["messages"])
+    assert marks[1] in sent and marks[2] not in sent
+
+
 def test_a_first_turn_takes_a_warm_process_that_behaves_like_a_cold_one(start_proxy, real_claude, e2e_env, upstream):
     proxy = start_proxy(["--claude", real_claude], e2e_env)
     marks = [marker(), marker()]

@@ -59,6 +59,8 @@ class FakeRun:
         self.control_requests = []
         self.replies = list(REPLIES)  # the CLI's answer to the turn: reseat needs one
         self.reseated = []   # (blocks, replies) of each reseat
+        self.first_prompt_id = "first-line" if BEGAN_HERE else ""  # recyclable when set
+        self.rewound = []    # the lines it was rewound to
         MADE.append(self)
 
     def start(self, send_prompt=True):
@@ -83,6 +85,10 @@ class FakeRun:
     def on_control_request(self, event):
         self.control_requests.append(event)
 
+    def rewind(self, line_id, timeout):
+        self.rewound.append(line_id)
+        return REWIND_WORKS
+
     def reseat(self, blocks, replies, timeout):
         self.reseated.append((blocks, replies))
         return RESEAT_WORKS
@@ -106,6 +112,8 @@ MADE = []       # every FakeRun made, in order
 FAIL_START = False
 REPLIES = []    # what each FakeRun holds as its CLI's answer (none: it cannot be reseated)
 RESEAT_WORKS = True
+BEGAN_HERE = False  # each FakeRun's conversation began on its stdin (so it can be rewound to nothing)
+REWIND_WORKS = True
 
 
 class FakeClaude:
@@ -115,11 +123,11 @@ class FakeClaude:
 
 @pytest.fixture(autouse=True)
 def fresh_script():
-    global FAIL_START, RESEAT_WORKS
+    global FAIL_START, RESEAT_WORKS, BEGAN_HERE, REWIND_WORKS
     SCRIPTS.clear()
     MADE.clear()
     REPLIES.clear()
-    FAIL_START, RESEAT_WORKS = False, True
+    FAIL_START, RESEAT_WORKS, BEGAN_HERE, REWIND_WORKS = False, True, False, True
     yield
     SCRIPTS.clear()
     MADE.clear()
@@ -620,6 +628,57 @@ def test_a_warm_process_that_fails_to_load_frees_its_slot(monkeypatch):
     assert_no_slot_held(pool, kept=1)
 
 
+# ---- first turns that find no warm process: a parked conversation rewound to nothing ---------------
+
+@pytest.fixture
+def began_here():
+    global BEGAN_HERE
+    BEGAN_HERE = True
+
+
+def test_a_first_turn_without_a_warm_process_takes_a_parked_conversation_rewound(began_here):
+    SCRIPTS.extend([[text_answer("a"), text_answer("b")], [text_answer("more")]])
+    pool = pool_with()
+    _, _, a = run_turn(pool, chat([user("A")]))
+    assert pool.counts()["parked"] == 1
+    call = chat([user("B")])
+    events, reused, run = run_turn(pool, call)
+    assert reused and run is a and a.rewound == ["first-line"]
+    assert events[0] == ("text", "b") and a.turns == [(call, {})] and len(MADE) == 1
+    assert_no_slot_held(pool, kept=1)  # parked again, now for B's conversation
+    _, reused, _ = run_turn(pool, chat([user("A"), assistant("a"), user("more")]))
+    assert not reused  # A's conversation goes on in a new process
+
+
+def test_only_a_conversation_of_the_same_shape_is_rewound(began_here):
+    SCRIPTS.extend([[text_answer("a")], [text_answer("other")]])
+    pool = pool_with()
+    _, _, a = run_turn(pool, chat([user("A")]))
+    _, reused, run = run_turn(pool, chat([{"role": "system", "content": "another agent"}, user("B")]))
+    assert not reused and run is MADE[1] and a.rewound == []
+
+
+def test_a_ready_warm_process_goes_before_a_parked_conversation(began_here):
+    SCRIPTS.extend([[text_answer("a")], [text_answer("b")]])
+    pool = pool_with(warm=1)
+    _, _, a = run_turn(pool, chat([user("A")]))
+    wait_until(lambda: pool.counts()["warm"] == 1, 5, "a warm process")
+    _, reused, run = run_turn(pool, chat([user("B")]))
+    assert reused and run is MADE[1] and a.rewound == []
+
+
+def test_a_conversation_that_fails_to_rewind_is_ended_and_the_turn_starts_cold(began_here):
+    global REWIND_WORKS
+    REWIND_WORKS = False
+    SCRIPTS.extend([[text_answer("a")], [text_answer("b")]])
+    pool = pool_with()
+    _, _, a = run_turn(pool, chat([user("A")]))
+    events, reused, run = run_turn(pool, chat([user("B")]))
+    assert not reused and run is MADE[1] and events[0] == ("text", "b")
+    assert a.rewound == ["first-line"] and a.closed == 1
+    assert_no_slot_held(pool, kept=1)
+
+
 # ---- clients that rewrite their history -----------------------------------------------------------
 # Such a client (OpenClaw) sends history + [a fresh context message] and leaves that message out of
 # the history it sends next: the process that answered has seen a message the client no longer sends.
@@ -747,7 +806,7 @@ def test_a_request_waits_for_its_predicted_process_still_loading(monkeypatch):
     run_turn(pool, chat(rewriting(1, [])))
     run_turn(pool, chat(rewriting(2, ["a1"])))
     take = pool._take
-    monkeypatch.setattr(pool, "_take", lambda key: waiting.set() or take(key))
+    monkeypatch.setattr(pool, "_take", lambda key, **how: waiting.set() or take(key, **how))
     done = []
     request = threading.Thread(target=lambda: done.append(run_turn(pool, chat(rewriting(3, ["a1", "a2"])))))
     request.start()
