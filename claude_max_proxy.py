@@ -20,8 +20,10 @@ Client functions are offered to the model through an MCP server the proxy answer
 CLI's control channel; a tool call is caught at the CLI's permission question. Processes are
 kept between turns (``ProcessPool``): warm ones wait for first turns of the shapes recently asked
 for, the one that answered is parked for the conversation's next turn, and for a client that
-drops its context message from the history it sends back, a process is resumed in the background
-at the history it will send (predicted); so later turns neither start a CLI nor replay history.
+drops its context message from the history it sends back, the process is reseated in the
+background at the history it will send (rewound and given that turn back, or resumed there:
+predicted); so later turns neither start a CLI nor replay history. A first turn that finds no
+warm process takes a parked conversation's, rewound to nothing, rather than wait for a load.
 
 Every ``rate_limit_event`` and ``result`` a CLI prints is observed by the server: ``Limits`` keeps
 the plan's latest limit state (headers on every answer, /health, ``--no-overage``), ``Metrics``
