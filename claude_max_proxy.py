@@ -70,7 +70,7 @@ import time
 import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 __version__ = "0.1.0"
 
@@ -1836,6 +1836,7 @@ class ClaudeInstall:
 REWRITERS_KEPT = 64     # kinds of client remembered as rewriting their history
 REWRITE_BLOCKS_MAX = 3  # at most this many trailing prompt blocks looked for as a context message
 REWIND_SECONDS = 5.0    # a CLI rewinds its conversation in ~15 ms; one that takes longer is ended
+CONTINUATIONS_SEEN = 32  # recent pauses between an answer and its conversation's next turn
 LOAD_SECONDS = 60.0     # a kept process that has not answered its initialize by then is ended
 DEMAND_WINDOW = 60.0    # seconds of first turns that decide how many warm processes a shape gets
 LOADS_AT_ONCE = max(1, os.cpu_count() or 1)  # kept processes loading at once when none is answering
@@ -1897,6 +1898,9 @@ class ProcessPool:
         # blocks (its fresh context message) it leaves out of the next request; most recent last.
         self.rewriters = collections.OrderedDict()  # type: Dict[str, int]
         self.hits = self.misses = 0
+        # How long parked conversations waited for their next turn, lately: one that has waited
+        # less than any of them is not rewound for another conversation.
+        self.pauses = collections.deque(maxlen=CONTINUATIONS_SEEN)  # type: Deque[float]
         self.closed = False
         self.loads = 0  # kept processes loading now (LOADS_AT_ONCE)
 
@@ -1987,6 +1991,8 @@ class ProcessPool:
                 entry = self.kept.pop(found)
                 self.busy += 1
                 self.lock.notify_all()  # a load waiting for its turn goes now
+                if not (entry.warm or recycled):
+                    self.pauses.append(time.monotonic() - self._parked_at(entry))
             if recycled:
                 # Rather than wait for a load: a burst of first turns finds its processes loading.
                 if entry.run.rewind(entry.run.first_prompt_id, REWIND_SECONDS):
@@ -1999,10 +2005,15 @@ class ProcessPool:
 
     def _recyclable(self, shape: str) -> Optional[int]:
         """(Under the lock.) The oldest ready parked conversation of this first-turn shape that
-        began in its process, so that it can be rewound to nothing; None if there is none."""
+        began in its process, so that it can be rewound to nothing, and has waited longer than
+        any conversation lately waited for its next turn; None if there is none."""
+        idle_since = time.monotonic() - max(self.pauses, default=0.0)
         return next((i for i, e in self.kept.items() if e.loading is None and e.run.first_prompt_id
-                     and not (e.warm or e.predicted or e.at_tool_call) and conversation_key(e.run.call, []) == shape),
-                    None)
+                     and not (e.warm or e.predicted or e.at_tool_call) and self._parked_at(e) < idle_since
+                     and conversation_key(e.run.call, []) == shape), None)
+
+    def _parked_at(self, entry: Kept) -> float:
+        return entry.expiry - self.config.parked_ttl
 
     def _unkeep(self, run_id: int) -> Optional[CliRun]:
         """(Under the lock.) Drop a kept entry: its process for the caller to end (`_end_unkept`),

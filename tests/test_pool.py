@@ -7,6 +7,7 @@ must come back to no busy slot on every path, which a slot released twice (or ne
 
 import dataclasses
 import threading
+import time
 
 import pytest
 
@@ -648,6 +649,22 @@ def test_a_first_turn_without_a_warm_process_takes_a_parked_conversation_rewound
     assert_no_slot_held(pool, kept=1)  # parked again, now for B's conversation
     _, reused, _ = run_turn(pool, chat([user("A"), assistant("a"), user("more")]))
     assert not reused  # A's conversation goes on in a new process
+
+
+def test_a_conversation_that_has_waited_less_than_conversations_lately_did_is_not_rewound(began_here, monkeypatch):
+    real, later = time.monotonic, [0.0]
+    monkeypatch.setattr(cmp.time, "monotonic", lambda: real() + later[0])  # a clock that can skip ahead
+    SCRIPTS.extend([[text_answer("a1"), text_answer("a2"), text_answer("c")], [text_answer("b")]])
+    pool = pool_with()
+    _, _, a = run_turn(pool, chat([user("A")]))
+    later[0] += 30  # A's next turn comes 30 s after its answer
+    _, reused, _ = run_turn(pool, chat([user("A"), assistant("a1"), user("A2")]))
+    assert reused
+    _, reused, b = run_turn(pool, chat([user("B")]))  # A has waited less than 30 s this time
+    assert not reused and b is MADE[1] and a.rewound == []
+    later[0] += 31
+    _, reused, run = run_turn(pool, chat([user("C")]))
+    assert reused and run is a and a.rewound == ["first-line"]
 
 
 def test_only_a_conversation_of_the_same_shape_is_rewound(began_here):
