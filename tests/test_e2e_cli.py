@@ -771,6 +771,9 @@ def test_a_client_that_drops_its_context_message_gets_turns_3_and_4_from_a_proce
     # given the turn as the client sends it back, not loaded anew.
     sessions = [json.loads(body["metadata"]["user_id"])["session_id"] for body in bodies]
     assert sessions[1] == sessions[2] == sessions[3] != sessions[0], sessions
+    # The turns given back made no model call, and /metrics counts none.
+    metrics = proxy.request("GET", "/metrics")[2].decode()
+    assert re.search(r'^claude_max_proxy_upstream_calls_total\{status="200"\} 4(\.0)?$', metrics, re.M), metrics
     # The same turns answered by a CLI started cold (once that proxy has met a first turn, from
     # whose transcript it learns the CLI's context rows): the very same requests upstream.
     assert chat(cold, [{"role": "user", "content": "hello " + marker()}])[0] == 200
