@@ -736,7 +736,7 @@ def test_later_turns_continue_in_the_waiting_process_and_the_model_sees_the_same
         assert all(m["content"] for m in c["messages"]), c["messages"]
 
 
-def rewriting_client_turn(proxy, mark, answers, contexts):
+def rewriting_client_turn(proxy, mark, answers, contexts, tools=None):
     """A client like OpenClaw: history + a fresh context message, which the next request drops."""
     messages = [{"role": "system", "content": "Be brief."}]
     for n, answer in enumerate(answers):
@@ -744,26 +744,28 @@ def rewriting_client_turn(proxy, mark, answers, contexts):
                      {"role": "assistant", "content": answer}]
     messages += [{"role": "user", "content": "question %d %s" % (len(answers) + 1, mark)},
                  {"role": "user", "content": contexts[len(answers)]}]
-    status, headers, raw = proxy.chat({"model": "claude-sonnet-4", "messages": messages, "stream": True})
+    status, headers, raw = proxy.chat(dict({"model": "claude-sonnet-4", "messages": messages, "stream": True},
+                                           **({"tools": tools} if tools else {})))
     assert status == 200, raw
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in streamed(raw) if c["choices"])
     return text, headers["x-request-id"]
 
 
+@pytest.mark.parametrize("tools", [None, [WEATHER]], ids=["no tools", "tools"])
 def test_a_client_that_drops_its_context_message_gets_turns_3_and_4_from_a_process_that_never_saw_it(
-        start_proxy, real_claude, e2e_env, upstream, tmp_path):
+        start_proxy, real_claude, e2e_env, upstream, tmp_path, tools):
     workdir = str(tmp_path / "cwd")  # one machine: the CLI names its working directory upstream
     proxy = start_proxy(["--claude", real_claude, "--workdir", workdir], e2e_env)
     cold = start_proxy(["--claude", real_claude, "--workdir", workdir, "--max-parked", "0", "--warm", "0"], e2e_env)
     mark, contexts, answers, ids = marker(), ["[context %s]" % uuid.uuid4().hex for _ in range(4)], [], []
     for _ in range(4):
-        text, request_id = rewriting_client_turn(proxy, mark, answers, contexts)
+        text, request_id = rewriting_client_turn(proxy, mark, answers, contexts, tools)
         answers.append(text)
         ids.append(request_id)
     reused = [" reused=1" in proxy.wait_for_line(i) for i in ids]
     assert reused == [False, False, True, True], reused  # turn 2 shows the pattern; 3 and 4 are predicted
     bodies = upstream.messages_requests(mark)
-    assert len(bodies) == 4
+    assert len(bodies) == 4 and all(bool(body.get("tools")) == bool(tools) for body in bodies)
     for n, body in enumerate(bodies):  # the model never sees a context message the client dropped
         sent = json.dumps(body["messages"])
         assert contexts[n] in sent and not any(c in sent for c in contexts[:n]), n
@@ -778,7 +780,7 @@ def test_a_client_that_drops_its_context_message_gets_turns_3_and_4_from_a_proce
     # whose transcript it learns the CLI's context rows): the very same requests upstream.
     assert chat(cold, [{"role": "user", "content": "hello " + marker()}])[0] == 200
     for turn in (3, 4):
-        rewriting_client_turn(cold, mark, answers[:turn - 1], contexts)
+        rewriting_client_turn(cold, mark, answers[:turn - 1], contexts, tools)
         from_cold = upstream.messages_requests(mark)[-1]
         assert from_cold["messages"] == bodies[turn - 1]["messages"], turn
         assert system_texts(from_cold) == system_texts(bodies[turn - 1])
