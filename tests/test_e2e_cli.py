@@ -843,6 +843,8 @@ def test_a_first_turn_takes_a_warm_process_that_behaves_like_a_cold_one(start_pr
     first, second = only_request(upstream, marks[0]), only_request(upstream, marks[1])
     assert upstream_texts(second) == [("user", "Say hi " + marks[1])]
     assert system_texts(first) == system_texts(second) and system in "".join(system_texts(second))
+    # Loaded, and its first turn rehearsed and rewound away: the same messages, byte for byte.
+    assert json.loads(json.dumps(first["messages"]).replace(marks[0], marks[1])) == second["messages"]
 
 
 def test_unrelated_conversations_never_share_a_process(e2e_proxy, upstream):

@@ -1591,6 +1591,21 @@ def test_stdin_line_for():
         "type": "user", "text_not_typed": True, "message": {"role": "user", "content": blocks}}
 
 
+def test_stdin_line_for_a_named_turn_appended_without_asking_the_model():
+    # The uuid is what a rewind names; shouldQuery false appends the turn without a model call.
+    line = json.loads(cmp.stdin_line_for([text("hi")], "line-1", query=False).decode("ascii"))
+    assert line == {"type": "user", "text_not_typed": True, "uuid": "line-1", "shouldQuery": False,
+                    "message": {"role": "user", "content": [text("hi")]}}
+
+
+@pytest.mark.parametrize("given, version", [
+    ("2.1.332", (2, 1, 332)), ("2.1.332 (Claude Code)", (2, 1, 332)), ("10.0.1-beta", (10, 0, 1)),
+    ("", ()), ("Claude Code", ()), ("2.1", ())])
+def test_cli_version_of(given, version):
+    assert cmp.cli_version_of(given) == version
+    assert (cmp.cli_version_of(given) >= cmp.REHEARSED_SINCE) == (version >= (2, 1, 332))
+
+
 @PROPERTY
 @given(st.lists(st.text(min_size=1), min_size=1, max_size=4))
 def test_stdin_line_round_trips_any_text(pieces):
