@@ -1222,9 +1222,10 @@ SESSION_POINTER = "session-file"      # in a run's private dir: the path of its 
 CLIENT_CHECK_INTERVAL = 0.25  # seconds between checks that the client is still there
 DELTA_LINE = b'{"type":"stream_event","event":{"type":"content_block_delta"'  # how the CLI prints a delta
 MCP_LIST_SECONDS = 5.0        # a warm process's wait for the CLI to list the client tools
-# Rehearsing a first turn (CliRun._rehearse) needs a CLI that appends a turn without asking the
-# model when told to; it was measured on this version, and an older CLI is not asked.
-REHEARSED_SINCE = (2, 1, 332)
+# Appending a turn without asking the model (`shouldQuery: false`: CliRun._rehearse, reseat) was
+# measured on this CLI version; an older CLI is not asked to, since one that ignored it would
+# ask the model.
+SHOULD_QUERY_SINCE = (2, 1, 332)
 LIVE_RUNS = set()          # every CliRun not yet reaped, so shutdown can end them all
 LIVE_RUNS_LOCK = threading.Lock()
 
@@ -1506,7 +1507,7 @@ class CliRun:
             # The CLI lists the client tools (MCP) right after: answered now, not in the first
             # turn. Should a CLI list them later instead, the turn answers them then.
             self._read_until(MCP_LIST_SECONDS, lambda event: True if self.tools_listed else None)
-        if cli_version_of(str(response.get("claude_code_version", ""))) >= REHEARSED_SINCE:
+        if cli_version_of(str(response.get("claude_code_version", ""))) >= SHOULD_QUERY_SINCE:
             return self._rehearse(timeout)
         return True
 
@@ -2193,7 +2194,10 @@ class ProcessPool:
     def reseat(self, call: CliCall, run: CliRun, turns: List[Dict[str, Any]]) -> bool:
         """Keep this call's busy process as the one predicted for `turns`, the history its client
         will send next: reseated there in the background (CliRun.reseat, some milliseconds), where
-        `predict` would load a new process. Should that fail, `predict` does. False if not kept."""
+        `predict` would load a new process. Should that fail, `predict` does. False if not kept
+        (nor reseated: the CLI is older than SHOULD_QUERY_SINCE)."""
+        if cli_version_of(self.claude.version or "") < SHOULD_QUERY_SINCE:
+            return False
         resumed, fields = predicted_entry(call, turns)
         replies, load = list(run.replies), Load()
         with self.lock:
@@ -2381,8 +2385,9 @@ class Turn:
             # then be the next one.
             predicted = predicted_turns(turns, dropped)
             if call.history and all(b["type"] == "text" for b in call.prompt) and run.replies \
-                    and not any(b.get("type") == "tool_use" for m in run.replies for b in m.get("content") or ()):
-                return self.pool.reseat(call, run, predicted)
+                    and not any(b.get("type") == "tool_use" for m in run.replies for b in m.get("content") or ()) \
+                    and self.pool.reseat(call, run, predicted):
+                return True
             self.pool.predict(call, predicted)
             return False
         if any(b["type"] == "tool_result" for b in call.prompt) and not self.reused:

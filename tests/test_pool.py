@@ -118,6 +118,8 @@ REWIND_WORKS = True
 
 
 class FakeClaude:
+    version = "2.1.332 (Claude Code)"
+
     def resolve(self):
         return "claude"
 
@@ -768,6 +770,18 @@ def test_a_process_that_cannot_be_reseated_is_replaced_by_a_loaded_one():
     assert len(second.reseated) == 1 and MADE[2].warm and MADE[2].call.history == chat(rewriting(3, ["a1", "a2"])).history
     events, reused, run = run_turn(pool, chat(rewriting(3, ["a1", "a2"])))
     assert reused and run is MADE[2] and events[0] == ("text", "a3")
+
+
+def test_an_older_cli_is_not_reseated(monkeypatch):
+    # One that ignored `shouldQuery: false` would ask the model for the turn given back.
+    monkeypatch.setattr(FakeClaude, "version", "2.1.300 (Claude Code)")
+    REPLIES.append(ANSWER)
+    SCRIPTS.extend([[text_answer("a1")], [text_answer("a2")], []])
+    pool = pool_with()
+    run_turn(pool, chat(rewriting(1, [])))
+    _, _, second = run_turn(pool, chat(rewriting(2, ["a1"])))
+    wait_until(lambda: pool.counts()["predicted"] == 1, 5, "a loaded prediction")
+    assert second.reseated == [] and second.closed == 1 and MADE[2].warm
 
 
 def test_a_first_turn_is_never_reseated():

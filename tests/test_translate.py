@@ -1603,7 +1603,7 @@ def test_stdin_line_for_a_named_turn_appended_without_asking_the_model():
     ("", ()), ("Claude Code", ()), ("2.1", ())])
 def test_cli_version_of(given, version):
     assert cmp.cli_version_of(given) == version
-    assert (cmp.cli_version_of(given) >= cmp.REHEARSED_SINCE) == (version >= (2, 1, 332))
+    assert (cmp.cli_version_of(given) >= cmp.SHOULD_QUERY_SINCE) == (version >= (2, 1, 332))
 
 
 @PROPERTY
