@@ -696,6 +696,14 @@ def wait_for_warm(proxy, count=1):
         time.sleep(0.05)
 
 
+def beside_a_cold_one(start_proxy, real_claude, e2e_env, tmp_path, *flags):
+    """A proxy with `flags`, and one that starts every CLI cold, in one working directory: the CLI
+    names it upstream, so the two proxies' requests can be compared byte for byte."""
+    workdir = str(tmp_path / "cwd")
+    return (start_proxy(["--claude", real_claude, "--workdir", workdir] + list(flags), e2e_env),
+            start_proxy(["--claude", real_claude, "--workdir", workdir, "--max-parked", "0", "--warm", "0"], e2e_env))
+
+
 def system_texts(body):
     # The first block is the CLI's billing header (a per-request hash): not part of the prompt.
     return [b["text"] for b in body["system"] if not b["text"].startswith("x-anthropic-billing-header")]
@@ -716,9 +724,7 @@ def converse(proxy, opening, turns):
 
 def test_later_turns_continue_in_the_waiting_process_and_the_model_sees_the_same_turns(
         start_proxy, real_claude, e2e_env, upstream, tmp_path):
-    workdir = str(tmp_path / "cwd")  # one machine: the CLI names its working directory upstream
-    warm = start_proxy(["--claude", real_claude, "--workdir", workdir], e2e_env)
-    cold = start_proxy(["--claude", real_claude, "--workdir", workdir, "--max-parked", "0", "--warm", "0"], e2e_env)
+    warm, cold = beside_a_cold_one(start_proxy, real_claude, e2e_env, tmp_path)
     warm_mark, cold_mark = marker(), marker()
     warm_ids = converse(warm, "hello " + warm_mark, 5)
     converse(cold, "hello " + cold_mark, 5)
@@ -754,9 +760,7 @@ def rewriting_client_turn(proxy, mark, answers, contexts, tools=None):
 @pytest.mark.parametrize("tools", [None, [WEATHER]], ids=["no tools", "tools"])
 def test_a_client_that_drops_its_context_message_gets_turns_3_and_4_from_a_process_that_never_saw_it(
         start_proxy, real_claude, e2e_env, upstream, tmp_path, tools):
-    workdir = str(tmp_path / "cwd")  # one machine: the CLI names its working directory upstream
-    proxy = start_proxy(["--claude", real_claude, "--workdir", workdir], e2e_env)
-    cold = start_proxy(["--claude", real_claude, "--workdir", workdir, "--max-parked", "0", "--warm", "0"], e2e_env)
+    proxy, cold = beside_a_cold_one(start_proxy, real_claude, e2e_env, tmp_path)
     mark, contexts, answers, ids = marker(), ["[context %s]" % uuid.uuid4().hex for _ in range(4)], [], []
     for _ in range(4):
         text, request_id = rewriting_client_turn(proxy, mark, answers, contexts, tools)
@@ -793,9 +797,7 @@ def test_a_client_that_drops_its_context_message_gets_turns_3_and_4_from_a_proce
 
 def test_a_first_turn_with_no_warm_process_takes_a_parked_conversation_rewound_to_nothing(
         start_proxy, real_claude, e2e_env, upstream, tmp_path):
-    workdir = str(tmp_path / "cwd")  # one machine: the CLI names its working directory upstream
-    proxy = start_proxy(["--claude", real_claude, "--workdir", workdir, "--warm", "0"], e2e_env)
-    cold = start_proxy(["--claude", real_claude, "--workdir", workdir, "--max-parked", "0", "--warm", "0"], e2e_env)
+    proxy, cold = beside_a_cold_one(start_proxy, real_claude, e2e_env, tmp_path, "--warm", "0")
     system = "You are terse. " + uuid.uuid4().hex
     marks, ids, answers = [marker(), marker(), marker()], [], []
     for mark in marks:  # the first process keeps its transcript (the CLI's context rows are learnt)
@@ -917,9 +919,7 @@ AGENT_TOOLS = [{"type": "function", "function": {
 
 def test_an_agents_first_turn_with_tools_takes_a_warm_process_that_sends_what_a_cold_one_sends(
         start_proxy, real_claude, e2e_env, upstream, tmp_path):
-    workdir = str(tmp_path / "cwd")  # one machine: the CLI names its working directory upstream
-    warm = start_proxy(["--claude", real_claude, "--workdir", workdir, "--warm", "1"], e2e_env)
-    cold = start_proxy(["--claude", real_claude, "--workdir", workdir, "--max-parked", "0", "--warm", "0"], e2e_env)
+    warm, cold = beside_a_cold_one(start_proxy, real_claude, e2e_env, tmp_path, "--warm", "1")
     system = "You are an agent. " + uuid.uuid4().hex
     marks = [marker(), marker(), marker()]
 
