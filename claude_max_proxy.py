@@ -1492,7 +1492,11 @@ class CliRun:
             return False
         self.result_seen = False
         response = self._control({"subtype": "rewind_conversation", "target_message_uuid": line_id}, timeout)
-        return response is not None and response.get("rewound") is True
+        if response is None or response.get("rewound") is not True:
+            return False
+        if line_id == self.first_prompt_id:
+            self.first_prompt_id = ""  # the next conversation's first line is the next prompt
+        return True
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

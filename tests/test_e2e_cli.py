@@ -799,17 +799,17 @@ def test_a_first_turn_with_no_warm_process_takes_a_parked_conversation_rewound_t
         start_proxy, real_claude, e2e_env, upstream, tmp_path):
     proxy, cold = beside_a_cold_one(start_proxy, real_claude, e2e_env, tmp_path, "--warm", "0")
     system = "You are terse. " + uuid.uuid4().hex
-    marks, ids, answers = [marker(), marker(), marker()], [], []
+    marks, ids, answers = [marker(), marker(), marker(), marker()], [], []
     for mark in marks:  # the first process keeps its transcript (the CLI's context rows are learnt)
         status, headers, raw = proxy.chat({"model": "claude-sonnet-4", "messages": [
             {"role": "system", "content": system}, {"role": "user", "content": "Say hi " + mark}]})
         assert status == 200
         ids.append(headers["x-request-id"])
         answers.append(json.loads(raw)["choices"][0]["message"]["content"])
-    assert [" reused=1" in proxy.wait_for_line(i) for i in ids] == [False, False, True]
+    assert [" reused=1" in proxy.wait_for_line(i) for i in ids] == [False, False, True, True]
     second, third = only_request(upstream, marks[1]), only_request(upstream, marks[2])
-    sessions = [json.loads(body["metadata"]["user_id"])["session_id"] for body in (second, third)]
-    assert sessions[0] == sessions[1], sessions  # the second conversation's process, rewound
+    sessions = [json.loads(only_request(upstream, mark)["metadata"]["user_id"])["session_id"] for mark in marks]
+    assert sessions[1] == sessions[2] == sessions[3], sessions  # the second one's process, rewound twice
     # What a process started for it would have sent: the same request, byte for byte.
     cold_mark = marker()
     assert cold.chat({"model": "claude-sonnet-4", "messages": [
