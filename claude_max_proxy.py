@@ -2214,8 +2214,9 @@ class ProcessPool:
                                       False, False, load, **fields)
             self.lock.notify_all()
         self._end_unkept(ended)
-        threading.Thread(target=self._load, args=(run, load, lambda: run.reseat(turns[-2]["content"], replies, REWIND_SECONDS),
-                                                  lambda: self.predict(call, turns)), daemon=True).start()
+        prepare = functools.partial(run.reseat, turns[-2]["content"], replies, REWIND_SECONDS)
+        failed = functools.partial(self.predict, call, turns)
+        threading.Thread(target=self._load, args=(run, load, prepare, failed), daemon=True).start()
         while self._end_oldest(lambda entries: len(entries) > self.keep):
             pass
         return True
