@@ -1306,6 +1306,88 @@ def mcp_reply_for(message: Dict[str, Any], tools: Tuple[ClientTool, ...]) -> Dic
     return {"jsonrpc": "2.0", "id": message_id, "result": result}
 
 
+class CliOutput:
+    """A CLI's stdout as JSON events: read as it comes, split into lines once per read, parsed
+    one at a time; `seen` is shown each event before it is yielded."""
+
+    def __init__(self, fd: int, seen: Callable[[Dict[str, Any]], None], request_timeout: float):
+        self.fd, self.seen, self.request_timeout = fd, seen, request_timeout
+        self.garbage_lines = 0
+        self.lines = collections.deque()  # type: Deque[bytes]  # whole lines read, not parsed yet
+        self.buffer = b""  # the unfinished line after them
+
+    def events(self, deadline: float, idle_timeout: float,
+               client_gone: Callable[[], bool] = lambda: False) -> Iterator[Dict[str, Any]]:
+        """Yield the CLI's JSON events until it closes stdout; enforce the timeouts."""
+        last_output = last_check = time.monotonic()
+        while True:
+            if time.monotonic() - last_check >= CLIENT_CHECK_INTERVAL:
+                # Also while the CLI is busy writing: a client waiting for a whole answer that
+                # hangs up must not keep its CLI going until the answer is done.
+                last_check = time.monotonic()
+                if client_gone():
+                    raise ClientGone()
+            if self.lines:
+                event = self.parse(self.lines.popleft())
+                if event is not None:
+                    self.seen(event)
+                    yield event
+                continue
+            now = time.monotonic()
+            if now >= deadline:
+                raise ApiError(504, "the request took longer than %.0f s" % self.request_timeout,
+                               "server_error", "timeout")
+            if now - last_output >= idle_timeout:
+                raise ApiError(504, "the Claude CLI sent nothing for %.0f s" % idle_timeout,
+                               "server_error", "timeout")
+            wait = min(0.2, deadline - now, idle_timeout - (now - last_output))
+            ready, _, _ = select.select([self.fd], [], [], max(wait, 0))
+            if not ready:
+                if client_gone():
+                    raise ClientGone()
+                continue
+            data = os.read(self.fd, 1 << 16)
+            if not data:
+                event = self.parse(self.buffer)
+                self.buffer = b""
+                if event is not None:
+                    self.seen(event)
+                    yield event
+                return
+            # One split per read, rather than a copy of the rest of the buffer per line.
+            lines = data.split(b"\n")
+            lines[0] = self.buffer + lines[0]
+            self.buffer = lines.pop()
+            self.lines.extend(lines)
+            last_output = time.monotonic()
+
+    def next_is_delta(self) -> bool:
+        """True when the next line is already read and is a streamed delta, so the reader goes on
+        without waiting (a relay may then hold its last frame back and write both together)."""
+        try:
+            return self.lines[0].startswith(DELTA_LINE)
+        except IndexError:  # nothing read ahead (or a parked process's next reader took it)
+            return False
+
+    def parse(self, line: bytes) -> Optional[Dict[str, Any]]:
+        """One line's event; None for a blank line, or one that is not a JSON object (counted)."""
+        if not line.strip():
+            return None
+        try:
+            # Decoded first: json.loads skips its encoding detection. What fails goes the way
+            # it always went (bytes to json.loads), so no line parses differently.
+            event = json.loads(line.decode("utf-8"))
+        except ValueError:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+        if not isinstance(event, dict):
+            self.garbage_lines += 1
+            return None
+        return event
+
+
 class CliRun:
     """One claude process started for a call: it answers that turn and, when the pool keeps it,
     the conversation's next ones (`next_turn`). Always ended and reaped by close()."""
@@ -1323,9 +1405,7 @@ class CliRun:
         self.private_dir = None   # type: Optional[str]
         self.stderr_reader = None  # type: Optional[threading.Thread]
         self.stderr_tail = collections.deque(maxlen=40)
-        self.garbage_lines = 0
-        self._lines = collections.deque()  # whole lines read from stdout, not parsed yet
-        self._buffer = b""  # the unfinished line after them
+        self.output = None  # type: Optional[CliOutput]
         self.stdin_lock = threading.Lock()
         self.permissions = {}   # tool_use_id -> (control request id, tool input): asked, unanswered
         self.mcp_calls = {}     # tool_use_id -> (control request id, JSON-RPC id): asked, unanswered
@@ -1382,6 +1462,7 @@ class CliRun:
         except OSError as exc:
             raise ApiError(503, "cannot start the Claude CLI (%s): %s" % (self.claude_path, exc),
                            "server_error", "cli_unavailable")
+        self.output = CliOutput(self.proc.stdout.fileno(), self._seen, self.config.request_timeout)
         with LIVE_RUNS_LOCK:
             LIVE_RUNS.add(self)
         self.stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True)
@@ -1610,84 +1691,26 @@ class CliRun:
 
     def events(self, deadline: float, idle_timeout: float,
                client_gone: Callable[[], bool] = lambda: False) -> Iterator[Dict[str, Any]]:
-        """Yield the CLI's JSON events until it closes stdout; enforce the timeouts."""
-        fd = self.proc.stdout.fileno()
-        last_output = last_check = time.monotonic()
-        while True:
-            if time.monotonic() - last_check >= CLIENT_CHECK_INTERVAL:
-                # Also while the CLI is busy writing: a client waiting for a whole answer that
-                # hangs up must not keep its CLI going until the answer is done.
-                last_check = time.monotonic()
-                if client_gone():
-                    raise ClientGone()
-            if self._lines:
-                event = self._parse(self._lines.popleft())
-                if event is not None:
-                    if self.keeps_transcript:
-                        if event.get("type") == "result" and not NATIVE_CONTEXT.known(self.call.model):
-                            self._learn_context()
-                    elif self.session_file and event.get("type") in ("stream_event", "result"):
-                        self._remove_session_file()  # loaded by now; the CLI writes no more to it
-                    yield event
-                continue
-            now = time.monotonic()
-            if now >= deadline:
-                raise ApiError(504, "the request took longer than %.0f s" % self.config.request_timeout,
-                               "server_error", "timeout")
-            if now - last_output >= idle_timeout:
-                raise ApiError(504, "the Claude CLI sent nothing for %.0f s" % idle_timeout,
-                               "server_error", "timeout")
-            wait = min(0.2, deadline - now, idle_timeout - (now - last_output))
-            ready, _, _ = select.select([fd], [], [], max(wait, 0))
-            if not ready:
-                if client_gone():
-                    raise ClientGone()
-                continue
-            data = os.read(fd, 1 << 16)
-            if not data:
-                if self._buffer.strip():
-                    event = self._parse(self._buffer)
-                    self._buffer = b""
-                    if event is not None:
-                        yield event
-                return
-            # One split per read, rather than a copy of the rest of the buffer per line.
-            lines = data.split(b"\n")
-            lines[0] = self._buffer + lines[0]
-            self._buffer = lines.pop()
-            self._lines.extend(lines)
-            last_output = time.monotonic()
+        """The CLI's JSON events until it closes stdout (CliOutput); the timeouts enforced."""
+        return self.output.events(deadline, idle_timeout, client_gone)
 
     def next_is_delta(self) -> bool:
-        """True when the next line is already read and is a streamed delta, so the reader goes on
-        without waiting (a relay may then hold its last frame back and write both together)."""
-        try:
-            return self._lines[0].startswith(DELTA_LINE)
-        except IndexError:  # nothing read ahead (or a parked process's next reader took it)
-            return False
+        return self.output is not None and self.output.next_is_delta()
 
-    def _parse(self, line: bytes) -> Optional[Dict[str, Any]]:
-        if not line.strip():
-            return None
-        try:
-            # Decoded first: json.loads skips its encoding detection. What fails goes the way
-            # it always went (bytes to json.loads), so no line parses differently.
-            event = json.loads(line.decode("utf-8"))
-        except ValueError:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                event = None
-        if not isinstance(event, dict):
-            self.garbage_lines += 1
-            return None
+    def _seen(self, event: Dict[str, Any]) -> None:
+        """Each event as it is read: the turn's answer (replies), limits and metrics (observe),
+        and the session file, which the CLI has loaded once it streams."""
         kind = event.get("type")
         if kind == "assistant" and isinstance(event.get("message"), dict) and not event.get("parent_tool_use_id"):
             self.replies.append(event["message"])
         elif kind in ("rate_limit_event", "result"):
             self.result_seen = self.result_seen or kind == "result"
             self.observe(event)
-        return event
+        if self.keeps_transcript:
+            if kind == "result" and not NATIVE_CONTEXT.known(self.call.model):
+                self._learn_context()
+        elif self.session_file and kind in ("stream_event", "result"):
+            self._remove_session_file()  # loaded by now; the CLI writes no more to it
 
     def exit_code(self, timeout: float = 5.0) -> Optional[int]:
         try:
@@ -1701,8 +1724,9 @@ class CliRun:
         if self.stderr_reader is not None:
             self.stderr_reader.join(1.0)  # its last words are often the explanation
         detail = " | ".join(line for line in self.stderr_tail if line)[-600:]
-        if self.garbage_lines:
-            why = "printed %d line(s) that are not stream-json" % self.garbage_lines
+        garbage = self.output.garbage_lines if self.output is not None else 0
+        if garbage:
+            why = "printed %d line(s) that are not stream-json" % garbage
         elif code is None:
             why = "closed its output but did not exit"
         else:
@@ -1905,6 +1929,32 @@ class Kept(NamedTuple):
     conversation: str = ""   # predicted: its conversation (conversation_of), one such process each
 
 
+class Demand:
+    """First turns by shape (conversation_key with no history), in the last DEMAND_WINDOW seconds:
+    how many warm processes each shape is given. The least recently seen shape beyond
+    WARM_SHAPES is forgotten."""
+
+    def __init__(self, most: int):
+        self.most = most  # `--warm`
+        self.lock = threading.Lock()
+        self.times = collections.OrderedDict()  # type: Dict[str, List[float]]  # shape -> first turns' times
+
+    def note(self, key: str) -> None:
+        now = time.monotonic()
+        with self.lock:
+            times = [t for t in self.times.pop(key, []) if t > now - DEMAND_WINDOW][-max(self.most, 1):]
+            self.times[key] = times + [now]
+            while len(self.times) > WARM_SHAPES:
+                self.times.popitem(last=False)
+
+    def warm_wanted(self, key: str) -> int:
+        """Warm processes for first turns of this shape: its first turns lately, at most `--warm`."""
+        now = time.monotonic()
+        with self.lock:
+            recent = sum(1 for t in self.times.get(key, ()) if t > now - DEMAND_WINDOW)
+        return min(self.most, recent)
+
+
 class ProcessPool:
     """Every CLI process the proxy runs: at most `max_concurrency` answering (busy), at most
     `max_parked` kept (warm, parked and predicted), at most `max_queue` requests waiting for a slot.
@@ -1923,7 +1973,7 @@ class ProcessPool:
         self.busy = 0      # processes answering, starting or ending
         self.waiting = 0   # requests waiting for a slot
         self.kept = collections.OrderedDict()  # type: Dict[int, Kept]  # id(run) -> entry, oldest first
-        self.demand = collections.OrderedDict()  # type: Dict[str, List[float]]  # shape -> first turns' times
+        self.demand = Demand(config.warm)
         # conversation_key(call, []) of a client seen rewriting its history -> the trailing prompt
         # blocks (its fresh context message) it leaves out of the next request; most recent last.
         self.rewriters = collections.OrderedDict()  # type: Dict[str, int]
@@ -1943,7 +1993,7 @@ class ProcessPool:
         the process is ended unless the turn parked it."""
         claude_path = self.claude.resolve()
         if not call.history:
-            self._note_demand(call)
+            self.demand.note(conversation_key(call, []))
         run = self._parked_run_for(call)
         reused = run is not None
         if reused and not call.history:
@@ -2131,30 +2181,11 @@ class ProcessPool:
 
     # -- loading kept processes ahead of their requests -----------------------------------------
 
-    def _note_demand(self, call: CliCall) -> None:
-        """Count a first turn of this shape; the least recently seen shape beyond WARM_SHAPES is
-        forgotten."""
-        key, now = conversation_key(call, []), time.monotonic()
-        with self.lock:
-            times = [t for t in self.demand.pop(key, []) if t > now - DEMAND_WINDOW][-max(self.config.warm, 1):]
-            times.append(now)
-            self.demand[key] = times
-            while len(self.demand) > WARM_SHAPES:
-                self.demand.popitem(last=False)
-
-    def warm_wanted(self, key: str) -> int:
-        """Warm processes for first turns of this shape: its first turns in the last DEMAND_WINDOW
-        seconds, at most `--warm`."""
-        now = time.monotonic()
-        with self.lock:
-            recent = sum(1 for t in self.demand.get(key, ()) if t > now - DEMAND_WINDOW)
-        return min(self.config.warm, recent)
-
     def prestart(self, call: CliCall, wanted: Optional[int] = None, most: Optional[int] = None) -> int:
         """Start warm processes (in the background, `most` of them now) until first turns like this
         one have as many as their recent demand asks for (or `wanted`); returns how many started."""
         key = conversation_key(call, [])
-        wanted = self.warm_wanted(key) if wanted is None else min(wanted, self.config.warm)
+        wanted = self.demand.warm_wanted(key) if wanted is None else min(wanted, self.config.warm)
         try:
             claude_path = self.claude.resolve()
         except ApiError:

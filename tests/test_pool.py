@@ -578,7 +578,7 @@ def test_shapes_are_remembered_least_recently_seen_first_forgotten(monkeypatch):
     calls = [chat([{"role": "system", "content": name}, user("hi")]) for name in "abc"]
     for call in calls:
         run_turn(pool, call)
-    assert list(pool.demand) == [cmp.conversation_key(c, []) for c in calls[1:]]
+    assert list(pool.demand.times) == [cmp.conversation_key(c, []) for c in calls[1:]]
 
 
 def test_a_full_pool_ends_a_warm_spare_before_a_parked_conversation():

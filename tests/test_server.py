@@ -1191,11 +1191,9 @@ def test_a_full_disk_is_a_503_that_says_so(monkeypatch, tmp_path):
     assert run.proc is None
 
 
-def test_a_cli_line_parses_exactly_as_json_loads_of_its_bytes(tmp_path):
+def test_a_cli_line_parses_exactly_as_json_loads_of_its_bytes():
     # Lines are decoded before parsing (faster); odd encodings must still end as they always did.
-    config = claude_max_proxy.Config(workdir=str(tmp_path / "cwd"))
-    call = claude_max_proxy.cli_call_for({"messages": [{"role": "user", "content": "hi"}]}, config)
-    run = claude_max_proxy.CliRun(call, config, "/nonexistent/claude", {"HOME": str(tmp_path)})
+    output = claude_max_proxy.CliOutput(-1, lambda event: None, 600.0)
     lines = [b'{"type":"x","text":"caf\xc3\xa9 \xe2\x9c\x93"}', b'\xef\xbb\xbf{"type":"bom"}',
              '{"type":"utf-16"}'.encode("utf-16"), b'{"type":"x","text":"\xed\xa0\x80"}',
              b'{"type":"x","text":"\xff"}', b"[1]", b"not json", b'{"type":', b"  "]
@@ -1207,8 +1205,8 @@ def test_a_cli_line_parses_exactly_as_json_loads_of_its_bytes(tmp_path):
             expected = None
         expected = expected if isinstance(expected, dict) else None
         garbage += expected is None and bool(line.strip())
-        assert run._parse(line) == expected, line
-    assert run.garbage_lines == garbage == 4
+        assert output.parse(line) == expected, line
+    assert output.garbage_lines == garbage == 4
 
 
 def test_control_bytes_in_the_path_are_escaped_in_the_access_log(fake_proxy):
