@@ -777,9 +777,6 @@ def test_a_client_that_drops_its_context_message_gets_turns_3_and_4_from_a_proce
     # given the turn as the client sends it back, not loaded anew.
     sessions = [json.loads(body["metadata"]["user_id"])["session_id"] for body in bodies]
     assert sessions[1] == sessions[2] == sessions[3] != sessions[0], sessions
-    # The turns given back made no model call, and /metrics counts none.
-    metrics = proxy.request("GET", "/metrics")[2].decode()
-    assert re.search(r'^claude_max_proxy_upstream_calls_total\{status="200"\} 4(\.0)?$', metrics, re.M), metrics
     # The same turns answered by a CLI started cold (once that proxy has met a first turn, from
     # whose transcript it learns the CLI's context rows): the very same requests upstream.
     assert chat(cold, [{"role": "user", "content": "hello " + marker()}])[0] == 200
@@ -793,6 +790,10 @@ def test_a_client_that_drops_its_context_message_gets_turns_3_and_4_from_a_proce
     while health(proxy)["processes"]["predicted"] != 1:
         assert time.monotonic() < deadline, health(proxy)
         time.sleep(0.05)
+    # Reseated, it has read turn 4's result. The turns given back made no model call, and
+    # /metrics counts none.
+    metrics = proxy.request("GET", "/metrics")[2].decode()
+    assert re.search(r'^claude_max_proxy_upstream_calls_total\{status="200"\} 4(\.0)?$', metrics, re.M), metrics
 
 
 def test_a_first_turn_with_no_warm_process_takes_a_parked_conversation_rewound_to_nothing(
@@ -807,8 +808,9 @@ def test_a_first_turn_with_no_warm_process_takes_a_parked_conversation_rewound_t
         ids.append(headers["x-request-id"])
         answers.append(json.loads(raw)["choices"][0]["message"]["content"])
     assert [" reused=1" in proxy.wait_for_line(i) for i in ids] == [False, False, True, True]
-    second, third = only_request(upstream, marks[1]), only_request(upstream, marks[2])
-    sessions = [json.loads(only_request(upstream, mark)["metadata"]["user_id"])["session_id"] for mark in marks]
+    bodies = [only_request(upstream, mark) for mark in marks]
+    third = bodies[2]
+    sessions = [json.loads(body["metadata"]["user_id"])["session_id"] for body in bodies]
     assert sessions[1] == sessions[2] == sessions[3], sessions  # the second one's process, rewound twice
     # What a process started for it would have sent: the same request, byte for byte.
     cold_mark = marker()
