@@ -2063,9 +2063,9 @@ class ProcessPool:
         while True:
             with self.lock:
                 matches = [run_id for run_id, entry in self.kept.items() if entry.key == key]
-                found = next((i for i in matches if self.kept[i].loading is None), None)
-                recycled = found is None and first_turn and self._recyclable(key)
-                found = recycled or (matches[0] if matches and found is None else found)
+                ready = next((i for i in matches if self.kept[i].loading is None), None)
+                recycled = ready is None and first_turn and self._recyclable(key)
+                found = ready if ready is not None else recycled or (matches[0] if matches else None)
                 if found is None:
                     return None
                 entry = self.kept.pop(found)
